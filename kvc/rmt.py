@@ -1,0 +1,519 @@
+"""Random-matrix numerics for the spiked model X = S + Z, batched over leading dims.
+
+Every function takes tensors of shape [..., n, d] (tokens x head_dim; leading dims are e.g.
+layers/heads) and works in float64 by default. Conventions follow spec section 0:
+p = min(n, d), N = max(n, d), beta = p / N, eigenvalues lambda_i = y_i^2 of the p x p Gram
+matrix in descending order. "p-side" / "N-side" refer to the shorter / longer dimension; the
+`Shrinkage` result maps them back to left (token, n) and right (channel, d) sides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, NamedTuple
+
+import torch
+from scipy import integrate, optimize
+from torch import Tensor
+
+from kvc.errors import KvcError
+
+Loss = Literal["fro", "op", "nuc"]
+RankRule = Literal["eoptshrinkq", "matlab"]
+Imputation = Literal["eoptshrinkq", "matlab"]
+
+EDGE_STEP = 2.0 ** (2.0 / 3.0) - 1.0  # square-root edge: lambda_j ~ edge - C j^{2/3} (spec 1.4)
+MATLAB_EDGE_FACTOR = 1.1  # safety factor of optimal_shrinkage_color5.m (spec 2.3)
+
+
+# ----------------------------------------------------------------------------- decomposition
+
+
+@dataclass(frozen=True)
+class GramEig:
+    """Thin SVD of X [..., n, d] from the eigendecomposition of its p x p Gram matrix.
+
+    eigenvalues: [..., p] descending, lambda_i = y_i^2.
+    left: [..., n, p] and right: [..., d, p] singular vectors in the original orientation, so
+    X = left @ diag(y) @ right^T. Vectors of (numerically) zero singular values are zero.
+    transposed: True when n < d, i.e. the p-side is the token (left) side.
+    """
+
+    eigenvalues: Tensor
+    left: Tensor
+    right: Tensor
+    transposed: bool
+
+    @property
+    def singular_values(self) -> Tensor:
+        return self.eigenvalues.sqrt()
+
+
+def _check_matrix(X: Tensor) -> None:
+    if X.ndim < 2:
+        raise KvcError(f"expected a tensor [..., n, d], got shape {tuple(X.shape)}")
+
+
+def gram_eigh(X: Tensor, dtype: torch.dtype = torch.float64) -> GramEig:
+    """Batched thin SVD via torch.linalg.eigh of the p x p Gram (cheap for head_dim <= 256)."""
+    _check_matrix(X)
+    A = X.to(dtype)
+    n, d = A.shape[-2:]
+    transposed = n < d
+    gram = A @ A.mT if transposed else A.mT @ A
+    evals, evecs = torch.linalg.eigh(gram)
+    evals = evals.flip(-1).clamp_min(0.0)
+    evecs = evecs.flip(-1)
+    y = evals.sqrt()
+    tol = y[..., :1] * max(n, d) * torch.finfo(dtype).eps
+    inv_y = torch.where(y > tol, 1.0 / y.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(y))
+    other = (A.mT if transposed else A) @ evecs * inv_y[..., None, :]  # u = X v / y
+    left, right = (evecs, other) if transposed else (other, evecs)
+    return GramEig(evals, left, right, transposed)
+
+
+# ----------------------------------------------------------------------------- rank rules
+
+
+class RankSelection(NamedTuple):
+    """rank: [...] int64; edge: [...] bulk-edge estimate in eigenvalue units; k: skipped count."""
+
+    rank: Tensor
+    edge: Tensor
+    k: int
+
+
+def eoptshrinkq_k(dim: int) -> int:
+    """Number of top eigenvalues skipped by the edge extrapolation: floor(dim^c)."""
+    if dim < 3:
+        raise KvcError(f"the eOptShrinkQ rank rule needs at least 3 eigenvalues, got {dim}")
+    c = min(1.0 / 2.01, 1.0 / math.log(math.log(dim)))  # eOptShrinkQ Alg. 2 (spec 1.4)
+    return math.floor(dim**c)
+
+
+def _edge_from(lam: Tensor, k: int, factor: float) -> Tensor:
+    p = lam.shape[-1]
+    if 2 * k + 1 > p:
+        raise KvcError(f"edge extrapolation needs 2k+1 = {2 * k + 1} eigenvalues, only {p} available")
+    hi, lo = lam[..., k], lam[..., 2 * k]  # lambda_{k+1}, lambda_{2k+1} (1-based)
+    return hi + factor * (hi - lo) / EDGE_STEP  # ScreeNOT-style edge imputation (spec 1.4, 2.3)
+
+
+def eoptshrinkq_rank(lam: Tensor, dim: int | None = None) -> RankSelection:
+    """eOptShrinkQ rank rule (scale-free BBP ratio test) on descending eigenvalues [..., p].
+
+    dim is the spec's d (head_dim); it defaults to p, which equals head_dim whenever n >= d.
+    """
+    dim = lam.shape[-1] if dim is None else dim
+    k = eoptshrinkq_k(dim)
+    edge = _edge_from(lam, k, 1.0)
+    margin = dim ** (-1.0 / 3.0)
+    # r = #{i : lambda_i / edge - 1 > d^{-1/3}}, eOptShrinkQ Alg. 2 (spec 1.4); edge <= 0 -> r = 0
+    above = (lam > (edge * (1.0 + margin))[..., None]) & (edge > 0)[..., None]
+    return RankSelection(above.sum(-1), edge, k)
+
+
+def matlab_v5_rank(lam: Tensor) -> RankSelection:
+    """eOptShrink MATLAB v5 rank rule (optimal_shrinkage_color5.m) on eigenvalues [..., p]."""
+    p = lam.shape[-1]
+    k0 = math.floor(p ** (1.0 / 2.01))  # k0 = floor(p^{1/2.01}), spec 2.3 step 1
+    edge = _edge_from(lam, k0, MATLAB_EDGE_FACTOR)  # spec 2.3 step 2
+    return RankSelection((lam > edge[..., None]).sum(-1), edge, k0)
+
+
+# ----------------------------------------------------------------------------- noise spectrum
+
+
+class NoiseSpectrum(NamedTuple):
+    """Estimated noise eigenvalues [..., L] with 0/1 weights [..., L] (the mean uses weight 1 entries)."""
+
+    values: Tensor
+    weights: Tensor
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x[..., index] with a per-batch index [...], clamped to the last entry."""
+    index = index.clamp(max=x.shape[-1] - 1)
+    return x.gather(-1, index[..., None]).squeeze(-1)
+
+
+def impute_noise_spectrum(lam: Tensor, rank: Tensor, method: Imputation = "eoptshrinkq") -> NoiseSpectrum:
+    """Noise spectrum with the outliers removed and the eigenvalues they pushed up imputed.
+
+    'eoptshrinkq': k imputed values then lambda_{r+k+1..p} (length p - r, spec 1.5, j/k indexing).
+    'matlab': createPseudoNoise(s, 2r, 'i') on singular values, all p entries (spec 2.3 step 3).
+    Indices past p are clamped to lambda_p.
+    """
+    p = lam.shape[-1]
+    idx = torch.arange(p, device=lam.device)
+    if method == "eoptshrinkq":
+        k = eoptshrinkq_k(p)
+        a = _take(lam, rank + k)  # lambda_{r+k+1}
+        b = _take(lam, rank + 2 * k)  # lambda_{r+2k+1}
+        j = torch.arange(1, k + 1, device=lam.device, dtype=lam.dtype) / k
+        # mu_j = a + (1 - (j/k)^{2/3}) (a - b) / (2^{2/3} - 1), eOptShrinkQ Alg. 3 (spec 1.5)
+        imputed = a[..., None] + (1.0 - j ** (2.0 / 3.0)) * ((a - b) / EDGE_STEP)[..., None]
+        tail = (idx >= (rank + k)[..., None]).to(lam.dtype)
+        values = torch.cat([imputed, lam], dim=-1)
+        weights = torch.cat([torch.ones_like(imputed), tail], dim=-1)
+        return NoiseSpectrum(values, weights)
+    if method == "matlab":
+        s = lam.sqrt()
+        m = 2 * rank
+        top, bottom = _take(s, m), _take(s, 2 * m)  # s_{2r+1}, s_{4r+1}
+        frac = idx.to(lam.dtype) / m.clamp_min(1)[..., None].to(lam.dtype)  # (l - 1) / (2r)
+        # fZ_l = s_{2r+1} + (1 - ((l-1)/(2r))^{2/3}) / (2^{2/3} - 1) * delta, createPseudoNoise.m (spec 2.3)
+        fz = top[..., None] + (1.0 - frac ** (2.0 / 3.0)) / EDGE_STEP * (top - bottom)[..., None]
+        values = torch.where(idx < m[..., None], fz, s) ** 2
+        return NoiseSpectrum(values, torch.ones_like(values))
+    raise KvcError(f"unknown imputation {method!r} (use 'eoptshrinkq' or 'matlab')")
+
+
+# ----------------------------------------------------------------------------- D-transform
+
+
+class DTransformEstimate(NamedTuple):
+    """Per queried eigenvalue [..., r]: D-transform T, signal strength d_hat, cos^2 a1 (p-side), a2 (N-side).
+
+    usable is False where the guard fails (T <= 0, non-finite, or a1, a2 outside (0, 1]); there
+    d_hat, a1, a2 are set to 0.
+    """
+
+    T: Tensor
+    d_hat: Tensor
+    a1: Tensor
+    a2: Tensor
+    usable: Tensor
+
+
+def d_transform(lam: Tensor, noise: NoiseSpectrum, beta: float) -> DTransformEstimate:
+    """Empirical D-transform estimator at eigenvalues lam [..., r] given a noise spectrum [..., L]."""
+    w = noise.weights[..., None, :]
+    count = w.sum(-1)
+    inv = 1.0 / (noise.values[..., None, :] - lam[..., :, None])  # [..., r, L]
+    inv = torch.where(w > 0, inv, torch.zeros_like(inv))  # dropped entries may equal lam
+    m1 = (w * inv).sum(-1) / count  # Stieltjes transform of the p x p noise Gram (spec 1.5)
+    dm1 = (w * inv * inv).sum(-1) / count
+    m2 = -(1.0 - beta) / lam + beta * m1  # N x N Gram: N - p structural zeros (spec 1.5, MATLAB sign)
+    dm2 = (1.0 - beta) / lam**2 + beta * dm1
+    T = lam * m1 * m2  # T(lambda) = D(sqrt(lambda)), Nadakuditi 2014 D-transform (spec 2.4)
+    dT = m1 * m2 + lam * dm1 * m2 + lam * m1 * dm2
+    d_hat = 1.0 / T.clamp_min(torch.finfo(T.dtype).tiny).sqrt()  # theta_hat = 1/sqrt(D), BGN 2012
+    a1 = m1 / (d_hat**2 * dT)  # |<u, xi>|^2 estimate, Benaych-Georges & Nadakuditi 2012 (spec 1.5)
+    a2 = m2 / (d_hat**2 * dT)  # |<v, zeta>|^2 estimate (spec 1.5)
+    usable = torch.isfinite(T) & torch.isfinite(dT) & (T > 0)
+    usable &= (a1 > 0) & (a1 <= 1) & (a2 > 0) & (a2 <= 1)  # guard, spec 1.5 / 8.4
+    zero = torch.zeros_like(T)
+    return DTransformEstimate(
+        T, torch.where(usable, d_hat, zero), torch.where(usable, a1, zero), torch.where(usable, a2, zero), usable
+    )
+
+
+def shrink_singular_values(d_hat: Tensor, a1: Tensor, a2: Tensor, loss: Loss = "fro") -> Tensor:
+    """Optimal shrunk singular value per component for the given loss (spec 1.5)."""
+    if loss == "fro":
+        return d_hat * (a1 * a2).sqrt()  # phi = d sqrt(a1 a2), Frobenius-optimal (spec 1.5)
+    if loss == "op":
+        return d_hat.clone()  # operator norm: phi = d (spec 1.5)
+    if loss == "nuc":
+        # phi = max(0, d (sqrt(a1 a2) - sqrt((1-a1)(1-a2)))), nuclear norm (spec 1.5)
+        return (d_hat * ((a1 * a2).sqrt() - ((1 - a1) * (1 - a2)).clamp_min(0).sqrt())).clamp_min(0)
+    raise KvcError(f"unknown loss {loss!r} (use 'fro', 'op' or 'nuc')")
+
+
+# ----------------------------------------------------------------------------- eOptShrink
+
+
+@dataclass(frozen=True)
+class Shrinkage:
+    """Result of `eoptshrink` on X [..., n, d]; r_max = largest selected rank in the batch.
+
+    rank [...]: selected rank; edge [...]: bulk-edge estimate (eigenvalue units; sqrt for
+    singular values); k: eigenvalues skipped by the rank rule; beta = p/N;
+    eigenvalues [..., p]; mask [..., r_max]: component index < rank; usable [..., r_max]: mask and
+    the D-transform guard passed; d_hat, a1 (p-side cos^2), a2 (N-side cos^2), phi (shrunk
+    singular values) [..., r_max], zero where not usable; left [..., n, r_max], right
+    [..., d, r_max]: singular vectors in the original orientation.
+    """
+
+    rank: Tensor
+    edge: Tensor
+    k: int
+    beta: float
+    eigenvalues: Tensor
+    mask: Tensor
+    usable: Tensor
+    d_hat: Tensor
+    a1: Tensor
+    a2: Tensor
+    phi: Tensor
+    left: Tensor
+    right: Tensor
+    transposed: bool
+
+    @property
+    def singular_values(self) -> Tensor:
+        return self.eigenvalues.sqrt()
+
+    @property
+    def cos2_left(self) -> Tensor:
+        """Estimated cos^2 between the token-side (left) singular vector and the true one."""
+        return self.a1 if self.transposed else self.a2
+
+    @property
+    def cos2_right(self) -> Tensor:
+        """Estimated cos^2 between the channel-side (right) singular vector and the true one."""
+        return self.a2 if self.transposed else self.a1
+
+    def _compose(self, weights: Tensor) -> Tensor:
+        return (self.left * weights[..., None, :]) @ self.right.mT
+
+    def lowrank(self) -> Tensor:
+        """Denoised shared part U diag(phi) V^T [..., n, d] (spec 1.5)."""
+        return self._compose(self.phi)
+
+    def truncated_svd(self) -> Tensor:
+        """Rank-matched unshrunk control (the 'svdq' baseline): same rank, raw singular values (spec 1.9)."""
+        y = self.singular_values[..., : self.mask.shape[-1]]
+        return self._compose(torch.where(self.mask, y, torch.zeros_like(y)))
+
+    def residual(self, X: Tensor) -> Tensor:
+        """X - lowrank in the compute dtype (spec 1.5)."""
+        return X.to(self.phi.dtype) - self.lowrank()
+
+
+def eoptshrink(
+    X: Tensor,
+    rule: RankRule = "eoptshrinkq",
+    loss: Loss = "fro",
+    imputation: Imputation = "eoptshrinkq",
+    dtype: torch.dtype = torch.float64,
+) -> Shrinkage:
+    """Rank selection + noise-spectrum imputation + optimal shrinkage of X [..., n, d] (spec 1.4-1.5, 2.3)."""
+    svd = gram_eigh(X, dtype)
+    lam = svd.eigenvalues
+    n, d = X.shape[-2:]
+    beta = min(n, d) / max(n, d)
+    if rule == "eoptshrinkq":
+        sel = eoptshrinkq_rank(lam)
+    elif rule == "matlab":
+        sel = matlab_v5_rank(lam)
+    else:
+        raise KvcError(f"unknown rank rule {rule!r} (use 'eoptshrinkq' or 'matlab')")
+    r_max = int(sel.rank.max()) if sel.rank.numel() else 0
+    mask = torch.arange(r_max, device=lam.device) < sel.rank[..., None]
+    est = d_transform(lam[..., :r_max], impute_noise_spectrum(lam, sel.rank, imputation), beta)
+    usable = est.usable & mask
+    zero = torch.zeros_like(est.T)
+    d_hat, a1, a2 = (torch.where(usable, t, zero) for t in (est.d_hat, est.a1, est.a2))
+    phi = shrink_singular_values(d_hat, a1, a2, loss)
+    return Shrinkage(
+        rank=sel.rank,
+        edge=sel.edge,
+        k=sel.k,
+        beta=beta,
+        eigenvalues=lam,
+        mask=mask,
+        usable=usable,
+        d_hat=d_hat,
+        a1=a1,
+        a2=a2,
+        phi=phi,
+        left=svd.left[..., :r_max],
+        right=svd.right[..., :r_max],
+        transposed=svd.transposed,
+    )
+
+
+# ----------------------------------------------------------------------------- classical references
+
+
+@lru_cache(maxsize=64)
+def mp_median(beta: float) -> float:
+    """Median of the Marchenko-Pastur law (ratio beta, unit variance), numerically (Gavish-Donoho 2014)."""
+    if not 0 < beta <= 1:
+        raise KvcError(f"beta must lie in (0, 1], got {beta}")
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+
+    def density(x: float) -> float:  # MP density sqrt((b-x)(x-a)) / (2 pi beta x), Marchenko-Pastur 1967
+        return math.sqrt(max((hi - x) * (x - lo), 0.0)) / (2 * math.pi * beta * x)
+
+    def cdf_minus_half(t: float) -> float:
+        return integrate.quad(density, lo, t, limit=200)[0] - 0.5
+
+    return optimize.brentq(cdf_minus_half, lo + 1e-12, hi, xtol=1e-12)
+
+
+def gd_sigma(singular_values: Tensor, n: int, d: int) -> Tensor:
+    """Noise level from the median singular value [..., p] -> [...]: y_med / sqrt(N mu_beta) (spec 2.5)."""
+    beta = min(n, d) / max(n, d)
+    y_med = torch.quantile(singular_values.to(torch.float64), 0.5, dim=-1)
+    return y_med / math.sqrt(max(n, d) * mp_median(beta))  # Gavish-Donoho 2014 sec. III-E
+
+
+def gd_eta(y: Tensor, beta: float, loss: Loss = "fro") -> Tensor:
+    """Gavish-Donoho optimal shrinker for normalized white noise (sigma = 1, variance 1/N entries)."""
+    y = torch.as_tensor(y, dtype=torch.float64)
+    above = y >= 1 + math.sqrt(beta)
+    disc = ((y**2 - beta - 1) ** 2 - 4 * beta).clamp_min(0)
+    if loss == "fro":
+        eta = disc.sqrt() / y  # eta_fro = sqrt((y^2-beta-1)^2 - 4 beta)/y, Gavish-Donoho 2017 eq. (7)
+    else:
+        x = (0.5 * ((y**2 - beta - 1) + disc.sqrt())).sqrt()  # de-biased x(y), Gavish-Donoho 2017 (spec 2.5)
+        if loss == "op":
+            eta = x
+        elif loss == "nuc":
+            # eta_nuc = max(0, (x^4 - sqrt(beta) x y - beta)/(x^2 y)), Gavish-Donoho 2017 (spec 2.5)
+            eta = ((x**4 - math.sqrt(beta) * x * y - beta) / (x**2 * y)).clamp_min(0)
+        else:
+            raise KvcError(f"unknown loss {loss!r} (use 'fro', 'op' or 'nuc')")
+    return torch.where(above, eta, torch.zeros_like(eta))
+
+
+def gd_shrink(singular_values: Tensor, n: int, d: int, sigma: Tensor | None = None, loss: Loss = "fro") -> Tensor:
+    """Gavish-Donoho shrinkage of raw singular values [..., p] of an n x d matrix with entry std sigma.
+
+    sigma: [...] or scalar; None estimates it with `gd_sigma` (MP median).
+    """
+    y = singular_values.to(torch.float64)
+    if sigma is None:
+        sigma = gd_sigma(y, n, d)
+    scale = torch.as_tensor(sigma, dtype=torch.float64, device=y.device)[..., None] * math.sqrt(max(n, d))
+    beta = min(n, d) / max(n, d)
+    return scale * gd_eta(y / scale, beta, loss)  # eta_sigma(y) = sigma sqrt(N) eta(y / (sigma sqrt(N))) (spec 2.5)
+
+
+def optimal_hard_threshold(beta: float) -> float:
+    """lambda*(beta): optimal hard threshold for known sigma, in units sqrt(N) sigma (Gavish-Donoho 2014 eq. (11))."""
+    return math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta**2 + 14 * beta + 1)))
+
+
+def omega(beta: float) -> float:
+    """omega(beta) = lambda*(beta) / sqrt(mu_beta): hard threshold as a multiple of the median singular value."""
+    return optimal_hard_threshold(beta) / math.sqrt(mp_median(beta))  # Gavish-Donoho 2014 sec. III-E
+
+
+class SpikeLimits(NamedTuple):
+    """Large-matrix limits for a spike theta in normalized white noise: y(theta), c^2 (p-side), c~^2 (N-side)."""
+
+    y: Tensor
+    cos2_p: Tensor
+    cos2_n: Tensor
+
+
+def white_noise_spike(theta: Tensor | float, beta: float) -> SpikeLimits:
+    """Population outlier location and overlaps (spec 8.1), zero overlaps below the BBP threshold."""
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    above = theta > beta**0.25  # BBP threshold beta^{1/4}, Baik-Ben Arous-Peche 2005 (spec 1.8)
+    y = ((theta + 1 / theta) * (theta + beta / theta)).sqrt()  # Benaych-Georges & Nadakuditi 2012 sec. 3.1
+    c2 = (theta**4 - beta) / (theta**4 + beta * theta**2)  # p-side cos^2, BGN 2012 / Gavish-Donoho 2017
+    c2_tilde = (theta**4 - beta) / (theta**4 + theta**2)  # N-side cos^2
+    zero = torch.zeros_like(theta)
+    edge = torch.full_like(theta, 1 + math.sqrt(beta))
+    return SpikeLimits(torch.where(above, y, edge), torch.where(above, c2, zero), torch.where(above, c2_tilde, zero))
+
+
+def bbp_threshold(n: int, d: int, sigma: float = 1.0) -> float:
+    """BBP detection threshold for theta with un-normalized noise (entry std sigma): sigma (n d)^{1/4} (spec 8.1)."""
+    return sigma * (n * d) ** 0.25  # beta^{1/4} sigma sqrt(N) = sigma (p N)^{1/4}
+
+
+def mp_bulk_edge(n: int, d: int, sigma: float = 1.0) -> float:
+    """Largest noise singular value for un-normalized noise: sigma (sqrt n + sqrt d) (spec 0)."""
+    return sigma * (math.sqrt(n) + math.sqrt(d))
+
+
+# ----------------------------------------------------------------------------- energy / bits
+
+
+def energy_share(X: Tensor, lowrank: Tensor) -> Tensor:
+    """rho = ||lowrank||_F^2 / ||X||_F^2 per matrix [...] (spec 1.8)."""
+    X = X.to(torch.float64)
+    lowrank = lowrank.to(torch.float64)
+    return lowrank.square().sum((-2, -1)) / X.square().sum((-2, -1))
+
+
+def predicted_bit_saving(rho: Tensor | float, rank: Tensor | int, n: int, d: int, factor_bits: int = 4) -> Tensor:
+    """Predicted bits/entry saved vs plain TurboQuant: 1/2 log2(1/(1-rho)) - r (n+d) b_f / (n d) (spec 1.8)."""
+    rho = torch.as_tensor(rho, dtype=torch.float64)
+    rank = torch.as_tensor(rank, dtype=torch.float64, device=rho.device)
+    return 0.5 * torch.log2(1.0 / (1.0 - rho)) - rank * (n + d) * factor_bits / (n * d)
+
+
+# ----------------------------------------------------------------------------- residual diagnostics
+
+
+def haar_rotation(d: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Haar-distributed d x d orthogonal matrix: QR of a Gaussian with the sign fix (Mezzadri 2007)."""
+    device = generator.device if generator is not None else None
+    G = torch.randn(d, d, generator=generator, dtype=dtype, device=device)
+    Q, R = torch.linalg.qr(G)
+    signs = torch.sign(torch.diagonal(R))
+    return Q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+class ThinShell(NamedTuple):
+    """norm_cv: CV of row norms [...]; energy_ratio: Var||r||^2 / (E||r||^2)^2 [...] (2/d for Gaussian rows)."""
+
+    norm_cv: Tensor
+    energy_ratio: Tensor
+
+
+def thin_shell(R: Tensor) -> ThinShell:
+    """Thin-shell statistics of the rows of R [..., n, d] (spec 1.8)."""
+    sq = R.to(torch.float64).square().sum(-1)  # ||r_t||^2, [..., n]
+    norms = sq.sqrt()
+    # Var(||r||^2) / (E||r||^2)^2 -> 2 tr(A^2) / tr(A)^2 for r = A^{1/2} g (spec 1.8)
+    return ThinShell(norms.std(-1) / norms.mean(-1), sq.var(-1) / sq.mean(-1) ** 2)
+
+
+class Delocalization(NamedTuple):
+    """Max |coordinate| of unit rows relative to reference sqrt(2 ln d / d) (spec 1.8), per matrix [...].
+
+    ratio_*: mean over rows of the row maximum / reference; worst_*: max over rows / reference.
+    *_raw in the stored channel basis (outlier channels show here); *_rotated after one shared Haar
+    rotation (what the TurboQuant codebook sees; near 1 for any fixed set of rows).
+    """
+
+    reference: float
+    ratio_raw: Tensor
+    worst_raw: Tensor
+    ratio_rotated: Tensor
+    worst_rotated: Tensor
+
+
+def delocalization(R: Tensor, generator: torch.Generator | None = None) -> Delocalization:
+    """Coordinate delocalization of the rows of R [..., n, d], raw and after a seeded Haar rotation."""
+    R = R.to(torch.float64)
+    d = R.shape[-1]
+    unit = R / R.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(R.dtype).tiny)
+    rotated = unit @ haar_rotation(d, generator).to(R.device).mT
+    reference = math.sqrt(2 * math.log(d) / d)  # ||Pi r||_inf <~ sqrt(2 ln d / d) ||r|| (spec 1.8)
+    raw_max = unit.abs().amax(-1)
+    rot_max = rotated.abs().amax(-1)
+    return Delocalization(
+        reference,
+        raw_max.mean(-1) / reference,
+        raw_max.amax(-1) / reference,
+        rot_max.mean(-1) / reference,
+        rot_max.amax(-1) / reference,
+    )
+
+
+class Isotropy(NamedTuple):
+    """top_over_mean [...]: top / mean eigenvalue of R^T R / n; white_reference: (1 + sqrt(d/n))^2 for white rows."""
+
+    top_over_mean: Tensor
+    white_reference: float
+
+
+def isotropy(R: Tensor) -> Isotropy:
+    """Anisotropy of the (uncentered, as quantized) residual second-moment matrix R^T R / n."""
+    R = R.to(torch.float64)
+    n, d = R.shape[-2:]
+    gram = R.mT @ R if n >= d else R @ R.mT  # same nonzero spectrum, p x p
+    top = torch.linalg.eigvalsh(gram)[..., -1]
+    mean = R.square().sum((-2, -1)) / d  # trace / d
+    return Isotropy(top / mean, (1 + math.sqrt(d / n)) ** 2)  # MP edge of white rows (spec 0)
