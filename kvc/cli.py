@@ -9,17 +9,22 @@ from __future__ import annotations
 import sys
 import traceback
 
+import importlib
+import pkgutil
+
 import click
 import typer
 
-from .commands import capture, info, synth
+from . import commands
 from .errors import KvcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline KV-cache profiling and compression for transformer LMs.")
-app.command("capture")(capture.capture_command)
-app.command("synth")(synth.synth_command)
-app.command("info")(info.info_command)
+
+# Each module in kvc/commands defines NAME and command(); adding a command = adding a module.
+for _info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+    _module = importlib.import_module(f"{commands.__name__}.{_info.name}")
+    app.command(_module.NAME)(_module.command)
 
 
 def main(argv: list[str] | None = None) -> int:

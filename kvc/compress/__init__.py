@@ -1,0 +1,1 @@
+"""KV-cache compressors: one protocol (``base``), one module per method (``methods/``), metrics."""
