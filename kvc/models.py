@@ -97,8 +97,10 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
 def load_model(source: ModelSource, *, revision: str | None = None, dtype: str = "auto",
                device: str = "auto", trust_remote_code: bool = False):
     """Return (model, tokenizer) in eval mode on the chosen device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     location, kwargs = source.location, {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -107,8 +109,9 @@ def load_model(source: ModelSource, *, revision: str | None = None, dtype: str =
         if torch_dtype == "auto":  # GGUF weights are dequantized to float32
             torch_dtype = torch.float32
     try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
     return model.to(torch_device).eval(), tokenizer

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..capture_format import FORMAT, CaptureMeta
 from ..console import human_bytes, out
 from ..errors import KvcError
 
@@ -27,6 +28,8 @@ def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[in
         raise KvcError(f"{path} is not a readable safetensors file ({err})") from err
     if not str(meta.get("format", "")).startswith("kvc-"):
         raise KvcError(f"{path} is a safetensors file but not a kvc file (no 'format: kvc-*' metadata)")
+    if meta["format"] == FORMAT:
+        CaptureMeta.from_strings(meta, str(path))  # checks the version and the required keys
     return meta, shapes
 
 

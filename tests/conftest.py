@@ -1,0 +1,44 @@
+"""Shared fixtures: the CLI runner, synthetic captures, the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvc.cli import main
+
+
+@pytest.fixture
+def run(capsys):
+    """run(*args) -> (exit code, stdout, stderr) of ``kvc args``."""
+
+    def _run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return _run
+
+
+@pytest.fixture
+def synth_capture(tmp_path):
+    """make(**spec) -> path of a synthetic capture written with kvc.synth."""
+    from kvc.fileio import save_safetensors
+    from kvc.synth import SpikedSpec, synthesize
+
+    def _make(name="synth.safetensors", **spec):
+        tensors, meta = synthesize(SpikedSpec(**spec))
+        path = tmp_path / name
+        save_safetensors(path, tensors, meta.to_strings())
+        return path
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer) of the real default model, SmolLM2-135M-Instruct, float32 on CPU."""
+    from kvc.models import load_model, resolve_model
+
+    torch.manual_seed(0)
+    return load_model(resolve_model(None), dtype="float32", device="cpu")
