@@ -159,7 +159,7 @@ def geometry_from_model(model: str | None) -> Geometry:
     """Geometry of a hub id, a local HF directory, a config.json file or a GGUF file (None: default)."""
     path = Path(model).expanduser() if model else None
     if path is not None and path.is_file() and path.suffix.lower() == ".json":
-        return geometry_from_config(_local_config(path), path.parent.name or path.name)
+        return geometry_from_config(_local_config(path), model)
     source = resolve_model(model)
     if source.kind == "gguf":
         return geometry_from_gguf(Path(source.location))
@@ -319,7 +319,7 @@ def budget(geometry: Geometry, contexts: list[int], batch: int = 1,
         raise KvcError(f"context lengths must be positive, got {contexts}")
 
     def figures(n: int, comp: Compression) -> dict:
-        seq = math.ceil(sequence_bytes(geometry, n, comp))
+        seq = round(sequence_bytes(geometry, n, comp))  # nominal: to the nearest byte
         return {"per_token": seq / n, "per_sequence": seq, "total": seq * batch}
 
     rows = []

@@ -101,26 +101,42 @@ def _edge_from(lam: Tensor, k: int, factor: float) -> Tensor:
     return hi + factor * (hi - lo) / EDGE_STEP  # ScreeNOT-style edge imputation (spec 1.4, 2.3)
 
 
-def eoptshrinkq_rank(lam: Tensor, dim: int | None = None) -> RankSelection:
+def eoptshrinkq_rank(lam: Tensor) -> RankSelection:
     """eOptShrinkQ rank rule (scale-free BBP ratio test) on descending eigenvalues [..., p].
 
-    dim is the spec's d (head_dim); it defaults to p, which equals head_dim whenever n >= d.
+    The spec's d is head_dim for n >= d; for n < d (transposed) the rule runs on p = n.
     """
-    dim = lam.shape[-1] if dim is None else dim
-    k = eoptshrinkq_k(dim)
+    p = lam.shape[-1]
+    k = eoptshrinkq_k(p)
     edge = _edge_from(lam, k, 1.0)
-    margin = dim ** (-1.0 / 3.0)
+    margin = p ** (-1.0 / 3.0)
     # r = #{i : lambda_i / edge - 1 > d^{-1/3}}, eOptShrinkQ Alg. 2 (spec 1.4); edge <= 0 -> r = 0
     above = (lam > (edge * (1.0 + margin))[..., None]) & (edge > 0)[..., None]
     return RankSelection(above.sum(-1), edge, k)
 
 
+def matlab_k(p: int) -> int:
+    """k0 = floor(p^{1/2.01}) top eigenvalues skipped by the MATLAB v5 rule (spec 2.3 step 1)."""
+    return math.floor(p ** (1.0 / 2.01))
+
+
 def matlab_v5_rank(lam: Tensor) -> RankSelection:
     """eOptShrink MATLAB v5 rank rule (optimal_shrinkage_color5.m) on eigenvalues [..., p]."""
-    p = lam.shape[-1]
-    k0 = math.floor(p ** (1.0 / 2.01))  # k0 = floor(p^{1/2.01}), spec 2.3 step 1
+    k0 = matlab_k(lam.shape[-1])
     edge = _edge_from(lam, k0, MATLAB_EDGE_FACTOR)  # spec 2.3 step 2
     return RankSelection((lam > edge[..., None]).sum(-1), edge, k0)
+
+
+def rank_rule_unfit(rule: RankRule, p: int) -> str | None:
+    """Why the rank rule cannot run on p = min(n, d) eigenvalues (edge extrapolation needs 2k+1), or None."""
+    if rule not in ("eoptshrinkq", "matlab"):
+        raise KvcError(f"unknown rank rule {rule!r} (use 'eoptshrinkq' or 'matlab')")
+    if p < 3:
+        return f"min(n, d) = {p}: the {rule} rank rule needs at least 3 singular values"
+    k = eoptshrinkq_k(p) if rule == "eoptshrinkq" else matlab_k(p)
+    if 2 * k + 1 > p:
+        return f"min(n, d) = {p}: the {rule} rank rule needs 2k+1 = {2 * k + 1} singular values"
+    return None
 
 
 # ----------------------------------------------------------------------------- noise spectrum
@@ -169,6 +185,13 @@ def impute_noise_spectrum(lam: Tensor, rank: Tensor, method: Imputation = "eopts
         values = torch.where(idx < m[..., None], fz, s) ** 2
         return NoiseSpectrum(values, torch.ones_like(values))
     raise KvcError(f"unknown imputation {method!r} (use 'eoptshrinkq' or 'matlab')")
+
+
+def imputation_starved(rank: Tensor, p: int, method: Imputation = "eoptshrinkq") -> Tensor:
+    """True [...] where the imputation needs an eigenvalue past lambda_p (its index was clamped)."""
+    if method == "eoptshrinkq":
+        return rank + 2 * eoptshrinkq_k(p) + 1 > p  # needs lambda_{r+2k+1} (spec 1.5)
+    return 4 * rank + 1 > p  # createPseudoNoise needs s_{4r+1} (spec 2.3 step 3)
 
 
 # ----------------------------------------------------------------------------- D-transform
@@ -235,7 +258,8 @@ class Shrinkage:
     eigenvalues [..., p]; mask [..., r_max]: component index < rank; usable [..., r_max]: mask and
     the D-transform guard passed; d_hat, a1 (p-side cos^2), a2 (N-side cos^2), phi (shrunk
     singular values) [..., r_max], zero where not usable; left [..., n, r_max], right
-    [..., d, r_max]: singular vectors in the original orientation.
+    [..., d, r_max]: singular vectors in the original orientation; starved [...]: the noise
+    imputation ran out of eigenvalues (too few left beyond the rank; estimates unreliable).
     """
 
     rank: Tensor
@@ -252,6 +276,7 @@ class Shrinkage:
     left: Tensor
     right: Tensor
     transposed: bool
+    starved: Tensor
 
     @property
     def singular_values(self) -> Tensor:
@@ -324,6 +349,7 @@ def eoptshrink(
         left=svd.left[..., :r_max],
         right=svd.right[..., :r_max],
         transposed=svd.transposed,
+        starved=imputation_starved(sel.rank, lam.shape[-1], imputation),
     )
 
 

@@ -34,6 +34,10 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file."),
 ) -> None:
     """KV-cache bytes per token, per sequence and per batch across context lengths."""
+    if from_json is not None and (method is not None or bits is not None):
+        raise KvcError("pass either --from-json or --method/--bits, not both")
+    if bits is not None and method is None:
+        raise KvcError("--bits needs --method")
     explicit = (layers, kv_heads, head_dim)
     if any(v is not None for v in explicit):
         if model is not None:
@@ -49,10 +53,6 @@ def command(
                        "a model's own config gives its windows")
     else:
         geometry = geometry_from_model(model)
-    if from_json is not None and (method is not None or bits is not None):
-        raise KvcError("pass either --from-json or --method/--bits, not both")
-    if bits is not None and method is None:
-        raise KvcError("--bits needs --method")
     compression = None
     if from_json is not None:
         compression = compression_from_json(from_json)

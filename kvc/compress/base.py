@@ -116,6 +116,11 @@ class Compressor(ABC):
         """Optional direct logits q K_hat^T from the compressed form; None when not offered."""
         return None
 
+    def head_bits(self, encoded: Encoded, layer: LayerKV) -> dict[str, Tensor] | None:
+        """Stored bits per KV head, {"k": [H], "v": [H]}, for methods whose heads differ (ragged
+        budgets, per-head ranks). None: every tensor's bits are split evenly over the heads."""
+        return None
+
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
@@ -152,6 +157,12 @@ def available() -> dict[str, type[Compressor]]:
 
 
 def get(name: str) -> type[Compressor]:
+    """The class of a method; ``evictor+compressor`` names a combination (``composite``)."""
+    if "+" in name:
+        from .composite import combine
+
+        first, _, rest = name.partition("+")
+        return combine(get(first), get(rest))
     methods = available()
     if name not in methods:
         raise KvcError(f"unknown method {name!r}; valid methods: {', '.join(methods)}")
@@ -259,12 +270,29 @@ class Evictor(Compressor):
 
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
         S, H, T, D = layer.shape
-        keep = torch.zeros(S, H, T, dtype=torch.bool, device=encoded.arrays["k"].device)
-        owner = torch.repeat_interleave(torch.arange(S * H, device=keep.device),
-                                        encoded.arrays["count"].reshape(-1).long())
-        keep.view(S * H, T)[owner, encoded.arrays["index"].long()] = True
+        keep = keep_mask(encoded.arrays["index"], encoded.arrays["count"], T)
         k = torch.zeros(S, H, T, D, device=keep.device)
         v = torch.zeros_like(k)
         k[keep] = encoded.arrays["k"].float()
         v[keep] = encoded.arrays["v"].float()
         return Decoded(k, v, keep=keep)
+
+    def head_bits(self, encoded: Encoded, layer: LayerKV) -> dict[str, Tensor]:
+        rows = encoded.arrays["count"].double().sum(0) * layer.shape[3] * encoded.arrays["k"].element_size() * 8
+        side = eviction_side_bits(encoded.arrays["index"], encoded.arrays["count"]) / 2
+        return {"k": rows + side, "v": rows + side}
+
+
+def keep_mask(index: Tensor, count: Tensor, T: int) -> Tensor:
+    """keep [S, H, T] from the kept positions ``index`` (ragged, row-major) and counts [S, H]."""
+    S, H = count.shape
+    keep = torch.zeros(S, H, T, dtype=torch.bool, device=count.device)
+    owner = torch.repeat_interleave(torch.arange(S * H, device=keep.device), count.reshape(-1).long())
+    keep.view(S * H, T)[owner, index.long().to(keep.device)] = True
+    return keep
+
+
+def eviction_side_bits(index: Tensor, count: Tensor) -> Tensor:
+    """Bits of the kept positions and the counts [S, H] per KV head [H] (shared by K and V)."""
+    return (index.element_size() * 8 * count.double().sum(0)
+            + count.element_size() * 8 * count.shape[0])

@@ -1,0 +1,142 @@
+"""Fidelity of a reconstructed KV layer, per KV head (spec section 7), as pure batched functions.
+
+Shapes: k, k_hat, v, v_hat [S, H, T, D]; queries q [S, H_q, Tq, D] after RoPE at ``q_positions``
+[Tq]. GQA: query head h*G + g reads KV head h, so queries are viewed as [S, H, G, Tq, D] and K, V
+are never repeated. Causal: the query at position p sees the keys at positions <= p. Evicted tokens
+(``keep`` False) are masked out of the compressed attention and of the inner-product statistics;
+their reconstruction (zeros) still counts in ``mse_rel``. Every metric is pooled over sequences,
+query heads of the group and positions; sums are float64.
+
+Metrics by tensor row:
+- ``k``: mse_rel, ip_bias_rel, ip_slope, ip_rmse_rel (x = <q,k>, y = <q,k_hat>, e = y - x);
+- ``v``: mse_rel;
+- ``kv`` (K and V together): mse_rel (mean of the k and v values), attn_logit_rmse, attn_kl,
+  attn_out_rel, attn_topk_overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+TOPK = 8
+CHUNK_ELEMENTS = 1 << 22  # logits per query chunk ([S, H_q, chunk, T]); bounds peak memory
+
+Scorer = Callable[[Tensor], Tensor | None]
+
+
+def mse_rel(x: Tensor, x_hat: Tensor) -> Tensor:
+    """||X - X_hat||^2 / ||X||^2 per head [H], pooled over sequences, tokens and channels."""
+    dims = (0, 2, 3)
+    err = (x_hat.double() - x.double()).square().sum(dims)
+    return err / x.double().square().sum(dims)
+
+
+def grouped(q: Tensor, num_kv_heads: int) -> Tensor:
+    """Queries [S, H_q, Tq, D] viewed as [S, H_kv, G, Tq, D] (query head h*G + g reads KV head h)."""
+    S, Hq, Tq, D = q.shape
+    return q.reshape(S, num_kv_heads, Hq // num_kv_heads, Tq, D)
+
+
+def _masked_softmax(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(probabilities, log-probabilities) over ``mask``; rows with no visible key give zeros."""
+    logp = logits.masked_fill(~mask, float("-inf")).log_softmax(-1)
+    logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return torch.where(mask, logp.exp(), torch.zeros((), dtype=logp.dtype, device=logp.device)), logp
+
+
+def _topk_overlap(logits: Tensor, logits_hat: Tensor, mask: Tensor, mask_hat: Tensor) -> Tensor:
+    """|top-k(l) ∩ top-k(l_hat)| / min(k, visible keys) per row [..., M]."""
+    k = min(TOPK, logits.shape[-1])
+    ninf = float("-inf")
+    top = logits.masked_fill(~mask, ninf).topk(k, dim=-1).indices
+    top_hat = logits_hat.masked_fill(~mask_hat, ninf).topk(k, dim=-1).indices
+    valid = mask.gather(-1, top)
+    valid_hat = mask_hat.gather(-1, top_hat)
+    match = (top[..., :, None] == top_hat[..., None, :]) & valid[..., :, None] & valid_hat[..., None, :]
+    return match.sum((-1, -2)).double() / mask.sum(-1).clamp(max=k).clamp(min=1).double()
+
+
+def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor,
+                keep: Tensor | None = None, y: Tensor | None = None) -> dict[str, Tensor]:
+    """Additive sufficient statistics per head [H] for one chunk of queries q [S, H, G, M, D].
+
+    ``y`` optionally gives the compressed inner products <q, k_hat> [S, H, G, M, T] directly (a
+    method's own scoring); by default they are q k_hat^T.
+    """
+    dims = (0, 2, 3, 4)
+    T, D = k.shape[-2:]
+    x = torch.einsum("shgmd,shtd->shgmt", q, k)
+    if y is None:
+        y = torch.einsum("shgmd,shtd->shgmt", q, k_hat)
+    y = y.to(x.dtype)
+    visible = torch.arange(T, device=k.device) <= q_positions.to(k.device)[:, None]  # causal [M, T]
+    mask = visible.expand_as(x)
+    mask_hat = mask if keep is None else mask & keep[:, :, None, None, :]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+
+    def total(t: Tensor, where: Tensor) -> Tensor:
+        return torch.where(where, t, zero).sum(dims, dtype=torch.float64)
+
+    e = y - x
+    stats = {"n": mask_hat.sum(dims, dtype=torch.float64), "sx": total(x, mask_hat),
+             "se": total(e, mask_hat), "sxx": total(x * x, mask_hat), "sxe": total(x * e, mask_hat),
+             "see": total(e * e, mask_hat), "sabs": total(x.abs(), mask_hat)}
+    scale = 1 / math.sqrt(D)  # Vaswani et al. 2017 eq. 1
+    p, logp = _masked_softmax(x * scale, mask)
+    p_hat, logp_hat = _masked_softmax(y * scale, mask_hat)
+    rows = mask_hat.any(-1)
+    # KL(p_hat || p): finite under eviction; with exact logits it is -log(attention mass kept)
+    kl = torch.where(mask_hat, p_hat * (logp_hat - logp), zero).sum(-1)
+    out = torch.einsum("shgmt,shtd->shgmd", p, v.to(p.dtype))
+    out_hat = torch.einsum("shgmt,shtd->shgmd", p_hat, v_hat.to(p.dtype))
+    stats.update({
+        "rows": rows.sum((0, 2, 3), dtype=torch.float64),
+        "all_rows": torch.ones_like(rows).sum((0, 2, 3), dtype=torch.float64),
+        "kl": torch.where(rows, kl, zero).sum((0, 2, 3), dtype=torch.float64),
+        "out_err": (out_hat - out).square().sum(dims, dtype=torch.float64),
+        "out_ref": out.square().sum(dims, dtype=torch.float64),
+        "topk": _topk_overlap(x, y, mask, mask_hat).sum((0, 2, 3)),
+    })
+    return stats
+
+
+def attention_metrics(stats: dict[str, Tensor], head_dim: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(key metrics, attention metrics) per head from summed ``chunk_stats``."""
+    n, sx, se = stats["n"], stats["sx"], stats["se"]
+    # least-squares slope of y on x: 1 + cov(x, e) / var(x)
+    slope = 1 + (n * stats["sxe"] - sx * se) / (n * stats["sxx"] - sx * sx)
+    keys = {"ip_bias_rel": se / stats["sabs"],  # mean(<q,k_hat> - <q,k>) / mean |<q,k>|
+            "ip_slope": slope,
+            "ip_rmse_rel": (stats["see"] / stats["sxx"]).sqrt()}
+    attn = {"attn_logit_rmse": (stats["see"] / n).sqrt() / math.sqrt(head_dim),
+            "attn_kl": stats["kl"] / stats["rows"],
+            "attn_out_rel": (stats["out_err"] / stats["out_ref"]).sqrt(),
+            "attn_topk_overlap": stats["topk"] / stats["all_rows"]}
+    return keys, attn
+
+
+def layer_metrics(k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor, q: Tensor, q_positions: Tensor,
+                  keep: Tensor | None = None, score: Scorer | None = None) -> dict[str, dict[str, Tensor]]:
+    """All metrics per KV head: {"k": {...}, "v": {...}, "kv": {...}}, each value a float64 [H].
+
+    ``score(q_chunk [S, H_q, M, D])`` may return the method's own <q, k_hat> [S, H_q, M, T]; when it
+    returns None (or is None) they are q k_hat^T. Queries are processed in chunks.
+    """
+    S, H, T, D = k.shape
+    qg = grouped(q, H)
+    chunk = max(1, CHUNK_ELEMENTS // (S * q.shape[1] * T))
+    stats: dict[str, Tensor] = {}
+    for start in range(0, q.shape[2], chunk):
+        part = slice(start, start + chunk)
+        y = score(q[:, :, part]) if score is not None else None
+        if y is not None:
+            y = y.reshape(S, H, -1, y.shape[-2], T)
+        chunk_sum = chunk_stats(qg[:, :, :, part], q_positions[part], k, k_hat, v, v_hat, keep, y)
+        stats = {n: stats.get(n, 0) + s for n, s in chunk_sum.items()}
+    keys, attn = attention_metrics(stats, D)
+    mk, mv = mse_rel(k, k_hat), mse_rel(v, v_hat)
+    return {"k": {"mse_rel": mk, **keys}, "v": {"mse_rel": mv}, "kv": {"mse_rel": (mk + mv) / 2, **attn}}

@@ -1,0 +1,105 @@
+"""Uniform integer quantization in groups along the last axis: asymmetric min/max (KIVI) and symmetric.
+
+All functions group the last axis of x [..., L] into L / G groups of G consecutive entries
+(``group=None``: one group = the whole axis). Callers put the grouping axis last: KIVI keys are
+quantized per channel in groups of G tokens (pass x.transpose(-1, -2)), values per token in groups
+of G channels (pass x as is).
+
+Scales and zero points are stored in float16 (that is what the papers count: B + 2*16/G bits per
+entry for asymmetric groups). To keep the error bound exact with the rounded parameters, the zero
+point is rounded *down* to float16 and the scale *up*, so every entry of a group lies in
+[z, z + (2^B - 1) s] and |x - x_hat| <= s/2 holds with the stored s. The group minimum gets code 0
+and the maximum code 2^B - 1; they are reproduced up to the float16 rounding of z and s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvc.errors import KvcError, MethodFailure
+
+FP16_MAX = 65504.0
+_NEG_INF16 = float("-inf")
+
+
+def _check_bits(bits: int, low: int = 1) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= 8:
+        raise KvcError(f"bit width must be an integer in {low}..8, got {bits!r}")
+
+
+def fp16_floor(v: Tensor) -> Tensor:
+    """The largest float16 <= v (float16); MethodFailure beyond the float16 range."""
+    if not bool(torch.isfinite(v).all()) or bool((v.abs() > FP16_MAX).any()):
+        raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
+    h = v.to(torch.float16)
+    down = torch.nextafter(h, torch.full_like(h, _NEG_INF16))
+    return torch.where(h.to(v.dtype) > v, down, h)
+
+
+def fp16_ceil(v: Tensor) -> Tensor:
+    """The smallest float16 >= v (float16); MethodFailure beyond the float16 range."""
+    return -fp16_floor(-v)
+
+
+def _grouped(x: Tensor, group: int | None) -> tuple[Tensor, int]:
+    length = x.shape[-1]
+    g = length if group is None else group
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise KvcError(f"group size must be a positive integer, got {group!r}")
+    if g > length:
+        raise KvcError(f"group size {g} is larger than the quantized axis ({length})")
+    if length % g:
+        raise KvcError(f"group size {g} does not divide the quantized axis ({length})")
+    return x.reshape(*x.shape[:-1], length // g, g), g
+
+
+def minmax_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric B-bit quantization of x [..., L] in groups of ``group``.
+
+    Returns (codes uint8 [..., L], scale float16 [..., L/G], zero float16 [..., L/G]).
+    """
+    _check_bits(bits)
+    xg, _ = _grouped(x.float() if x.dtype != torch.float64 else x, group)
+    levels = (1 << bits) - 1
+    # KIVI quant/new_pack.py: z = min, s = (max - min)/(2^B - 1), code = clamp(round((x - z)/s), 0, 2^B - 1)
+    zero = fp16_floor(xg.amin(dim=-1))
+    scale = fp16_ceil((xg.amax(dim=-1) - zero.to(xg.dtype)) / levels)
+    s = scale.to(xg.dtype)[..., None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round((xg - zero.to(xg.dtype)[..., None]) / safe).clamp(0, levels)
+    codes = torch.where(s > 0, codes, torch.zeros_like(codes))
+    return codes.reshape(x.shape).to(torch.uint8), scale, zero
+
+
+def minmax_dequantize(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_hat = code * s + z (KIVI new_pack.py), for codes [..., L] and per-group scale, zero [..., L/G]."""
+    groups = scale.shape[-1]
+    c = codes.to(dtype).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
+    return (c * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).reshape(codes.shape)
+
+
+def symmetric_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric B-bit quantization (B >= 2) of x [..., L] in groups: levels -(2^(B-1)-1)..2^(B-1)-1.
+
+    Returns (codes uint8 [..., L] = level + 2^(B-1) - 1, scale float16 [..., L/G]); the all-ones
+    code is unused (2^B - 1 levels, zero exactly representable).
+    """
+    _check_bits(bits, low=2)
+    xg, _ = _grouped(x.float() if x.dtype != torch.float64 else x, group)
+    qmax = (1 << (bits - 1)) - 1
+    # symmetric absmax quantization (e.g. LLM.int8, Dettmers et al. 2022, sec. 2): s = max|x| / (2^(B-1) - 1)
+    scale = fp16_ceil(xg.abs().amax(dim=-1) / qmax)
+    s = scale.to(xg.dtype)[..., None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    levels = torch.round(xg / safe).clamp(-qmax, qmax)
+    levels = torch.where(s > 0, levels, torch.zeros_like(levels))
+    return (levels + qmax).reshape(x.shape).to(torch.uint8), scale
+
+
+def symmetric_dequantize(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_hat = (code - (2^(B-1) - 1)) * s for codes [..., L] and per-group scale [..., L/G]."""
+    groups = scale.shape[-1]
+    qmax = (1 << (bits - 1)) - 1
+    c = codes.to(dtype).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups) - qmax
+    return (c * scale.to(dtype)[..., None]).reshape(codes.shape)
