@@ -21,10 +21,11 @@ from .errors import KvcError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline KV-cache profiling and compression for transformer LMs.")
 
-# Each module in kvc/commands defines NAME and command(); adding a command = adding a module.
+# Each module in kvc/commands defines NAME and command() (and optionally CONTEXT_SETTINGS for
+# click, e.g. to accept method options); adding a command = adding a module.
 for _info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
     _module = importlib.import_module(f"{commands.__name__}.{_info.name}")
-    app.command(_module.NAME)(_module.command)
+    app.command(_module.NAME, context_settings=getattr(_module, "CONTEXT_SETTINGS", None))(_module.command)
 
 
 def main(argv: list[str] | None = None) -> int:

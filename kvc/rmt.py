@@ -128,14 +128,14 @@ def matlab_v5_rank(lam: Tensor) -> RankSelection:
 
 
 def rank_rule_unfit(rule: RankRule, p: int) -> str | None:
-    """Why the rank rule cannot run on p = min(n, d) eigenvalues (edge extrapolation needs 2k+1), or None."""
+    """Why a rank rule cannot run on p = min(n, d) eigenvalues, or None.
+
+    Both rules read lambda_{k+1} and lambda_{2k+1} with k ~ sqrt(p); 2k+1 <= p holds from p = 3 on.
+    """
     if rule not in ("eoptshrinkq", "matlab"):
         raise KvcError(f"unknown rank rule {rule!r} (use 'eoptshrinkq' or 'matlab')")
     if p < 3:
         return f"min(n, d) = {p}: the {rule} rank rule needs at least 3 singular values"
-    k = eoptshrinkq_k(p) if rule == "eoptshrinkq" else matlab_k(p)
-    if 2 * k + 1 > p:
-        return f"min(n, d) = {p}: the {rule} rank rule needs 2k+1 = {2 * k + 1} singular values"
     return None
 
 

@@ -223,12 +223,12 @@ class TensorCompressor(Compressor):
         """Reconstruct x [S, H, T, D] (float32) from what ``encode_tensor`` returned."""
 
     def _keys_source(self, layer: LayerKV) -> Tensor:
-        if self.options.keys == "pre":
+        if self.options.keys == "pre" and layer.rope is not None:
             if layer.k_pre is None:
-                raise KvcError(f"{self.name} --keys pre needs k_pre, which this capture lacks "
-                               "(model without RoPE); use --keys post")
+                raise KvcError(f"{self.name} --keys pre needs k_pre, which this capture lacks; "
+                               "use --keys post")
             return layer.k_pre
-        return layer.k
+        return layer.k  # without RoPE, keys before and after it are the same
 
     def encode(self, layer: LayerKV) -> Encoded:
         gen = self.generator(layer.layer, layer.k.device)

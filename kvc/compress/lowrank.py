@@ -36,7 +36,9 @@ from ..quant.packing import pack_codes, unpack_codes
 from ..quant.rotation import draw_seed, make_rotation
 from ..quant.turboquant import tq_codebook, tq_mse_decode, tq_mse_encode
 from ..rmt import Shrinkage, eoptshrink, rank_rule_unfit
-from .base import TensorCompressor, option
+from .base import Encoded, LayerKV, TensorCompressor, option
+
+RAGGED = ("u_codes", "v_codes", "weights")  # arrays whose size follows the per-block ranks
 
 
 def paper_bits(bits: int, rank: Tensor | float, n: int, d: int, factor_bits: int) -> Tensor:
@@ -68,14 +70,18 @@ class LowRankQuant(TensorCompressor):
     """Blockwise low-rank factors (fitted-codebook codes) + a TurboQuant-mse residual.
 
     Subclasses pick the singular-value weights in ``weights``; ranks, factors, residual codec and
-    storage are shared. Keys default to before RoPE (measured lower error on the default capture).
+    storage are shared. Keys default to before RoPE, by measurement on the default capture
+    (SmolLM2-135M, 30 layers, 4 x 512 tokens, eoptshrinkq defaults, mean over layers): pre 2.55
+    bits/entry, K mse_rel 0.017, relative MSE of the causal logits
+    q.k with the real queries 0.011; post 2.51 bits/entry, 0.030, 0.018.
     """
 
     default_keys: ClassVar[str] = "pre"
 
     @dataclass
     class Options(TensorCompressor.Options):
-        keys: str = option("pre", "compress keys before (pre) or after (post) RoPE", ("pre", "post"))
+        keys: str = option("pre", "compress keys before (pre, measured better) or after (post) RoPE",
+                          ("pre", "post"))
         bits: int = option(2, "TurboQuant-mse bits per residual entry")
         factor_bits: int = option(4, "bits per low-rank factor entry (fitted Lloyd-Max codebook)")
         block: int = option(128, "tokens per block; the unfinished last block stays fp16")
@@ -137,6 +143,16 @@ class LowRankQuant(TensorCompressor):
         u = u_cb.to(ranks.device)[unpack_codes(arrays["u_codes"], b_f, (R, n))] / math.sqrt(n)
         v = v_cb.to(ranks.device)[unpack_codes(arrays["v_codes"], b_f, (R, d))] / math.sqrt(d)
         return compose(u, arrays["weights"].float(), v, ranks)
+
+    def head_bits(self, encoded: Encoded, layer: LayerKV) -> dict[str, Tensor]:
+        """Per KV head: the ragged factor arrays in proportion to the head's ranks, the rest evenly."""
+        H, out = layer.shape[1], {}
+        for kind in ("k", "v"):
+            ragged = sum(encoded.nbits(f"{kind}.{name}") for name in RAGGED)
+            ranks = encoded.arrays.get(f"{kind}.ranks")
+            rank = torch.zeros(H, dtype=torch.float64) if ranks is None else ranks.double().sum((0, 2)).cpu()
+            out[kind] = (encoded.nbits(f"{kind}.") - ragged) / H + ragged * rank / rank.sum().clamp_min(1)
+        return out
 
     def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,
                       shape: tuple[int, ...]) -> Tensor:

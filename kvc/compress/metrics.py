@@ -41,23 +41,17 @@ def grouped(q: Tensor, num_kv_heads: int) -> Tensor:
     return q.reshape(S, num_kv_heads, Hq // num_kv_heads, Tq, D)
 
 
-def _masked_softmax(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(probabilities, log-probabilities) over ``mask``; rows with no visible key give zeros."""
-    logp = logits.masked_fill(~mask, float("-inf")).log_softmax(-1)
-    logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    return torch.where(mask, logp.exp(), torch.zeros((), dtype=logp.dtype, device=logp.device)), logp
+NEG = -1e30  # additive mask: exp underflows to 0, while 0 * NEG stays 0 (no NaN)
 
 
-def _topk_overlap(logits: Tensor, logits_hat: Tensor, mask: Tensor, mask_hat: Tensor) -> Tensor:
-    """|top-k(l) ∩ top-k(l_hat)| / min(k, visible keys) per row [..., M]."""
+def _topk_overlap(logits: Tensor, logits_hat: Tensor, visible: Tensor) -> Tensor:
+    """|top-k(l) ∩ top-k(l_hat)| / min(k, visible keys) per row; masked logits carry NEG."""
     k = min(TOPK, logits.shape[-1])
-    ninf = float("-inf")
-    top = logits.masked_fill(~mask, ninf).topk(k, dim=-1).indices
-    top_hat = logits_hat.masked_fill(~mask_hat, ninf).topk(k, dim=-1).indices
-    valid = mask.gather(-1, top)
-    valid_hat = mask_hat.gather(-1, top_hat)
-    match = (top[..., :, None] == top_hat[..., None, :]) & valid[..., :, None] & valid_hat[..., None, :]
-    return match.sum((-1, -2)).double() / mask.sum(-1).clamp(max=k).clamp(min=1).double()
+    top, top_hat = logits.topk(k, dim=-1), logits_hat.topk(k, dim=-1)
+    valid, valid_hat = top.values > NEG / 2, top_hat.values > NEG / 2
+    match = ((top.indices[..., :, None] == top_hat.indices[..., None, :])
+             & valid[..., :, None] & valid_hat[..., None, :])
+    return match.sum((-1, -2)).double() / visible.sum(-1).clamp(1, k).double()
 
 
 def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor,
@@ -65,42 +59,39 @@ def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Ten
     """Additive sufficient statistics per head [H] for one chunk of queries q [S, H, G, M, D].
 
     ``y`` optionally gives the compressed inner products <q, k_hat> [S, H, G, M, T] directly (a
-    method's own scoring); by default they are q k_hat^T.
+    method's own scoring); by default they are q k_hat^T. Rows (one query, T keys) are summed in
+    the compute dtype, everything across rows in float64.
     """
-    dims = (0, 2, 3, 4)
     T, D = k.shape[-2:]
     x = torch.einsum("shgmd,shtd->shgmt", q, k)
-    if y is None:
-        y = torch.einsum("shgmd,shtd->shgmt", q, k_hat)
-    y = y.to(x.dtype)
+    y = torch.einsum("shgmd,shtd->shgmt", q, k_hat.to(k.dtype)) if y is None else y.to(x.dtype)
     visible = torch.arange(T, device=k.device) <= q_positions.to(k.device)[:, None]  # causal [M, T]
-    mask = visible.expand_as(x)
-    mask_hat = mask if keep is None else mask & keep[:, :, None, None, :]
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, NEG)
+    seen = visible if keep is None else visible & keep[:, :, None, None, :]  # [M, T] or [S, H, 1, M, T]
+    bias_hat = bias if keep is None else bias.masked_fill(~seen, NEG)
 
-    def total(t: Tensor, where: Tensor) -> Tensor:
-        return torch.where(where, t, zero).sum(dims, dtype=torch.float64)
+    def heads(rows: Tensor) -> Tensor:  # [S, H, G, M] -> [H], in float64
+        return rows.double().expand(x.shape[:-1]).sum((0, 2, 3))
 
-    e = y - x
-    stats = {"n": mask_hat.sum(dims, dtype=torch.float64), "sx": total(x, mask_hat),
-             "se": total(e, mask_hat), "sxx": total(x * x, mask_hat), "sxe": total(x * e, mask_hat),
-             "see": total(e * e, mask_hat), "sabs": total(x.abs(), mask_hat)}
+    w = seen.to(x.dtype)
+    xw, ew = x * w, (y - x) * w
+    stats = {"n": heads(w.sum(-1)), "sx": heads(xw.sum(-1)), "se": heads(ew.sum(-1)),
+             "sxx": heads((xw * xw).sum(-1)), "sxe": heads((xw * ew).sum(-1)),
+             "see": heads((ew * ew).sum(-1)), "sabs": heads(xw.abs().sum(-1))}
     scale = 1 / math.sqrt(D)  # Vaswani et al. 2017 eq. 1
-    p, logp = _masked_softmax(x * scale, mask)
-    p_hat, logp_hat = _masked_softmax(y * scale, mask_hat)
-    rows = mask_hat.any(-1)
+    logits, logits_hat = x * scale + bias, y * scale + bias_hat
+    logp, logp_hat = logits.log_softmax(-1), logits_hat.log_softmax(-1)
+    p, p_hat = logp.exp(), logp_hat.exp()
+    rows = seen.any(-1).expand(x.shape[:-1])  # queries that still see a key
+    if keep is not None:
+        p_hat = p_hat * rows[..., None]
     # KL(p_hat || p): finite under eviction; with exact logits it is -log(attention mass kept)
-    kl = torch.where(mask_hat, p_hat * (logp_hat - logp), zero).sum(-1)
+    kl = (p_hat * (logp_hat - logp)).sum(-1)
     out = torch.einsum("shgmt,shtd->shgmd", p, v.to(p.dtype))
     out_hat = torch.einsum("shgmt,shtd->shgmd", p_hat, v_hat.to(p.dtype))
-    stats.update({
-        "rows": rows.sum((0, 2, 3), dtype=torch.float64),
-        "all_rows": torch.ones_like(rows).sum((0, 2, 3), dtype=torch.float64),
-        "kl": torch.where(rows, kl, zero).sum((0, 2, 3), dtype=torch.float64),
-        "out_err": (out_hat - out).square().sum(dims, dtype=torch.float64),
-        "out_ref": out.square().sum(dims, dtype=torch.float64),
-        "topk": _topk_overlap(x, y, mask, mask_hat).sum((0, 2, 3)),
-    })
+    stats.update({"rows": heads(rows), "all_rows": heads(torch.ones_like(kl)), "kl": heads(kl * rows),
+                  "out_err": heads((out_hat - out).square().sum(-1)), "out_ref": heads(out.square().sum(-1)),
+                  "topk": heads(_topk_overlap(logits, logits_hat, visible.expand(x.shape)))})
     return stats
 
 

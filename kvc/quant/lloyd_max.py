@@ -30,9 +30,9 @@ def codebook_cache_dir() -> Path:
 
 
 def _check(d: int, bits: int) -> None:
-    if not isinstance(d, int) or d < 2:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 2:
         raise KvcError(f"codebook dimension must be an integer >= 2, got {d!r}")
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise KvcError(f"codebook bit width must be an integer in 1..8, got {bits!r}")
 
 
@@ -206,4 +206,4 @@ def fit_codebook(samples: torch.Tensor, bits: int, weights: torch.Tensor | None 
 def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of a sorted codebook for every entry of ``x`` (int64)."""
     cb = codebook.to(device=x.device, dtype=x.dtype)
-    return torch.bucketize(x, (cb[:-1] + cb[1:]) / 2)
+    return torch.bucketize(x.contiguous(), (cb[:-1] + cb[1:]) / 2)

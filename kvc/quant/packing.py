@@ -75,3 +75,31 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
 def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_signs`: a float32 tensor of +-1."""
     return unpack_codes(packed, 1, shape).to(torch.float32) * 2 - 1
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """Smallest stored integer dtype for indices in [0, n): uint8, int16, int32 or int64."""
+    if n <= 1 << 8:
+        return torch.uint8
+    if n <= 1 << 15:
+        return torch.int16
+    if n <= 1 << 31:
+        return torch.int32
+    return torch.int64
+
+
+def seed_array(*seeds: int) -> torch.Tensor:
+    """Seeds as a stored int64 array (a 0-d scalar for one seed), so they count in the bit total."""
+    t = torch.tensor([int(s) for s in seeds], dtype=torch.int64)
+    return t[0] if len(seeds) == 1 else t
+
+
+def check_code_bits(name: str, packed: list[torch.Tensor], entries: int, bits: float) -> None:
+    """MethodFailure unless the packed code arrays hold ``bits`` per entry (up to byte padding)."""
+    from kvc.errors import MethodFailure
+
+    have = sum(p.numel() * p.element_size() * 8 for p in packed)
+    want = bits * entries
+    if not want - 1e-6 <= have < want + 8 * max(len(packed), 1):
+        raise MethodFailure(f"{name}: codes take {have / max(entries, 1):.4f} bits per entry, "
+                            f"asked for {bits:g}")

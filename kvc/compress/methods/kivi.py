@@ -1,0 +1,86 @@
+"""KIVI: asymmetric 2-bit quantization, keys per channel, values per token, fp16 recent window (spec 5.1).
+
+Offline emulation of the streaming cache at the end of the capture:
+- keys: per channel, in groups of G consecutive tokens; the first floor((T - R) / G) * G tokens are
+  quantized (KIVI quantizes keys in chunks of G once R tokens have accumulated), the rest
+  (between R and R + G - 1 tokens) stays in fp16;
+- values: per token, in groups of G consecutive channels; the first T - R tokens are quantized, the
+  most recent R stay in fp16.
+Stored: codes (packed B bits), fp16 scale and zero point per group, the fp16 window.
+Paper bits per entry: B + 2*16/G (KIVI counts the quantized entries only; 3.0 at B = 2, G = 32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...errors import KvcError, MethodFailure
+from ...quant.packing import check_code_bits, pack_codes, unpack_codes
+from ...quant.uniform import minmax_dequantize, minmax_quantize
+from ..base import LayerKV, TensorCompressor, option
+
+
+def quantized_tokens(kind: str, T: int, group: int, residual: int) -> int:
+    """Number of leading tokens KIVI holds quantized (the rest is the fp16 window)."""
+    free = max(T - residual, 0)
+    return (free // group) * group if kind == "k" else free
+
+
+class KIVI(TensorCompressor):
+    name = "kivi"
+    summary = "asymmetric B-bit groups: keys per channel, values per token, recent tokens in fp16"
+    paper = "Liu et al. 2024, KIVI, arXiv:2402.02750"
+
+    @dataclass
+    class Options(TensorCompressor.Options):
+        bits: int = option(2, "bits per quantized entry (1..8; KIVI-2 and KIVI-4 in the paper)")
+        group_size: int = option(32, "group size G: tokens per key group, channels per value group")
+        residual: int = option(128, "fp16 window R of the most recent tokens")
+
+    def _check(self, T: int, D: int) -> None:
+        o = self.options
+        if isinstance(o.bits, bool) or not isinstance(o.bits, int) or not 1 <= o.bits <= 8:
+            raise KvcError(f"kivi --bits must be an integer in 1..8, got {o.bits!r}")
+        if isinstance(o.group_size, bool) or not isinstance(o.group_size, int) or o.group_size < 1:
+            raise KvcError(f"kivi --group-size must be a positive integer, got {o.group_size!r}")
+        if o.group_size > D or D % o.group_size:
+            raise KvcError(f"kivi --group-size {o.group_size} must divide the head dimension {D} "
+                           "(values are grouped over channels)")
+        if isinstance(o.residual, bool) or not isinstance(o.residual, int) or o.residual < 0:
+            raise KvcError(f"kivi --residual must be a non-negative integer, got {o.residual!r}")
+        if quantized_tokens("k", T, o.group_size, o.residual) == 0:
+            raise MethodFailure(f"kivi: {T} tokens leave no full group of {o.group_size} keys outside the "
+                                f"fp16 window of {o.residual}; nothing would be quantized (lower --residual)")
+
+    def validate(self, layer: LayerKV) -> None:
+        self._check(layer.shape[2], layer.shape[3])
+
+    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+                      ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
+        T, D = x.shape[-2:]
+        self._check(T, D)
+        B, G = self.options.bits, self.options.group_size
+        n = quantized_tokens(kind, T, G, self.options.residual)
+        xq = x[..., :n, :]
+        # KIVI sec. 3.2/3.3: keys per channel (groups along tokens), values per token (groups along channels)
+        codes, scale, zero = minmax_quantize(xq.transpose(-1, -2) if kind == "k" else xq, B, G)
+        arrays = {"codes": pack_codes(codes, B), "scale": scale, "zero": zero,
+                  "window": x[..., n:, :].to(torch.float16)}
+        check_code_bits(f"kivi {B}-bit", [arrays["codes"]], xq.numel(), B)
+        # KIVI (TurboQuant table 1 counting): B + 2*16/G bits per quantized entry
+        return arrays, {"tokens": n, "bits": B, "group": G}, B + 32 / G
+
+    def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,
+                      shape: tuple[int, ...]) -> Tensor:
+        S, H, T, D = shape
+        n = meta["tokens"]
+        qshape = (S, H, D, n) if kind == "k" else (S, H, n, D)
+        codes = unpack_codes(arrays["codes"], meta["bits"], qshape)
+        xq = minmax_dequantize(codes, arrays["scale"], arrays["zero"])
+        if kind == "k":
+            xq = xq.transpose(-1, -2)
+        return torch.cat([xq, arrays["window"].float()], dim=-2)

@@ -1,0 +1,78 @@
+"""Bit packing: exact byte counts, the documented bit layout, round trips, loud failures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvc.errors import KvcError, MethodFailure
+from kvc.quant.packing import (check_code_bits, index_dtype, pack_codes, pack_signs, packed_nbytes,
+                               seed_array, unpack_codes, unpack_signs)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1000])
+def test_round_trip_and_exact_size(bits, n):
+    g = torch.Generator().manual_seed(bits * 100 + n)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == math.ceil(n * bits / 8) == packed_nbytes(n, bits)
+    assert torch.equal(unpack_codes(packed, bits, (n,)), codes)
+
+
+def test_shape_preserved_and_padding_is_zero():
+    codes = torch.full((3, 5, 7), 7)
+    packed = pack_codes(codes, 3)  # 105 codes * 3 bits = 315 bits -> 40 bytes, 5 padding bits
+    assert packed.numel() == 40
+    assert int(packed[-1]) >> 3 == 0  # padding bits after stream bit 315 are zero
+    assert torch.equal(unpack_codes(packed, 3, codes.shape), codes)
+
+
+def test_little_endian_bit_stream_layout():
+    # bit j of code i is stream bit i*b + j; stream bit k is bit k % 8 of byte k // 8
+    assert pack_codes(torch.tensor([1, 2, 3]), 2).tolist() == [0b111001]
+    assert pack_codes(torch.tensor([5, 3, 7]), 3).tolist() == [0b11011101, 0b1]
+    assert pack_codes(torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 1]), 1).tolist() == [1, 1]
+    assert pack_codes(torch.tensor([0xAB, 0x01]), 8).tolist() == [0xAB, 0x01]
+
+
+def test_signs():
+    x = torch.tensor([[-1.0, 0.0, 2.0], [3.0, -0.5, -2.0]])
+    packed = pack_signs(x)
+    assert packed.numel() == 1
+    assert torch.equal(unpack_signs(packed, x.shape), torch.tensor([[-1.0, 1, 1], [1, -1, -1]]))
+    assert torch.equal(pack_signs(x >= 0), packed)
+
+
+def test_bad_input_fails_loudly():
+    with pytest.raises(KvcError):
+        pack_codes(torch.tensor([4]), 2)
+    with pytest.raises(KvcError):
+        pack_codes(torch.tensor([-1]), 2)
+    for bits in (0, 9, 2.0, True):
+        with pytest.raises(KvcError):
+            pack_codes(torch.tensor([0]), bits)
+    with pytest.raises(KvcError):
+        pack_codes(torch.tensor([0.5]), 2)
+    with pytest.raises(KvcError):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 2, (16,))  # 16 codes * 2 bits = 4 bytes
+
+
+def test_index_dtype_and_seed_array():
+    assert index_dtype(256) == torch.uint8 and index_dtype(257) == torch.int16
+    assert index_dtype(32768) == torch.int16 and index_dtype(32769) == torch.int32
+    s = seed_array(2**62 - 1)
+    assert s.dtype == torch.int64 and s.dim() == 0 and int(s) == 2**62 - 1
+    assert seed_array(1, 2).tolist() == [1, 2]
+
+
+def test_check_code_bits():
+    codes = pack_codes(torch.zeros(100, dtype=torch.long), 3)
+    check_code_bits("x", [codes], 100, 3)
+    with pytest.raises(MethodFailure):
+        check_code_bits("x", [codes], 100, 2)
+    with pytest.raises(MethodFailure):
+        check_code_bits("x", [codes], 100, 4)

@@ -1,0 +1,110 @@
+"""Uniform group quantization (KIVI min/max, symmetric int) against spec 8.10, and FP8 storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvc.errors import KvcError, MethodFailure
+from kvc.quant.fp8 import fp8_decode, fp8_encode
+from kvc.quant.uniform import (fp16_ceil, fp16_floor, minmax_dequantize, minmax_quantize,
+                               symmetric_dequantize, symmetric_quantize)
+
+
+def _x(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale + torch.randn(*shape[:-1], 1, generator=g) * 3
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (4, 32), (3, 16), (1, 8), (8, 64)])
+def test_kivi_error_bound_and_extremes_oracle_8_10(bits, group):
+    x = _x(4, 6, 64, seed=bits, scale=5.0)
+    codes, scale, zero = minmax_quantize(x, bits, group)
+    assert codes.dtype == torch.uint8 and scale.dtype == zero.dtype == torch.float16
+    assert scale.shape == zero.shape == (4, 6, 64 // group)
+    xh = minmax_dequantize(codes, scale, zero)
+    xg, xhg, cg = (t.reshape(4, 6, 64 // group, group) for t in (x, xh, codes))
+    s = scale.float()[..., None]
+    # per group |X - X_hat| <= s/2 with the stored fp16 s, which is the real s rounded up by < 2^-10
+    assert bool(((xg - xhg).abs() <= s / 2 * (1 + 1e-6) + 1e-6).all())
+    s_true = (xg.amax(-1) - xg.amin(-1)) / (2**bits - 1)
+    assert bool((scale.float() >= s_true * (1 - 1e-6)).all()) and bool((scale.float() <= s_true * 1.002 + 1e-6).all())
+    # group min -> code 0 and max -> code 2^B - 1, reproduced up to the fp16 rounding of z and s
+    imin, imax = xg.argmin(-1, keepdim=True), xg.argmax(-1, keepdim=True)
+    assert bool((cg.gather(-1, imin) == 0).all()) and bool((cg.gather(-1, imax) == 2**bits - 1).all())
+    tol = 2e-3 * xg.abs().amax(-1, keepdim=True)
+    assert bool(((xg.gather(-1, imin) - xhg.gather(-1, imin)).abs() <= tol).all())
+    assert bool(((xg.gather(-1, imax) - xhg.gather(-1, imax)).abs() <= tol).all())
+
+
+def test_extremes_exact_when_representable():
+    """Groups whose min and range are fp16-exact multiples reproduce min and max exactly."""
+    x = torch.tensor([[-1.5, 0.0, 3.0, 1.5, 0.75, -0.75, 2.25, -1.5]])
+    codes, scale, zero = minmax_quantize(x, 2, 8)
+    xh = minmax_dequantize(codes, scale, zero)
+    assert xh[0, 0] == -1.5 and xh[0, 2] == 3.0 and torch.equal(xh[0, :4], x[0, :4])
+
+
+def test_constant_groups_and_degenerate_input():
+    x = torch.full((2, 32), 0.3)
+    codes, scale, zero = minmax_quantize(x, 2, 16)
+    assert bool((scale == 0).all()) and bool((codes == 0).all())
+    assert torch.allclose(minmax_dequantize(codes, scale, zero), x, atol=1e-4)
+    with pytest.raises(MethodFailure):
+        minmax_quantize(torch.tensor([[1e6, 0.0]]), 2)
+    with pytest.raises(MethodFailure):
+        minmax_quantize(torch.tensor([[float("nan"), 0.0]]), 2)
+
+
+def test_group_errors():
+    x = torch.randn(3, 64)
+    with pytest.raises(KvcError, match="larger"):
+        minmax_quantize(x, 2, 128)
+    with pytest.raises(KvcError, match="divide"):
+        minmax_quantize(x, 2, 48)
+    for bits in (0, 9, 2.5):
+        with pytest.raises(KvcError):
+            minmax_quantize(x, bits, 32)
+    with pytest.raises(KvcError):
+        symmetric_quantize(x, 1, 32)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_symmetric(bits):
+    x = _x(5, 64, seed=bits)
+    codes, scale = symmetric_quantize(x, bits, 32)
+    xh = symmetric_dequantize(codes, scale, bits)
+    s = scale.float().repeat_interleave(32, -1)
+    assert bool(((x - xh).abs() <= s / 2 * (1 + 1e-6) + 1e-7).all())
+    assert int(codes.max()) <= 2**bits - 2  # 2^B - 1 levels, symmetric around zero
+    z = torch.zeros(1, 32)
+    assert torch.equal(symmetric_dequantize(*symmetric_quantize(z, bits), bits), z)
+    xg = x.reshape(5, 2, 32)
+    amax_at = xg.abs().argmax(-1, keepdim=True)
+    assert bool(((xg.gather(-1, amax_at) - xh.reshape(5, 2, 32).gather(-1, amax_at)).abs()
+                 <= 2e-3 * xg.abs().amax(-1, keepdim=True)).all())
+
+
+def test_fp16_directed_rounding():
+    v = torch.randn(10000, dtype=torch.float64) * 10
+    lo, hi = fp16_floor(v), fp16_ceil(v)
+    assert lo.dtype == hi.dtype == torch.float16
+    assert bool((lo.double() <= v).all()) and bool((hi.double() >= v).all())
+    assert bool(((hi.double() - lo.double()) <= v.abs() * 2**-9 + 1e-7).all())
+    exact = torch.tensor([0.5, -2.0, 0.0])
+    assert torch.equal(fp16_floor(exact).float(), exact) and torch.equal(fp16_ceil(exact).float(), exact)
+
+
+@pytest.mark.parametrize("fmt,mant", [("e4m3", 3), ("e5m2", 2)])
+def test_fp8_round_trip(fmt, mant):
+    x = _x(2, 3, 20, 16, seed=1) * torch.tensor([1.0, 100.0, 0.01])[None, :, None, None]
+    codes, scale = fp8_encode(x, fmt, (-2, -1))
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape and scale.shape == (2, 3)
+    xh = fp8_decode(codes, scale, fmt, (-2, -1))
+    # relative error <= 2^-(mant+1) for entries in the normal range (per-head scale keeps all heads alike)
+    big = x.abs() > x.abs().amax(dim=(-2, -1), keepdim=True) * 2**-5
+    assert bool(((x - xh).abs() <= x.abs() * 2 ** -(mant + 1) * 1.001)[big].all())
+    amax = x.abs().amax(dim=(-2, -1))
+    assert bool((xh.abs().amax(dim=(-2, -1)) <= amax * (1 + 2 ** -(mant + 1))).all())
+    with pytest.raises(KvcError):
+        fp8_encode(x, "e3m4", (-1,))
