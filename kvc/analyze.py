@@ -14,6 +14,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -158,77 +159,78 @@ def _nums(xs: list[float]) -> list[float | None]:
     return [_num(x) for x in xs]
 
 
-def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list) -> list[dict]:
-    """One JSON-ready dict per (tensor, group, head) of stats with batch shape [len(tensors), G, H]."""
-    shape = stats.outliers.shape[:-1]
-    flat = lambda t: t.reshape(*(-1,), *t.shape[len(shape):]).cpu().tolist()  # noqa: E731
-    ch = stats.channels
-    cols = {
-        "sv": flat(stats.singular_values[..., :TOP_SINGULAR]),
-        "outliers": flat(stats.outliers),
-        "rms": flat(ch.rms), "max_abs": flat(ch.max_abs), "ratio": flat(ch.rms_ratio),
-        "kurt": flat(ch.kurtosis), "cv": flat(ch.magnitude_cv),
-    }
-    sp = stats.spectral
-    if sp is not None:
-        sh = sp.shrink
-        cols.update({
-            "rank": flat(sh.rank), "edge": flat(sh.edge.clamp_min(0).sqrt()), "sigma": flat(sp.sigma),
-            "mask": flat(sh.mask), "d_hat": flat(sh.d_hat), "a1": flat(sh.a1), "a2": flat(sh.a2),
-            "phi": flat(sh.phi), "starved": flat(sh.starved), "energy": flat(sp.energy),
-            "saving": flat(sp.saving), "cv_norm": flat(sp.shell.norm_cv), "shell": flat(sp.shell.energy_ratio),
-            "deloc": flat(sp.deloc.ratio_rotated), "deloc_worst": flat(sp.deloc.worst_rotated),
-            "deloc_raw": flat(sp.deloc.ratio_raw), "iso": flat(sp.isotropy.top_over_mean),
-        })
-    G, H = shape[1], shape[2]
-    records = []
-    for i in range(math.prod(shape)):
-        t, g, h = i // (G * H), (i // H) % G, i % H
-        seq, block = labels[g]
-        rec = {"layer": layer, "head": h, "tensor": tensors[t], "seq": seq, "block": block,
-               "n": stats.n, "d": stats.d, "skipped": stats.skip_reason}
-        outl = [c for c, flag in enumerate(cols["outliers"][i]) if flag]
-        base = {"singular_values": _nums(cols["sv"][i]), "outlier_channels": outl,
-                "outlier_rms_ratio": _nums([cols["ratio"][i][c] for c in outl]),
-                "max_rms_ratio": _num(max(cols["ratio"][i]))}
-        if sp is None:
-            rec.update({key: None for key in SPECTRAL_KEYS})
-            rec.update(base)
-        else:
-            sigma = cols["sigma"][i]
-            rank = cols["rank"][i]
-            keep = [j for j, m in enumerate(cols["mask"][i]) if m]
-            rec["skipped"] = ("too few singular values beyond the rank for the noise imputation"
-                              if cols["starved"][i] else None)
-            rec.update({
-                "rank": rank,
-                "bulk_edge": _num(cols["edge"][i]),
-                "sigma": _num(sigma),
-                "bbp_threshold": _num(rmt.bbp_threshold(stats.n, stats.d, sigma)),
-                "mp_edge": _num(rmt.mp_bulk_edge(stats.n, stats.d, sigma)),
-                **base,
-                "d_hat": _nums([cols["d_hat"][i][j] for j in keep]),
-                "a1": _nums([cols["a1"][i][j] for j in keep]),
-                "a2": _nums([cols["a2"][i][j] for j in keep]),
-                "shrunk": _nums([cols["phi"][i][j] for j in keep]),
-                "energy_lowrank": _num(cols["energy"][i]),
-                "predicted_bit_saving": _num(cols["saving"][i]),
-                "thin_shell_cv": _num(cols["cv_norm"][i]),
-                "thin_shell_ratio": _num(cols["shell"][i]),
-                "deloc_max": _num(cols["deloc"][i] * sp.deloc.reference),
-                "deloc_worst": _num(cols["deloc_worst"][i] * sp.deloc.reference),
-                "deloc_max_unrotated": _num(cols["deloc_raw"][i] * sp.deloc.reference),
-                "isotropy": _num(cols["iso"][i]),
-            })
-        rec.update({"channel_rms": _nums(cols["rms"][i]), "channel_max_abs": _nums(cols["max_abs"][i]),
-                    "channel_kurtosis": _nums(cols["kurt"][i]), "channel_cv": _nums(cols["cv"][i])})
-        records.append(rec)
-    return records
-
-
 SPECTRAL_KEYS = ("rank", "bulk_edge", "sigma", "bbp_threshold", "mp_edge", "d_hat", "a1", "a2", "shrunk",
                  "energy_lowrank", "predicted_bit_saving", "thin_shell_cv", "thin_shell_ratio", "deloc_max",
                  "deloc_worst", "deloc_max_unrotated", "isotropy")
+STARVED = "too few singular values beyond the rank for the noise imputation"
+
+
+def _rows(t: Tensor, batch_ndim: int) -> list:
+    """t [*batch, ...] -> Python list over the flattened batch."""
+    return t.reshape(-1, *t.shape[batch_ndim:]).cpu().tolist()
+
+
+def _spectral_columns(sp: Spectral, n: int, d: int, batch_ndim: int) -> dict[str, list]:
+    """Rule-dependent record fields, one list entry per matrix (component lists cut to the rank)."""
+    sh = sp.shrink
+    rows = partial(_rows, batch_ndim=batch_ndim)
+    mask = rows(sh.mask)
+
+    def comps(t: Tensor) -> list[list]:
+        return [[_num(x) for x, m in zip(xs, ms) if m] for xs, ms in zip(rows(t), mask)]
+
+    ref = sp.deloc.reference
+    edge = sh.edge.clamp_min(0).sqrt()
+    # white noise whose MP edge sigma (sqrt n + sqrt d) sits at the extrapolated edge has BBP threshold
+    # sigma (n d)^{1/4} (spec 8.1); the empirical D-transform at the edge itself is too unstable to use
+    bbp = rmt.bbp_threshold(n, d, edge / rmt.mp_bulk_edge(n, d))
+    return {
+        "rank": rows(sh.rank),
+        "bulk_edge": _nums(rows(edge)),
+        "sigma": _nums(rows(sp.sigma)),
+        "bbp_threshold": _nums(rows(bbp)),
+        "mp_edge": _nums(rows(rmt.mp_bulk_edge(n, d) * sp.sigma)),
+        "d_hat": comps(sh.d_hat), "a1": comps(sh.a1), "a2": comps(sh.a2), "shrunk": comps(sh.phi),
+        "energy_lowrank": _nums(rows(sp.energy)),
+        "predicted_bit_saving": _nums(rows(sp.saving)),
+        "thin_shell_cv": _nums(rows(sp.shell.norm_cv)),
+        "thin_shell_ratio": _nums(rows(sp.shell.energy_ratio)),
+        "deloc_max": _nums(rows(sp.deloc.ratio_rotated * ref)),
+        "deloc_worst": _nums(rows(sp.deloc.worst_rotated * ref)),
+        "deloc_max_unrotated": _nums(rows(sp.deloc.ratio_raw * ref)),
+        "isotropy": _nums(rows(sp.isotropy.top_over_mean)),
+    }
+
+
+def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list) -> list[dict]:
+    """One JSON-ready dict per (tensor, group, head) of stats with batch shape [len(tensors), G, H]."""
+    shape = stats.outliers.shape[:-1]
+    rows = partial(_rows, batch_ndim=len(shape))
+    ch = stats.channels
+    outliers = [[c for c, f in enumerate(flags) if f] for flags in rows(stats.outliers)]
+    ratio = rows(ch.rms_ratio)
+    sv, rms, max_abs, kurt, cv = (rows(t) for t in (stats.singular_values[..., :TOP_SINGULAR], ch.rms,
+                                                     ch.max_abs, ch.kurtosis, ch.magnitude_cv))
+    spectral = None if stats.spectral is None else _spectral_columns(stats.spectral, stats.n, stats.d, len(shape))
+    starved = [False] * len(sv) if stats.spectral is None else rows(stats.spectral.shrink.starved)
+    G, H = shape[1], shape[2]
+    records = []
+    for i in range(len(sv)):
+        seq, block = labels[(i // H) % G]
+        fit = spectral is not None and not starved[i]
+        rec = {"layer": layer, "head": i % H, "tensor": tensors[i // (G * H)], "seq": seq, "block": block,
+               "n": stats.n, "d": stats.d, "skipped": stats.skip_reason or (STARVED if starved[i] else None)}
+        rec.update({key: spectral[key][i] if fit else None for key in SPECTRAL_KEYS})
+        rec.update({
+            "singular_values": _nums(sv[i]),
+            "outlier_channels": outliers[i],
+            "outlier_rms_ratio": _nums([ratio[i][c] for c in outliers[i]]),
+            "max_rms_ratio": _num(max(ratio[i])),
+            "channel_rms": _nums(rms[i]), "channel_max_abs": _nums(max_abs[i]),
+            "channel_kurtosis": _nums(kurt[i]), "channel_cv": _nums(cv[i]),
+        })
+        records.append(rec)
+    return records
 
 
 def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list, rotary_dims: int) -> list[dict]:
@@ -238,8 +240,12 @@ def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list,
     partner = rope_partner(torch.arange(stats.d, device=a.device), stats.d, rotary_dims)
     from_partner = b & ~a & a[..., partner]  # new after RoPE, and its rotation partner was an outlier
     cv = stats.channels.magnitude_cv
+    # mean magnitude CV over the pre-RoPE outlier channels, before and after the rotation
+    count = a.sum(-1)
+    outlier_cv = [torch.where(count > 0, (cv[t] * a).sum(-1) / count, torch.nan) for t in (pre, post)]
     cols = {"pre": a.cpu().tolist(), "post": b.cpu().tolist(), "partner": from_partner.cpu().tolist(),
-            "cv_pre": cv[pre].median(-1).values.cpu().tolist(), "cv_post": cv[post].median(-1).values.cpu().tolist()}
+            "cv_pre": cv[pre].median(-1).values.cpu().tolist(), "cv_post": cv[post].median(-1).values.cpu().tolist(),
+            "ocv_pre": outlier_cv[0].cpu().tolist(), "ocv_post": outlier_cv[1].cpu().tolist()}
     sp = stats.spectral
     if sp is not None:
         cols.update({"rank": sp.shrink.rank.cpu().tolist(), "energy": sp.energy.cpu().tolist()})
@@ -254,6 +260,7 @@ def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list,
                 "only_pre": sorted(set_pre - set_post), "only_post": sorted(set_post - set_pre),
                 "only_post_from_partner": [c for c, f in enumerate(cols["partner"][g][h]) if f],
                 "median_cv_pre": _num(cols["cv_pre"][g][h]), "median_cv_post": _num(cols["cv_post"][g][h]),
+                "outlier_cv_pre": _num(cols["ocv_pre"][g][h]), "outlier_cv_post": _num(cols["ocv_post"][g][h]),
                 "rank_pre": cols["rank"][pre][g][h] if sp else None,
                 "rank_post": cols["rank"][post][g][h] if sp else None,
                 "energy_pre": _num(cols["energy"][pre][g][h]) if sp else None,
@@ -367,6 +374,8 @@ def _rope_summary(rope: list[dict]) -> dict:
         "only_post_from_partner": sum(len(r["only_post_from_partner"]) for r in rope),
         "median_cv_pre": _median([r["median_cv_pre"] for r in rope]),
         "median_cv_post": _median([r["median_cv_post"] for r in rope]),
+        "median_outlier_cv_pre": _median([r["outlier_cv_pre"] for r in rope]),
+        "median_outlier_cv_post": _median([r["outlier_cv_post"] for r in rope]),
         "median_rank_pre": _median([r["rank_pre"] for r in rope]),
         "median_rank_post": _median([r["rank_post"] for r in rope]),
         "median_energy_pre": _median([r["energy_pre"] for r in rope]),
@@ -418,7 +427,8 @@ def reading(summary: dict, options: Options) -> str:
     parts = []
     tensors = summary["tensors"]
     for name, t in tensors.items():
-        label = LABELS.get(name, name).capitalize()
+        label = LABELS.get(name, name)
+        label = label[0].upper() + label[1:]
         if t["median_rank"] is None:
             parts.append(f"{label}: every record skipped.")
             continue
@@ -436,8 +446,8 @@ def reading(summary: dict, options: Options) -> str:
     if rope:
         parts.append(
             f"RoPE changes the outlier set by {rope['only_pre']} channels lost and {rope['only_post']} gained "
-            f"({rope['only_post_from_partner']} of them the rotation partner of a pre-RoPE outlier); the median "
-            f"per-channel magnitude CV goes from {rope['median_cv_pre']:.2f} to {rope['median_cv_post']:.2f}.")
+            f"({rope['only_post_from_partner']} of them the rotation partner of a pre-RoPE outlier)"
+            + _cv_change(rope) + ".")
     ok = [t for t in tensors.values() if t["median_thin_shell_cv"] is not None]
     if ok:
         ref = summary["references"]
@@ -451,6 +461,15 @@ def reading(summary: dict, options: Options) -> str:
     if skipped:
         parts.append(f"{skipped} records were skipped (too few tokens for the rank rule; see 'skipped').")
     return " ".join(parts)
+
+
+def _cv_change(rope: dict) -> str:
+    text = (f"; the median per-channel magnitude CV goes from {rope['median_cv_pre']:.2f} to "
+            f"{rope['median_cv_post']:.2f}")
+    if rope["median_outlier_cv_pre"] is not None:
+        text += (f" ({rope['median_outlier_cv_pre']:.2f} to {rope['median_outlier_cv_post']:.2f} on the "
+                 "pre-RoPE outlier channels)")
+    return text
 
 
 def _common_channel(tensors: dict) -> str:

@@ -46,9 +46,13 @@ def test_extremes_exact_when_representable():
 
 
 def test_constant_groups_and_degenerate_input():
-    x = torch.full((2, 32), 0.3)
+    x = torch.full((2, 32), 0.5)  # fp16-exact constant: zero range, zero scale, exact
     codes, scale, zero = minmax_quantize(x, 2, 16)
     assert bool((scale == 0).all()) and bool((codes == 0).all())
+    assert torch.equal(minmax_dequantize(codes, scale, zero), x)
+    x = torch.full((2, 32), 0.3)  # not fp16-exact: z rounds down, s covers the gap
+    codes, scale, zero = minmax_quantize(x, 2, 16)
+    assert bool((scale.float() < 1e-4).all())
     assert torch.allclose(minmax_dequantize(codes, scale, zero), x, atol=1e-4)
     with pytest.raises(MethodFailure):
         minmax_quantize(torch.tensor([[1e6, 0.0]]), 2)

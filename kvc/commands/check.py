@@ -77,11 +77,15 @@ def _read_json(path: Path, role: str = "") -> object:
 
 
 def _table(checks: list[lib.Check]) -> Table:
-    table = Table(title="kvc check")
-    for column, justify in (("result", "left"), ("check", "left"), ("value", "right"),
-                            ("expected", "left"), ("status", "center"), ("detail", "left")):
+    """One row per check; the result column only when several results are checked."""
+    labels = list(dict.fromkeys(c.result for c in checks))
+    table = Table(title="kvc check" + (f": {labels[0]}" if len(labels) == 1 else ""))
+    columns = (("result", "left"),) * (len(labels) > 1) + (
+        ("check", "left"), ("value", "right"), ("expected", "left"), ("status", "center"), ("detail", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for c in checks:
-        table.add_row(escape(c.result), escape(c.name), lib.format_value(c), escape(c.expected),
-                      "[green]pass[/]" if c.passed else "[bold red]FAIL[/]", escape(c.detail))
+        cells = [escape(c.name), lib.format_value(c), escape(c.expected),
+                 "[green]pass[/]" if c.passed else "[bold red]FAIL[/]", escape(c.detail)]
+        table.add_row(*([escape(c.result)] if len(labels) > 1 else []), *cells)
     return table

@@ -80,9 +80,258 @@ def bit_saving(points: list[tuple[float, float, float]], reference: list[tuple[f
     logs = np.log([p[1] for p in front])
     rows = []
     for b, e, asked in points:
-        equal = None
-        if e > 0 and front and logs[0] <= math.log(e) <= logs[-1]:
+        equal, outside = None, None
+        if not front or e <= 0:
+            outside = "no reference"
+        elif math.log(e) < logs[0]:
+            outside = "lower"  # better than the reference's best point
+        elif math.log(e) > logs[-1]:
+            outside = "higher"
+        else:
             equal = float(np.interp(math.log(e), logs, [p[0] for p in front]))
         rows.append({"bits": asked, "bits_per_entry": b, "error": e, "reference_bits_per_entry": equal,
-                     "saving": None if equal is None else equal - b})
+                     "saving": None if equal is None else equal - b, "outside": outside})
     return rows
+
+
+# ----------------------------------------------------------------------------- planning and running
+
+
+def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool,
+         opts: list[str]) -> tuple[list[dict], list[dict]]:
+    """(jobs, skipped): one job per supported (method, bits, keys); every skip says why."""
+    from ..compress.base import build, get
+
+    jobs, skipped = [], []
+    for name in methods:
+        cls = get(name)
+        fields = option_fields(cls)
+        if "bits" not in fields:
+            skipped.append({"method": name, "bits": None, "keys": None, "reason": f"{name} has no --bits option"})
+            continue
+        extra = {}
+        for item in opts:
+            key, eq, text = item.partition("=")
+            target, _, key = key.rpartition(".")
+            key = key.strip().replace("-", "_")
+            if not eq:
+                raise KvcError(f"--opt {item!r}: expected [method.]key=value")
+            if target in ("", name) and key in fields:
+                extra[key] = convert(text.strip(), fields[key][0], f"--opt {item}")
+        placements = [None]
+        if "keys" in fields:
+            choices = fields["keys"][1].metadata.get("choices") or ("pre", "post")
+            placements = [k for k in keys if k in choices and (k == "post" or has_pre)]
+            for k in keys:
+                if k not in placements:
+                    reason = "the capture has no keys before RoPE" if k == "pre" and not has_pre else f"{name} has no --keys {k}"
+                    skipped.append({"method": name, "bits": None, "keys": k, "reason": reason})
+        for text in bits:
+            try:
+                value = convert(text, fields["bits"][0], "--bits")
+            except KvcError as error:
+                skipped.append({"method": name, "bits": text, "keys": None, "reason": str(error)})
+                continue
+            for k in placements:
+                params = {**extra, "bits": value, **({"keys": k} if k else {})}
+                try:
+                    compressor = build(name, **params)
+                except KvcError as error:
+                    skipped.append({"method": name, "bits": text, "keys": k, "reason": str(error)})
+                    continue
+                jobs.append({"method": name, "bits": float(text), "keys": k, "compressor": compressor,
+                             "view": "k_pre" if k == "pre" else "k",
+                             "values": k in (None, "post") or "post" not in placements})
+    return jobs, skipped
+
+
+def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, dtype, seed: int,
+             query_stride: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(runs, skipped, failures); impossible parameters skip, loud method failures are collected."""
+    from ..compress import engine
+
+    runs, skipped, failures = [], [], []
+    first = engine.load_layer(capture, layers[0], device, dtype)
+    with progress_bar() as bar:
+        task = bar.add_task("sweep", total=len(jobs))
+        for job in jobs:
+            compressor = job.pop("compressor")
+            compressor.options.seed = seed
+            label = {k: job[k] for k in ("method", "bits", "keys")}
+            bar.update(task, description=f"{job['method']} {job['bits']:g} {job['keys'] or ''}")
+            try:
+                compressor.validate(first)
+                torch.manual_seed(seed)
+                result = engine.run(compressor, capture, layers, device, dtype, query_stride=query_stride)
+            except MethodFailure as error:
+                failures.append({**label, "reason": str(error)})
+            except KvcError as error:
+                skipped.append({**label, "reason": str(error)})
+            else:
+                runs.append({**job, "result": result.to_json()})
+            bar.advance(task)
+    return runs, skipped, failures
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def plot(runs: list[dict], metric: str, methods: list[str], path: Path, force: bool) -> None:
+    """Pareto fronts of one metric against bits per entry, one panel per view (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fileio import atomic_path
+
+    views = VIEWS if metric == "mse_rel" else VIEWS[:2]
+    fig, axes = plt.subplots(1, len(views), figsize=(4.6 * len(views), 3.8), squeeze=False)
+    for ax, view in zip(axes[0], views):
+        points = view_points(runs, view, metric)
+        for method, p in points.items():
+            color = f"C{methods.index(method) % 10}"
+            ax.scatter([x for x, _, _ in p], [y for _, y, _ in p], color=color, s=12, alpha=0.35)
+            front = pareto_front(p)
+            ax.plot([x for x, _, _ in front], [y for _, y, _ in front], "-o", color=color, ms=4, label=method)
+        values = [y for p in points.values() for _, y, _ in p]
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+        attention = metric in ATTENTION_METRICS
+        ax.set_title({"k_pre": "keys compressed before RoPE", "k": "keys compressed after RoPE",
+                      "v": "values"}[view], fontsize=10)
+        ax.set_xlabel("bits per entry" + (" (K and V)" if attention else ""))
+        ax.set_ylabel(METRICS[metric][0], fontsize=9)
+        ax.grid(alpha=0.3)
+        if points:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def grid_table(runs: list[dict], view: str, metric: str, bits: list[float]) -> Table:
+    """Methods x bits asked: the metric (raw value) @ bits per entry."""
+    tensor = "v" if view == "v" else ("k" if metric in KEY_METRICS else "kv")
+    table = Table(title=f"{view}: {metric} @ bits per entry", box=box.SIMPLE_HEAD)
+    table.add_column("method")
+    for b in bits:
+        table.add_column(f"--bits {b:g}", justify="right")
+    cells: dict[str, dict[float, str]] = {}
+    for run in runs:
+        if run["view"] == view or (view == "v" and run["values"]):
+            s = run["result"]["summary"][tensor]
+            cells.setdefault(run["method"], {})[run["bits"]] = f"{fmt(s.get(metric))} @ {s['bits_per_entry']:.2f}"
+    for method, row in cells.items():
+        table.add_row(method, *(row.get(b, "-") for b in bits))
+    return table
+
+
+def savings(runs: list[dict], pairs: list[tuple[str, str]]) -> dict[str, dict[str, list[dict]]]:
+    """For each (method, reference) pair and view: bits saved at equal mse_rel."""
+    out_: dict[str, dict[str, list[dict]]] = {}
+    for a, b in pairs:
+        per_view = {}
+        for view in VIEWS:
+            points = view_points(runs, view, "mse_rel")
+            if a in points and b in points:
+                per_view[view] = bit_saving(points[a], points[b])
+        out_[f"{a}_vs_{b}"] = per_view
+    return out_
+
+
+def saving_lines(saved: dict[str, dict[str, list[dict]]]) -> list[str]:
+    lines = []
+    for pair, per_view in saved.items():
+        a, b = pair.split("_vs_")
+        if not per_view:
+            lines.append(f"{a} vs {b}: no view has runs of both")
+        for view, rows in per_view.items():
+            inside = [r for r in rows if r["saving"] is not None]
+            for r in rows:
+                head = f"{view}: {a} --bits {r['bits']:g} ({r['bits_per_entry']:.3f} bits/entry, mse {fmt(r['error'])})"
+                if r["saving"] is None:
+                    lines.append(f"{head}: {r['outside']} than every mse of {b}, no equal-mse point")
+                else:
+                    lines.append(f"{head}: {b} needs {r['reference_bits_per_entry']:.3f} at equal mse, "
+                                 f"saving {r['saving']:+.3f} bits per entry")
+            if inside:
+                mean = sum(r["saving"] for r in inside) / len(inside)
+                lines.append(f"{view}: mean bit saving of {a} over {b} at equal mse: {mean:+.3f} bits per entry "
+                             f"({len(inside)} of {len(rows)} points inside {b}'s range)")
+    return lines
+
+
+# ----------------------------------------------------------------------------- command
+
+NAME = "sweep"
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def command(
+    capture: Path = typer.Argument(..., help="Capture file (kvc capture, kvc synth)."),
+    methods: str = typer.Option("eoptshrinkq,svdq,turboquant,kivi,kvquant", "--methods", help="Comma list of methods with a --bits option."),
+    bits: str = typer.Option("1,1.5,2,2.5,3,4", "--bits", help="Comma list of --bits values."),
+    keys: str = typer.Option("pre,post", "--keys", help="Key placements to run: pre, post or both."),
+    compare: str = typer.Option("eoptshrinkq:turboquant", "--compare", help="METHOD:REFERENCE pairs for the equal-mse bit saving."),
+    opt: List[str] = typer.Option([], "--opt", help="[method.]key=value passed to the methods that have the option."),
+    out_dir: Path = typer.Option(Path("sweep"), "--out-dir", "-o", help="Folder for sweep.json and the PNG plots."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
+    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32|float64."),
+    seed: int = typer.Option(0, "--seed"),
+    query_stride: int = typer.Option(1, "--query-stride", help="Measure with every N-th captured query."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Run methods x bit widths x key placement; print and plot Pareto fronts and bit savings."""
+    from ..compress.base import get
+
+    method_list = _split(methods)
+    for name in method_list:
+        get(name)
+    try:
+        bit_values = sorted({float(b) for b in _split(bits)})
+    except ValueError:
+        raise KvcError(f"--bits {bits!r}: expected comma-separated numbers") from None
+    key_list = _split(keys)
+    if not key_list or set(key_list) - {"pre", "post"}:
+        raise KvcError(f"--keys {keys!r}: expected pre, post or pre,post")
+    pairs = [tuple(p.split(":")) for p in _split(compare)]
+    if any(len(p) != 2 for p in pairs):
+        raise KvcError(f"--compare {compare!r}: expected METHOD:REFERENCE pairs")
+    if query_stride < 1:
+        raise KvcError("--query-stride must be >= 1")
+    outputs = [out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in METRICS]
+    for path in outputs:
+        check_writable(path, force)
+    source = CaptureFile(capture)
+    selected = select_layers(layers, source)
+    jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt)
+    runs, skipped_run, failures = run_jobs(jobs, source, selected, resolve_device(device), compute_dtype(dtype),
+                                           seed, query_stride)
+    skipped += skipped_run
+    for view in VIEWS:
+        out.print(grid_table(runs, view, "mse_rel", bit_values))
+    for view in VIEWS[:2]:
+        out.print(grid_table(runs, view, "attn_out_rel", bit_values))
+    for s in skipped:
+        err.print(f"skipped {s['method']}" + (f" --bits {s['bits']}" if s["bits"] else "")
+                  + (f" --keys {s['keys']}" if s["keys"] else "") + f": {s['reason']}")
+    saved = savings(runs, pairs)
+    for line in saving_lines(saved):
+        out.print(line)
+    for metric in METRICS:
+        plot(runs, metric, method_list, out_dir / f"pareto_{metric}.png", force)
+    report = {"capture": str(capture), "layers": selected, "methods": method_list, "bits": bit_values,
+              "keys": key_list, "seed": seed, "query_stride": query_stride, "runs": runs, "skipped": skipped,
+              "failures": failures, "savings": saved,
+              "pareto": {view: {metric: {m: pareto_front(p) for m, p in view_points(runs, view, metric).items()}
+                                for metric in METRICS} for view in VIEWS}}
+    write_json(out_dir / "sweep.json", report, force=force)
+    out.print(f"wrote {out_dir}/sweep.json and {len(METRICS)} Pareto plots")
+    if failures:
+        raise MethodFailure("; ".join(f"{f['method']} --bits {f['bits']:g}: {f['reason']}" for f in failures))

@@ -174,7 +174,7 @@ def fit_codebook(samples: torch.Tensor, bits: int, weights: torch.Tensor | None 
     Deterministic: initialised at the weighted quantiles (i + 1/2) / 2^b; iterated until the cell
     assignment is stable. Empty cells keep their centroid.
     """
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise KvcError(f"codebook bit width must be an integer in 1..8, got {bits!r}")
     x = samples.detach().reshape(-1).double().cpu()
     w = torch.ones_like(x) if weights is None else weights.detach().reshape(-1).double().cpu()

@@ -20,7 +20,6 @@ from torch import Tensor
 from kvc.errors import KvcError, MethodFailure
 
 FP16_MAX = 65504.0
-_NEG_INF16 = float("-inf")
 
 
 def _check_bits(bits: int, low: int = 1) -> None:
@@ -33,7 +32,11 @@ def fp16_floor(v: Tensor) -> Tensor:
     if not bool(torch.isfinite(v).all()) or bool((v.abs() > FP16_MAX).any()):
         raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
     h = v.to(torch.float16)
-    down = torch.nextafter(h, torch.full_like(h, _NEG_INF16))
+    # next float16 towards -inf by its bit pattern (sign-magnitude): +x -> bits - 1, -x -> bits + 1,
+    # +-0 -> -2^-24 (works on every device, unlike nextafter for half)
+    bits = h.view(torch.int16).to(torch.int32)
+    down = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, torch.full_like(bits, -32767)))
+    down = down.to(torch.int16).view(torch.float16)
     return torch.where(h.to(v.dtype) > v, down, h)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ...errors import KvcError
+from ...quant.options import int_option
 from ...quant.packing import check_code_bits, pack_codes, unpack_codes
 from ...quant.uniform import minmax_dequantize, minmax_quantize, symmetric_dequantize, symmetric_quantize
 from ..base import LayerKV, TensorCompressor, option
@@ -32,31 +33,28 @@ class IntQuant(TensorCompressor):
                            ("token", "channel"))
         symmetric: bool = option(False, "symmetric absmax scale, no zero point")
 
-    def _check(self) -> None:
+    def _check(self) -> int:
         o = self.options
-        low = 2 if o.symmetric else 1
-        if isinstance(o.bits, bool) or not isinstance(o.bits, int) or not low <= o.bits <= 8:
-            raise KvcError(f"int --bits must be an integer in {low}..8"
-                           f"{' with --symmetric' if o.symmetric else ''}, got {o.bits!r}")
         if o.axis not in ("token", "channel"):
             raise KvcError(f"int --axis must be token or channel, got {o.axis!r}")
+        return int_option("int", "bits", o.bits, 2 if o.symmetric else 1, 8)
 
     def validate(self, layer: LayerKV) -> None:
         self._check()
 
     def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
-        self._check()
+        bits = self._check()
         o = self.options
         xv = x.transpose(-1, -2) if o.axis == "channel" else x
         if o.symmetric:
-            codes, scale = symmetric_quantize(xv, o.bits)
-            arrays = {"codes": pack_codes(codes, o.bits), "scale": scale}
+            codes, scale = symmetric_quantize(xv, bits)
+            arrays = {"codes": pack_codes(codes, bits), "scale": scale}
         else:
-            codes, scale, zero = minmax_quantize(xv, o.bits)
-            arrays = {"codes": pack_codes(codes, o.bits), "scale": scale, "zero": zero}
-        check_code_bits(f"int{o.bits}", [arrays["codes"]], x.numel(), o.bits)
-        return arrays, {"bits": o.bits, "axis": o.axis, "symmetric": bool(o.symmetric)}, None
+            codes, scale, zero = minmax_quantize(xv, bits)
+            arrays = {"codes": pack_codes(codes, bits), "scale": scale, "zero": zero}
+        check_code_bits(f"int{bits}", [arrays["codes"]], x.numel(), bits)
+        return arrays, {"bits": bits, "axis": o.axis, "symmetric": bool(o.symmetric)}, None
 
     def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,
                       shape: tuple[int, ...]) -> Tensor:

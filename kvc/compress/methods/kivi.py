@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ...errors import KvcError, MethodFailure
+from ...quant.options import int_option
 from ...quant.packing import check_code_bits, pack_codes, unpack_codes
 from ...quant.uniform import minmax_dequantize, minmax_quantize
 from ..base import LayerKV, TensorCompressor, option
@@ -41,20 +42,18 @@ class KIVI(TensorCompressor):
         group_size: int = option(32, "group size G: tokens per key group, channels per value group")
         residual: int = option(128, "fp16 window R of the most recent tokens")
 
-    def _check(self, T: int, D: int) -> None:
+    def _check(self, T: int, D: int) -> tuple[int, int, int]:
         o = self.options
-        if isinstance(o.bits, bool) or not isinstance(o.bits, int) or not 1 <= o.bits <= 8:
-            raise KvcError(f"kivi --bits must be an integer in 1..8, got {o.bits!r}")
-        if isinstance(o.group_size, bool) or not isinstance(o.group_size, int) or o.group_size < 1:
-            raise KvcError(f"kivi --group-size must be a positive integer, got {o.group_size!r}")
-        if o.group_size > D or D % o.group_size:
-            raise KvcError(f"kivi --group-size {o.group_size} must divide the head dimension {D} "
+        bits = int_option("kivi", "bits", o.bits, 1, 8)
+        group = int_option("kivi", "group_size", o.group_size, 1)
+        residual = int_option("kivi", "residual", o.residual, 0)
+        if group > D or D % group:
+            raise KvcError(f"kivi --group-size {group} must divide the head dimension {D} "
                            "(values are grouped over channels)")
-        if isinstance(o.residual, bool) or not isinstance(o.residual, int) or o.residual < 0:
-            raise KvcError(f"kivi --residual must be a non-negative integer, got {o.residual!r}")
-        if quantized_tokens("k", T, o.group_size, o.residual) == 0:
-            raise MethodFailure(f"kivi: {T} tokens leave no full group of {o.group_size} keys outside the "
-                                f"fp16 window of {o.residual}; nothing would be quantized (lower --residual)")
+        if quantized_tokens("k", T, group, residual) == 0:
+            raise MethodFailure(f"kivi: {T} tokens leave no full group of {group} keys outside the "
+                                f"fp16 window of {residual}; nothing would be quantized (lower --residual)")
+        return bits, group, residual
 
     def validate(self, layer: LayerKV) -> None:
         self._check(layer.shape[2], layer.shape[3])
@@ -62,9 +61,8 @@ class KIVI(TensorCompressor):
     def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         T, D = x.shape[-2:]
-        self._check(T, D)
-        B, G = self.options.bits, self.options.group_size
-        n = quantized_tokens(kind, T, G, self.options.residual)
+        B, G, R = self._check(T, D)
+        n = quantized_tokens(kind, T, G, R)
         xq = x[..., :n, :]
         # KIVI sec. 3.2/3.3: keys per channel (groups along tokens), values per token (groups along channels)
         codes, scale, zero = minmax_quantize(xq.transpose(-1, -2) if kind == "k" else xq, B, G)

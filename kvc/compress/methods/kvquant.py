@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ...errors import KvcError, MethodFailure
 from ...quant.lloyd_max import fit_codebook, nearest_codes
+from ...quant.options import int_option
 from ...quant.packing import check_code_bits, index_dtype, pack_codes, unpack_codes
 from ...quant.uniform import fp16_ceil
 from ...rope import rope_params
@@ -64,16 +65,17 @@ class KVQuant(TensorCompressor):
 
     _key_weights: Tensor | None = None
 
-    def _check(self, T: int) -> None:
+    def _check(self, T: int) -> int:
         o = self.options
-        if isinstance(o.bits, bool) or not isinstance(o.bits, int) or not 1 <= o.bits <= 8:
-            raise KvcError(f"kvquant --bits must be an integer in 1..8, got {o.bits!r}")
-        if not isinstance(o.outlier_frac, (int, float)) or not 0 <= o.outlier_frac < 0.5:
+        bits = int_option("kvquant", "bits", o.bits, 1, 8)
+        if isinstance(o.outlier_frac, bool) or not isinstance(o.outlier_frac, (int, float)) \
+                or not 0 <= o.outlier_frac < 0.5:
             raise KvcError(f"kvquant --outlier-frac must be in [0, 0.5), got {o.outlier_frac!r}")
         if o.fisher not in ("query", "uniform"):
             raise KvcError(f"kvquant --fisher must be query or uniform, got {o.fisher!r}")
         if T < 2:
             raise MethodFailure("kvquant needs at least 2 tokens (the first stays in fp16)")
+        return bits
 
     def validate(self, layer: LayerKV) -> None:
         self._check(layer.shape[2])
@@ -105,7 +107,7 @@ class KVQuant(TensorCompressor):
     def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         o = self.options
-        self._check(x.shape[-2])
+        bits = self._check(x.shape[-2])
         xr = x[..., 1:, :].float()
         # KVQuant sec. 3.1-3.2: keys per channel (vector = channel over tokens), values per token
         xv = xr.transpose(-1, -2) if kind == "k" else xr
@@ -128,14 +130,14 @@ class KVQuant(TensorCompressor):
         if kind == "k" and self._key_weights is not None:
             weights = self._key_weights.to(xv.device)[..., None].expand_as(xv)[~mask]
         # KVQuant sec. 3.4 (nuqX): argmin sum_i F_ii (A_i - Q(A_i))^2 = weighted 1-D k-means
-        cb = fit_codebook(u[~mask], o.bits, weights).to(device=x.device, dtype=torch.float32)
+        cb = fit_codebook(u[~mask], bits, weights).to(device=x.device, dtype=torch.float32)
         codes = nearest_codes(u, cb)
-        arrays = {"sink": x[..., :1, :].to(torch.float16), "codes": pack_codes(codes, o.bits),
+        arrays = {"sink": x[..., :1, :].to(torch.float16), "codes": pack_codes(codes, bits),
                   "scale": scale, "zero": zero, "codebook": cb,
                   "out_value": xv.gather(-1, idx).to(torch.float16),
                   "out_index": idx.to(index_dtype(L))}
-        check_code_bits(f"kvquant nuq{o.bits}", [arrays["codes"]], xv.numel(), o.bits)
-        return arrays, {"bits": o.bits, "outliers": n_out}, paper_bits(o.bits, o.outlier_frac)
+        check_code_bits(f"kvquant nuq{bits}", [arrays["codes"]], xv.numel(), bits)
+        return arrays, {"bits": bits, "outliers": n_out}, paper_bits(bits, o.outlier_frac)
 
     def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,
                       shape: tuple[int, ...]) -> Tensor:

@@ -1,0 +1,129 @@
+"""``kvc analyze``: per-head spectra with random-matrix theory, outlier channels, pre- vs post-RoPE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from ..analyze import Options, Report, analyze_capture
+from ..capture import parse_layers
+from ..capture_format import KV_TENSORS, CaptureFile
+from ..console import err, out, progress_bar
+from ..errors import KvcError
+from ..fileio import check_writable, write_json
+from ..models import resolve_device
+
+NAME = "analyze"
+
+
+def command(
+    capture: Path = typer.Argument(..., help="A kvc capture file (from `kvc capture` or `kvc synth`)."),
+    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
+    tensors: Optional[str] = typer.Option(None, "--tensors", help="Comma list of k_pre, k, v (default: those in the file)."),
+    block: Optional[int] = typer.Option(None, "--block", help="Analyze blocks of N consecutive tokens of each sequence (eOptShrinkQ uses 128)."),
+    per_seq: bool = typer.Option(False, "--per-seq", help="One matrix per sequence instead of pooling the sequences."),
+    rank_rule: str = typer.Option("eoptshrinkq", "--rank-rule", help="eoptshrinkq | matlab (eOptShrink v5, 1.1 edge factor)."),
+    outlier_factor: float = typer.Option(6.0, "--outlier-factor", help="Outlier channel: RMS above this many times the median channel RMS."),
+    outlier_topk: Optional[int] = typer.Option(None, "--outlier-topk", help="Flag the K channels of largest RMS instead."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the full report as JSON to this file ('-': stdout)."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG figures into this directory."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Spectra, rank, shrinkage and outlier channels of every (layer, KV head) of a capture."""
+    from .. import analyze_plots
+
+    if rank_rule not in ("eoptshrinkq", "matlab"):
+        raise KvcError(f"--rank-rule must be eoptshrinkq or matlab, not {rank_rule!r}")
+    if block is not None and block < 1:
+        raise KvcError("--block must be >= 1")
+    cap = CaptureFile(capture)
+    chosen_layers = _layers(cap, layers)
+    chosen = _tensors(cap, chosen_layers, tensors)
+    if json_path not in (None, "-"):
+        check_writable(Path(json_path), force)
+    plot_paths = [plots / name for name in analyze_plots.PLOT_FILES] if plots else []
+    for path in plot_paths:
+        check_writable(path, force)
+    options = Options(rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
+                      per_seq=per_seq, block=block)
+    with progress_bar() as bar:
+        task = bar.add_task("analyzing", total=len(chosen_layers))
+        report = analyze_capture(cap, chosen_layers, chosen, options, resolve_device(device),
+                                 progress=lambda: bar.advance(task))
+    console = err if json_path == "-" else out
+    print_summary(console, report, chosen)
+    if json_path == "-":
+        print(json.dumps(report.to_json(), allow_nan=False))
+    elif json_path:
+        write_json(json_path, report.to_json(), force=force)
+        console.print(f"wrote {json_path}")
+    if plots:
+        analyze_plots.write_all(report, cap, chosen, plot_paths, force)
+        console.print(f"wrote {', '.join(str(p) for p in plot_paths)}")
+
+
+def _layers(cap: CaptureFile, spec: str) -> list[int]:
+    if spec in ("", "all"):
+        return cap.layers
+    chosen = parse_layers(spec, cap.meta.num_layers)
+    missing = sorted(set(chosen) - set(cap.layers))
+    if missing:
+        raise KvcError(f"{cap.path} does not hold layers {missing} (it holds {cap.layers})")
+    return chosen
+
+
+def _tensors(cap: CaptureFile, layers: list[int], spec: str | None) -> list[str]:
+    held = [name for name in KV_TENSORS if all(cap.has(layer, name) for layer in layers)]
+    if spec is None:
+        return sorted(held, key=("k_pre", "k", "v").index)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if s not in KV_TENSORS]
+    if unknown or not names:
+        raise KvcError(f"--tensors {spec!r}: choose from k_pre, k, v")
+    absent = [s for s in names if s not in held]
+    if absent:
+        raise KvcError(f"{cap.path} lacks {', '.join(absent)} in some of the chosen layers "
+                       f"(held everywhere: {', '.join(held) or 'nothing'})")
+    return list(dict.fromkeys(names))
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
+    s = report.summary
+    console.print(f"[bold]kvc analyze[/bold] {s['capture']} ({s['model']}): {len(s['layers'])} layers, "
+                  f"{s['mode']}, n x d = {s['n']} x {s['d']}, {s['rank_rule']} rule, {s['seconds']:.1f} s")
+    table = Table(title="per layer: median rank / low-rank energy share / predicted bits saved, outlier records")
+    table.add_column("layer", justify="right")
+    for name in tensors:
+        table.add_column(f"{name} rank", justify="right")
+        table.add_column(f"{name} rho", justify="right")
+        table.add_column(f"{name} bits", justify="right")
+    table.add_column("outliers " + "/".join(tensors), justify="right")
+    for row in s["per_layer"]:
+        cells = [str(row["layer"])]
+        for name in tensors:
+            c = row[name]
+            cells += [_fmt(c["median_rank"], "g"), _fmt(c["median_energy_lowrank"], ".0%"),
+                      _fmt(c["median_predicted_bit_saving"], "+.2f")]
+        cells.append("/".join(str(row[name]["records_with_outliers"]) for name in tensors))
+        table.add_row(*cells)
+    console.print(table)
+    worst = Table(title="heads with the least to gain (lowest predicted bit saving)")
+    for col in ("layer", "head", "tensor", "seq", "block", "rank", "rho", "bits", "max RMS ratio", "outliers"):
+        worst.add_column(col, justify="left" if col in ("tensor", "outliers") else "right")
+    for r in s["worst_heads"]:
+        worst.add_row(str(r["layer"]), str(r["head"]), r["tensor"], _fmt(r["seq"], ""), _fmt(r["block"], ""),
+                      str(r["rank"]), _fmt(r["energy_lowrank"], ".0%"), _fmt(r["predicted_bit_saving"], "+.2f"),
+                      _fmt(r["max_rms_ratio"], ".1f"), ",".join(map(str, r["outlier_channels"])) or "-")
+    console.print(worst)
+    console.print(Panel(s["reading"], title="reading", expand=False))

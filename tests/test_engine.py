@@ -1,0 +1,202 @@
+"""kvc compress / decompress / methods / sweep: round trips, audited bits, loud failures, bad input."""
+
+import dataclasses
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from kvc.capture_format import CaptureFile
+from kvc.compress import base
+from kvc.compress.base import Evictor, TensorCompressor, available, option
+from kvc.compress.engine import CompressedFile
+from kvc.compress.metrics import mse_rel
+from kvc.commands.sweep import bit_saving, pareto_front
+
+METHODS = sorted(available())
+SMALL = dict(num_layers=2, num_kv_heads=2, num_heads=4, head_dim=64, seq_len=512)
+
+
+@pytest.fixture
+def capture(synth_capture):
+    return synth_capture(**SMALL)
+
+
+def layer_spans(path):
+    """Bytes on disk of the ``layers.*`` tensors, and the file's header size, from the raw header."""
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    spans = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k.startswith("layers."))
+    return spans, 8 + n
+
+
+def keep_of(path, layer):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor(f"layers.{layer}.keep")
+
+
+def compress(run, capture, tmp_path, method, *options):
+    out, js = tmp_path / f"{method}.kvcz", tmp_path / f"{method}.json"
+    code, stdout, stderr = run("compress", capture, "--method", method, *options, "--out", out,
+                               "--json", js, "--device", "cpu")
+    assert code == 0, stderr
+    return out, json.loads(js.read_text())
+
+
+def check_round_trip(run, capture, tmp_path, method, *options):
+    """compress --out, then decompress: bits agree with the bytes on disk, and the decoded file gives
+    back exactly the reconstruction the metrics saw."""
+    out, report = compress(run, capture, tmp_path, method, *options)
+    src = CaptureFile(capture)
+    entries = 2 * len(src.layers) * SMALL["num_kv_heads"] * SMALL["seq_len"] * SMALL["head_dim"]
+    spans, _ = layer_spans(out)
+    assert math.isclose(report["bits_per_entry"] * entries / 8, spans, rel_tol=0.01)
+    dec = tmp_path / f"{method}.dec.safetensors"
+    code, _, stderr = run("decompress", out, "-o", dec, "--queries", capture, "--device", "cpu")
+    assert code == 0, stderr
+    back = CaptureFile(dec)
+    for L in src.layers:
+        for t in ("k", "v"):
+            measured = [r["mse_rel"] for r in report["heads"] if r["layer"] == L and r["tensor"] == t]
+            again = mse_rel(src.tensor(L, t), back.tensor(L, t)).tolist()
+            assert again == pytest.approx(measured, rel=1e-4, abs=1e-9), (method, L, t)
+        assert back.has(L, "k_pre") and back.has(L, "q")
+    return report, back
+
+
+def test_fp16_round_trip_and_file_size(run, capture, tmp_path):
+    report, back = check_round_trip(run, capture, tmp_path, "fp16")
+    assert report["bits_per_entry"] == 16 and report["bits_per_entry_paper"] is None
+    assert {"k", "v", "kv"} <= set(report["summary"])
+    assert len(report["heads"]) == 2 * 2 * 3
+    row = report["heads"][0]
+    assert {"layer", "head", "tensor", "mse_rel", "bits_per_entry"} <= set(row)
+    assert report["summary"]["k"]["mse_rel"] < 1e-6 and report["summary"]["k"]["ip_slope"] == pytest.approx(1, abs=1e-4)
+    # the whole file, header included, is within 1% of the counted bits
+    size = (tmp_path / "fp16.kvcz").stat().st_size
+    assert math.isclose(size, report["bits_per_entry"] * 2 * 2 * 2 * 512 * 64 / 8, rel_tol=0.01)
+    assert CompressedFile(tmp_path / "fp16.kvcz").source.model == "synthetic:spiked"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_round_trips(run, capture, tmp_path, method):
+    check_round_trip(run, capture, tmp_path, method)
+
+
+def test_combination_round_trips(run, capture, tmp_path):
+    evictors = [n for n, c in available().items() if issubclass(c, Evictor)]
+    quants = [n for n, c in available().items() if issubclass(c, TensorCompressor) and n != "fp16"]
+    if not evictors or not quants:
+        pytest.skip("needs an eviction method and a tensor compressor")
+    name = "snapkv+turboquant" if {"snapkv", "turboquant"} <= set(available()) else f"{evictors[0]}+{quants[0]}"
+    report, back = check_round_trip(run, capture, tmp_path, name, "--keys", "pre")
+    keep = keep_of(back.path, 0)
+    assert 0 < keep.float().mean() < 1
+    assert torch.all(back.tensor(0, "v")[~keep] == 0)
+
+
+def test_combination_of_fp16_keeps_kept_tokens_at_true_positions(run, capture, tmp_path):
+    name = next((n for n, c in available().items() if issubclass(c, Evictor)), None)
+    if name is None:
+        pytest.skip("no eviction method")
+    _, back = check_round_trip(run, capture, tmp_path, f"{name}+fp16", "--keys", "pre")
+    src, keep = CaptureFile(capture), keep_of(back.path, 0)
+    err = (back.tensor(0, "k") - src.tensor(0, "k"))[keep]
+    assert err.abs().max() < 2e-2 * src.tensor(0, "k").abs().max()  # fp16 error only: RoPE at true positions
+
+
+def test_options_parse_by_flag_and_opt(run, capture, tmp_path):
+    _, a = compress(run, capture, tmp_path, "fp16", "--keys", "pre")
+    _, b = compress(run, capture, tmp_path, "fp16", "--opt", "keys=pre", "--force")
+    assert a["params"]["keys"] == b["params"]["keys"] == "pre"
+
+
+def test_unknown_method_and_option_list_valid_ones(run, capture):
+    code, _, err = run("compress", capture, "--method", "nosuch")
+    assert code == 2 and "fp16" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run("compress", capture, "--method", "fp16", "--bogus", "3")
+    assert code == 2 and "--keys" in err and "--bogus" in err
+    code, _, err = run("compress", capture, "--method", "fp16", "--keys", "sideways")
+    assert code == 2 and "pre" in err
+
+
+def _with(name):
+    return [m for m in METHODS if name in {f.name for f in dataclasses.fields(available()[m].Options)}]
+
+
+@pytest.mark.parametrize("method", _with("bits"))
+def test_zero_bits_is_a_one_line_error(run, capture, method):
+    code, _, err = run("compress", capture, "--method", method, "--bits", "0", "--device", "cpu")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", _with("group_size"))
+def test_group_larger_than_head_dim_is_a_one_line_error(run, capture, method):
+    code, _, err = run("compress", capture, "--method", method, "--group-size", "100000", "--device", "cpu")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_methods_lists_options(run):
+    code, out, _ = run("methods", "--json")
+    assert code == 0
+    listed = {m["name"]: m for m in json.loads(out)["methods"]}
+    assert set(listed) == set(METHODS)
+    assert {"name", "flag", "default", "help"} <= set(listed["fp16"]["options"][0])
+
+
+class _Cheat(TensorCompressor):
+    """Claims --bits but stores 1 bit per entry, or produces NaN."""
+
+    name = "cheat"
+    summary = "test double"
+
+    @dataclasses.dataclass
+    class Options(TensorCompressor.Options):
+        bits: int = option(4, "bits asked")
+        nan: bool = option(False, "decode NaN")
+
+    def encode_tensor(self, x, kind, generator):
+        return {"signs": torch.zeros(x.numel() // 8, dtype=torch.uint8)}, {}, None
+
+    def decode_tensor(self, arrays, meta, kind, shape):
+        return torch.full(shape, float("nan") if self.options.nan else 0.0)
+
+
+def test_methods_that_cheat_fail_loudly(run, capture, monkeypatch):
+    monkeypatch.setitem(base._REGISTRY, "cheat", _Cheat)
+    code, _, err = run("compress", capture, "--method", "cheat", "--device", "cpu")
+    assert code == 2 and "asked for 4" in err
+    code, _, err = run("compress", capture, "--method", "cheat", "--bits", "1", "--nan", "--device", "cpu")
+    assert code == 2 and "NaN" in err
+
+
+def test_pareto_and_bit_saving():
+    tq = [(1.0, 0.4, 1), (2.0, 0.1, 2), (3.0, 0.025, 3), (3.5, 0.05, 3.5)]
+    assert pareto_front(tq) == tq[:3]
+    rows = bit_saving([(1.5, 0.1, 1), (2.5, 0.05, 2), (0.5, 0.9, 0)], tq)
+    assert rows[0]["saving"] == pytest.approx(0.5)
+    assert rows[1]["reference_bits_per_entry"] == pytest.approx(2.5)  # halfway in log mse
+    assert rows[2]["saving"] is None and rows[2]["outside"] == "higher"
+
+
+def test_sweep_writes_json_and_plots(run, synth_capture, tmp_path):
+    capture = synth_capture(num_layers=1, num_kv_heads=1, num_heads=2, head_dim=64, seq_len=256)
+    methods = [m for m in ("eoptshrinkq", "turboquant", "fp16") if m in METHODS]
+    out_dir = tmp_path / "sweep"
+    code, out, err = run("sweep", capture, "--methods", ",".join(methods), "--bits", "2,3",
+                         "--out-dir", out_dir, "--device", "cpu", "--query-stride", "4")
+    assert code == 0, err
+    report = json.loads((out_dir / "sweep.json").read_text())
+    assert (out_dir / "pareto_mse_rel.png").stat().st_size > 0
+    if "fp16" in methods:
+        assert any(s["method"] == "fp16" for s in report["skipped"]) and "fp16 has no --bits" in err
+    if {"eoptshrinkq", "turboquant"} <= set(methods):
+        assert set(report["savings"]["eoptshrinkq_vs_turboquant"]) == {"k_pre", "k", "v"}
+        assert "saving" in out or "no equal-mse point" in out
