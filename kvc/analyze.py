@@ -9,6 +9,7 @@ All heads, sequences/blocks and tensors of one layer go through one batched call
 
 from __future__ import annotations
 
+import datetime
 import math
 import statistics
 import time
@@ -20,8 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import rmt
-from .capture_format import KV_TENSORS, CaptureFile
+from . import __version__, rmt
+from .capture_format import CaptureFile
 from .channels import ChannelStats, channel_stats, outlier_mask, rope_partner
 from .errors import KvcError
 from .rope import rope_params
@@ -248,7 +249,9 @@ def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list,
             "ocv_pre": outlier_cv[0].cpu().tolist(), "ocv_post": outlier_cv[1].cpu().tolist()}
     sp = stats.spectral
     if sp is not None:
-        cols.update({"rank": sp.shrink.rank.cpu().tolist(), "energy": sp.energy.cpu().tolist()})
+        fit = ~sp.shrink.starved
+        cols.update({"rank": torch.where(fit, sp.shrink.rank, -1).cpu().tolist(),
+                     "energy": torch.where(fit, sp.energy, torch.nan).cpu().tolist()})
     records = []
     for g, (seq, block) in enumerate(labels):
         for h in range(a.shape[1]):
@@ -261,12 +264,18 @@ def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list,
                 "only_post_from_partner": [c for c, f in enumerate(cols["partner"][g][h]) if f],
                 "median_cv_pre": _num(cols["cv_pre"][g][h]), "median_cv_post": _num(cols["cv_post"][g][h]),
                 "outlier_cv_pre": _num(cols["ocv_pre"][g][h]), "outlier_cv_post": _num(cols["ocv_post"][g][h]),
-                "rank_pre": cols["rank"][pre][g][h] if sp else None,
-                "rank_post": cols["rank"][post][g][h] if sp else None,
+                "rank_pre": _rank(cols, pre, g, h),
+                "rank_post": _rank(cols, post, g, h),
                 "energy_pre": _num(cols["energy"][pre][g][h]) if sp else None,
                 "energy_post": _num(cols["energy"][post][g][h]) if sp else None,
             })
     return records
+
+
+def _rank(cols: dict, t: int, g: int, h: int) -> int | None:
+    """Rank from rope_records' columns; None where skipped (no rule run, or starved: -1)."""
+    rank = cols["rank"][t][g][h] if "rank" in cols else -1
+    return None if rank < 0 else rank
 
 
 # ----------------------------------------------------------------------------- driver
@@ -305,7 +314,8 @@ def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str],
             progress()
     summary = summarize(heads, rope, options)
     summary.update({"capture": str(capture.path), "model": capture.meta.model, "device": str(device),
-                    "seconds": round(time.perf_counter() - start, 3)})
+                    "seconds": round(time.perf_counter() - start, 3), "kvc_version": __version__,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     return Report(heads, rope, summary, spectra)
 
 
@@ -398,6 +408,8 @@ def summarize(heads: list[dict], rope: list[dict], options: Options, worst: int 
         "mode": options.mode, "rank_rule": options.rank_rule, "n": n, "d": d,
         "outlier_rule": (f"top {options.outlier_topk} channels by RMS" if options.outlier_topk is not None
                          else f"RMS > {options.outlier_factor:g} x median channel RMS"),
+        "outlier_factor": options.outlier_factor if options.outlier_topk is None else None,
+        "outlier_topk": options.outlier_topk,
         "layers": sorted({r["layer"] for r in heads}), "tensors": per_tensor,
         "per_layer": _layer_rows(heads, tensors),
         "rope": _rope_summary(rope) if rope else None,

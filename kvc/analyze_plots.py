@@ -72,8 +72,8 @@ def rank_heatmap(report: Report, tensors: list[str], path: Path, force: bool) ->
         grids[name] = grid
     vmax = max(1.0, max(np.nanmax(g) if np.isfinite(g).any() else 0 for g in grids.values()))
     height = 1.2 + 0.22 * len(layers)
-    fig, axes = plt.subplots(1, len(tensors), figsize=(1.2 + (0.45 * heads + 1.0) * len(tensors), height),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(tensors), figsize=(1.5 + (0.45 * heads + 1.0) * len(tensors), height),
+                             squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], tensors):
         im = ax.imshow(grids[name], cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
         for (i, h), v in np.ndenumerate(grids[name]):
@@ -84,7 +84,7 @@ def rank_heatmap(report: Report, tensors: list[str], path: Path, force: bool) ->
         ax.set_xticks(range(heads))
         ax.set_xlabel("KV head")
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
-        ax.set_ylabel("layer")
+    axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="rank")
     fig.suptitle(f"Detected rank ({report.summary['rank_rule']} rule, {report.summary['mode']})", fontsize=10)
     _save(fig, path, force)
@@ -124,8 +124,11 @@ def channel_magnitude(report: Report, panels: dict[str, torch.Tensor], layer: in
         ax.set_xlabel("channel")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
-        fig.colorbar(im, ax=ax, shrink=0.85)
-    fig.suptitle(f"Channel magnitudes ({report.summary['outlier_rule']} marks an outlier)", fontsize=11)
+        bar = fig.colorbar(im, ax=ax, shrink=0.85)
+        if report.summary["outlier_factor"] is not None:
+            bar.ax.axhline(report.summary["outlier_factor"], color="red", lw=2)
+    fig.suptitle(f"Channel magnitudes; outlier: {report.summary['outlier_rule']} (red mark on the lower colour bars)",
+                 fontsize=11)
     fig.tight_layout()
     _save(fig, path, force)
 

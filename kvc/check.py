@@ -16,6 +16,7 @@ import gc
 import json
 import math
 import re
+import typing
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,8 @@ class BudgetSpec:
 
 @dataclass(frozen=True)
 class Policy:
+    """A validated policy; tolerances are fractions (0.05 = 5 %)."""
+
     run: RunSpec | None = None
     limits: dict[str, float] = dataclasses.field(default_factory=dict)  # overall figures
     tensor_limits: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -152,30 +155,23 @@ def _run_spec(run: Any, base: Path) -> RunSpec:
 
 
 def _method_params(method: str, params: dict, seed: int) -> dict[str, Any]:
-    """The method's options from ``run.params`` (typed like their defaults) and ``run.seed``."""
-    from .compress.base import build
+    """The method's options from ``run.params`` (checked against their declared types) and ``run.seed``."""
+    from .compress.base import build, get
 
     if "seed" in params:
         raise KvcError("policy: run.params.seed: give the seed as run.seed")
     try:
-        defaults = build(method).params()
+        hints = typing.get_type_hints(get(method).Options)
     except KvcError as err:
         raise KvcError(f"policy: run.method: {err}") from None
-    typed = {}
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    typed = dict(params)
     for key, value in params.items():
-        default = defaults.get(key)
-        if isinstance(default, bool) or default is None:
-            typed[key] = value
-        elif isinstance(default, (int, float)):
-            kind = "an integer" if isinstance(default, int) else "a number"
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    isinstance(default, int) and not isinstance(value, int)):
-                raise KvcError(f"policy: run.params.{key} must be {kind}, got {value!r}")
-            typed[key] = type(default)(value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise KvcError(f"policy: run.params.{key} must be a string, got {value!r}")
-        else:
-            typed[key] = value
+        kind = hints.get(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            typed[key] = float(value)
+        elif kind in kinds and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise KvcError(f"policy: run.params.{key} must be {kinds[kind]}, got {value!r}")
     try:
         return build(method, **typed, seed=seed).params()
     except KvcError as err:
@@ -244,12 +240,8 @@ def _string(value: Any, key: str) -> str:
 def parse_results(data: Any, source: str) -> list[dict]:
     """Results of a ``kvc compress --json`` file (one) or a ``kvc check --json`` report (all)."""
     if isinstance(data, dict) and "schema" in data:
-        return _report_results(data, source, "results")
-    if not (isinstance(data, dict) and isinstance(data.get("summary"), dict) and "method" in data
-            and _finite(data.get("bits_per_entry"))):
-        raise KvcError(f"{source}: not kvc results (expected kvc compress --json output with method, "
-                       "bits_per_entry and summary, or a kvc check --json report)")
-    _check_memory(data, source)
+        return _report_results(data, source, source)
+    _check_result(data, source)
     return [{**data, "label": data.get("label", Path(source).name)}]
 
 
@@ -258,31 +250,35 @@ def parse_baseline(data: Any, source: str) -> list[dict]:
     if not isinstance(data, dict) or "schema" not in data:
         raise KvcError(f"baseline {source}: not a kvc check report (no 'schema' key); write one with "
                        "kvc check --policy POLICY --json FILE")
-    return _report_results(data, source, "baseline")
+    return _report_results(data, source, f"baseline {source}")
 
 
-def _report_results(data: dict, source: str, role: str) -> list[dict]:
-    where = f"baseline {source}" if role == "baseline" else source
+def _report_results(data: dict, source: str, where: str) -> list[dict]:
+    if not str(data["schema"]).startswith("kvc-check/"):
+        raise KvcError(f"{where}: not a kvc check report (format {data['schema']!r})")
     if data["schema"] != SCHEMA:
         raise KvcError(f"{where} has format {data['schema']!r}, but this kvc ({__version__}) reads "
-                       f"{SCHEMA!r}; regenerate it with kvc check --policy POLICY --json FILE --force "
-                       "(in this repository: python scripts/make_ci_baseline.py)")
+                       f"{SCHEMA!r}; regenerate it with kvc check --policy POLICY --json FILE --force")
     results = data.get("results")
-    if not isinstance(results, list) or not all(isinstance(r, dict) and isinstance(r.get("summary"), dict)
-                                                for r in results):
+    if not isinstance(results, list):
         raise KvcError(f"{where}: 'results' must be a list of kvc results")
     for r in results:
-        _check_memory(r, where)
+        _check_result(r, where)
     return [{**r, "label": r.get("label", f"{Path(source).name}#{i}")} for i, r in enumerate(results)]
 
 
-def _check_memory(result: dict, source: str) -> None:
-    """A ``memory`` section, when present, holds positive entries and byte counts."""
+def _check_result(result: Any, source: str) -> None:
+    """A method, a finite bits_per_entry, a summary of tensor rows; a ``memory`` section, when
+    present, of positive entries and byte counts."""
+    summary = result.get("summary") if isinstance(result, dict) else None
+    if not (isinstance(summary, dict) and all(isinstance(row, dict) for row in summary.values())
+            and "method" in result and _finite(result.get("bits_per_entry"))):
+        raise KvcError(f"{source}: not kvc results (expected kvc compress --json output with method, "
+                       "bits_per_entry and a summary of tensor rows, or a kvc check --json report)")
     memory = result.get("memory")
-    if memory is None:
-        return
     keys = ("entries", "nominal_bytes", "array_bytes", "file_bytes")
-    if not isinstance(memory, dict) or not all(_finite(memory.get(k)) and memory[k] > 0 for k in keys):
+    if memory is not None and not (isinstance(memory, dict)
+                                   and all(_finite(memory.get(k)) and memory[k] > 0 for k in keys)):
         raise KvcError(f"{source}: 'memory' must hold positive numbers at {', '.join(keys)}")
 
 
@@ -338,9 +334,7 @@ def limit_checks(result: dict, policy: Policy) -> list[Check]:
         checks += [_at_most(label, _figure(tensor, metric), value, limit) for tensor, value in rows]
     for tensor, limits in policy.tensor_limits.items():
         for metric, limit in limits.items():
-            row = summary.get(tensor)
-            value = row.get(metric) if isinstance(row, dict) else None
-            checks.append(_at_most(label, _figure(tensor, metric), value, limit))
+            checks.append(_at_most(label, _figure(tensor, metric), summary.get(tensor, {}).get(metric), limit))
     return checks
 
 
@@ -382,7 +376,7 @@ def memory_checks(result: dict, tolerance: float) -> list[Check]:
     """Physical bytes (packed arrays; compressed file) within ``tolerance`` of the nominal
     bits_per_entry x entries / 8. Results without a ``memory`` section give no rows."""
     memory = result.get("memory")
-    if not isinstance(memory, dict):
+    if memory is None:
         return []
     nominal = memory["nominal_bytes"]
     checks = []
@@ -489,7 +483,7 @@ def render_junit(checks: list[Check], seconds: float = 0.0) -> str:
     suites = ET.Element("testsuites", name="kvc check", **counts)
     suite = ET.SubElement(suites, "testsuite", name="kvc check", **counts)
     for c in checks:
-        case = ET.SubElement(suite, "testcase", classname=f"kvc.check.{c.result}", name=c.name, time="0")
+        case = ET.SubElement(suite, "testcase", classname=c.result, name=c.name, time="0")
         text = f"{format_value(c)} (expected {c.expected})" + (f"; {c.detail}" if c.detail else "")
         if not c.passed:
             ET.SubElement(case, "failure", message=text, type="regression").text = text

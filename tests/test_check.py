@@ -11,7 +11,6 @@ import torch
 from kvc.budget import geometry_from_dims, sequence_bytes
 from kvc.check import (SCHEMA, Policy, budget_check, evaluate, limit_checks, measured_compression,
                        memory_checks, parse_policy, peak_memory)
-from kvc.errors import KvcError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,6 +218,9 @@ def test_baseline_older_format_is_a_clear_error(run, tmp_path):
     old = _write(tmp_path / "old.json", {"schema": "kvc-check/0", "results": []})
     _one_line_exit_2(run("check", results, "--policy", policy, "--baseline", old),
                      "has format 'kvc-check/0'", f"reads '{SCHEMA}'", "regenerate")
+    budget = _write(tmp_path / "budget.json", {"schema": "kvc-budget/1"})
+    _one_line_exit_2(run("check", results, "--policy", policy, "--baseline", budget),
+                     "not a kvc check report (format 'kvc-budget/1')")
     no_schema = _write(tmp_path / "compress.json", RESULT)
     _one_line_exit_2(run("check", results, "--policy", policy, "--baseline", no_schema),
                      "not a kvc check report (no 'schema' key)")
@@ -262,6 +264,8 @@ def test_bad_results_and_nothing_to_check(run, tmp_path):
     policy = _write(tmp_path / "p.toml", LIMITS)
     _one_line_exit_2(run("check", _write(tmp_path / "r.json", {"method": "x"}), "--policy", policy),
                      "r.json: not kvc results")
+    _one_line_exit_2(run("check", _write(tmp_path / "s.json", _result(**{"summary.kv": None})), "--policy",
+                         policy), "not kvc results")
     bad_memory = _write(tmp_path / "m.json", _result(**{"memory.nominal_bytes": 0}))
     _one_line_exit_2(run("check", bad_memory, "--policy", policy), "'memory' must hold positive numbers")
     _one_line_exit_2(run("check", "--policy", policy), "nothing to evaluate")  # no results, no [run]

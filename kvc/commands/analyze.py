@@ -102,28 +102,31 @@ def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
     s = report.summary
     console.print(f"[bold]kvc analyze[/bold] {s['capture']} ({s['model']}): {len(s['layers'])} layers, "
                   f"{s['mode']}, n x d = {s['n']} x {s['d']}, {s['rank_rule']} rule, {s['seconds']:.1f} s")
-    table = Table(title="per layer: median rank / low-rank energy share / predicted bits saved, outlier records")
+    table = Table(title="per layer (medians over heads): rank, energy share rho of the low-rank part, "
+                        "predicted bits/entry saved; records with outlier channels")
     table.add_column("layer", justify="right")
     for name in tensors:
-        table.add_column(f"{name} rank", justify="right")
-        table.add_column(f"{name} rho", justify="right")
-        table.add_column(f"{name} bits", justify="right")
-    table.add_column("outliers " + "/".join(tensors), justify="right")
+        table.add_column(f"{name}\nrank  rho   bits", justify="right", no_wrap=True)
+    table.add_column("outliers\n" + "/".join(tensors), justify="right", no_wrap=True)
     for row in s["per_layer"]:
         cells = [str(row["layer"])]
         for name in tensors:
             c = row[name]
-            cells += [_fmt(c["median_rank"], "g"), _fmt(c["median_energy_lowrank"], ".0%"),
-                      _fmt(c["median_predicted_bit_saving"], "+.2f")]
+            cells.append(f"{_fmt(c['median_rank'], 'g'):>4} {_fmt(c['median_energy_lowrank'], '.0%'):>4} "
+                         f"{_fmt(c['median_predicted_bit_saving'], '+.2f'):>6}")
         cells.append("/".join(str(row[name]["records_with_outliers"]) for name in tensors))
         table.add_row(*cells)
     console.print(table)
     worst = Table(title="heads with the least to gain (lowest predicted bit saving)")
-    for col in ("layer", "head", "tensor", "seq", "block", "rank", "rho", "bits", "max RMS ratio", "outliers"):
+    cols = ["layer", "head", "tensor"] + (["seq"] if s["mode"] != "pooled" else []) + \
+        (["block"] if s["mode"].startswith("block") else []) + ["rank", "rho", "bits", "max RMS/med", "outliers"]
+    for col in cols:
         worst.add_column(col, justify="left" if col in ("tensor", "outliers") else "right")
     for r in s["worst_heads"]:
-        worst.add_row(str(r["layer"]), str(r["head"]), r["tensor"], _fmt(r["seq"], ""), _fmt(r["block"], ""),
-                      str(r["rank"]), _fmt(r["energy_lowrank"], ".0%"), _fmt(r["predicted_bit_saving"], "+.2f"),
-                      _fmt(r["max_rms_ratio"], ".1f"), ",".join(map(str, r["outlier_channels"])) or "-")
+        values = {"layer": str(r["layer"]), "head": str(r["head"]), "tensor": r["tensor"], "seq": str(r["seq"]),
+                  "block": str(r["block"]), "rank": str(r["rank"]), "rho": _fmt(r["energy_lowrank"], ".0%"),
+                  "bits": _fmt(r["predicted_bit_saving"], "+.2f"), "max RMS/med": _fmt(r["max_rms_ratio"], ".1f"),
+                  "outliers": ",".join(map(str, r["outlier_channels"])) or "-"}
+        worst.add_row(*(values[c] for c in cols))
     console.print(worst)
     console.print(Panel(s["reading"], title="reading", expand=False))

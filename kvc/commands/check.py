@@ -22,7 +22,7 @@ NAME = "check"
 
 
 def command(
-    results: Optional[List[Path]] = typer.Argument(None, help="kvc compress --json files (or kvc check --json reports); none: run the policy's [run] table."),
+    results: Optional[List[Path]] = typer.Argument(None, metavar="RESULTS.json", help="kvc compress --json files (or kvc check --json reports); none: run the policy's \\[run] table."),
     policy_path: Path = typer.Option(..., "--policy", help="Policy file (TOML): limits, budget, memory and baseline tolerances, run."),
     baseline_path: Optional[Path] = typer.Option(None, "--baseline", help="A kvc check --json report to compare against."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per check)."),
@@ -37,6 +37,10 @@ def command(
     for path in (junit, markdown, json_path):
         if path is not None:
             check_writable(path, force)
+    geometry = None  # resolved before a long run, so a bad model fails fast
+    if policy.budget is not None:
+        model = policy.budget.model or (policy.run.model if policy.run else None)
+        geometry = geometry_from_model(model)
     if results:
         loaded = [r for path in results for r in lib.parse_results(_read_json(path), str(path))]
     elif policy.run is not None:
@@ -44,10 +48,6 @@ def command(
             loaded = [lib.run_policy(policy.run, Path(workdir), status.update)]
     else:
         raise KvcError(f"nothing to evaluate: give kvc results files or a [run] table in {policy_path}")
-    geometry = None
-    if policy.budget is not None:
-        model = policy.budget.model or (policy.run.model if policy.run else None)
-        geometry = geometry_from_model(model)
     checks = lib.evaluate(loaded, policy, baseline, geometry)
     if not checks:
         raise KvcError(f"{policy_path} checks nothing on these results: give limits, a [budget], a "

@@ -8,10 +8,9 @@ for attention metrics (K and V together); on ``v`` it is the values' bits per en
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
@@ -97,27 +96,31 @@ def bit_saving(points: list[tuple[float, float, float]], reference: list[tuple[f
 # ----------------------------------------------------------------------------- planning and running
 
 
-def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool,
-         opts: list[str]) -> tuple[list[dict], list[dict]]:
+def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool, opts: list[str],
+         seed: int) -> tuple[list[dict], list[dict]]:
     """(jobs, skipped): one job per supported (method, bits, keys); every skip says why."""
     from ..compress.base import build, get
 
+    parsed = []
+    for item in opts:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise KvcError(f"--opt {item!r}: expected [method.]key=value")
+        target, _, key = key.rpartition(".")
+        parsed.append((item, target, key.strip().replace("-", "_"), text.strip()))
+    used: set[str] = set()
     jobs, skipped = [], []
     for name in methods:
         cls = get(name)
         fields = option_fields(cls)
+        extra = {}
+        for item, target, key, text in parsed:
+            if target in ("", name) and key in fields:
+                extra[key] = convert(text, fields[key][0], f"--opt {item}")
+                used.add(item)
         if "bits" not in fields:
             skipped.append({"method": name, "bits": None, "keys": None, "reason": f"{name} has no --bits option"})
             continue
-        extra = {}
-        for item in opts:
-            key, eq, text = item.partition("=")
-            target, _, key = key.rpartition(".")
-            key = key.strip().replace("-", "_")
-            if not eq:
-                raise KvcError(f"--opt {item!r}: expected [method.]key=value")
-            if target in ("", name) and key in fields:
-                extra[key] = convert(text.strip(), fields[key][0], f"--opt {item}")
         placements = [None]
         if "keys" in fields:
             choices = fields["keys"][1].metadata.get("choices") or ("pre", "post")
@@ -133,7 +136,7 @@ def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool,
                 skipped.append({"method": name, "bits": text, "keys": None, "reason": str(error)})
                 continue
             for k in placements:
-                params = {**extra, "bits": value, **({"keys": k} if k else {})}
+                params = {**extra, "bits": value, "seed": seed, **({"keys": k} if k else {})}
                 try:
                     compressor = build(name, **params)
                 except KvcError as error:
@@ -142,6 +145,9 @@ def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool,
                 jobs.append({"method": name, "bits": float(text), "keys": k, "compressor": compressor,
                              "view": "k_pre" if k == "pre" else "k",
                              "values": k in (None, "post") or "post" not in placements})
+    unused = [item for item, *_ in parsed if item not in used]
+    if unused:
+        raise KvcError(f"--opt {', '.join(unused)}: no method of {', '.join(methods)} has that option")
     return jobs, skipped
 
 
@@ -156,7 +162,6 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
         task = bar.add_task("sweep", total=len(jobs))
         for job in jobs:
             compressor = job.pop("compressor")
-            compressor.options.seed = seed
             label = {k: job[k] for k in ("method", "bits", "keys")}
             bar.update(task, description=f"{job['method']} {job['bits']:g} {job['keys'] or ''}")
             try:
@@ -310,7 +315,7 @@ def command(
         check_writable(path, force)
     source = CaptureFile(capture)
     selected = select_layers(layers, source)
-    jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt)
+    jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt, seed)
     runs, skipped_run, failures = run_jobs(jobs, source, selected, resolve_device(device), compute_dtype(dtype),
                                            seed, query_stride)
     skipped += skipped_run

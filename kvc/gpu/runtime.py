@@ -1,0 +1,239 @@
+"""Loading and launching the CUDA kernels of ``kernels/*.cu``; availability and the ``--device cuda`` check.
+
+Kernels are launched through a *backend*:
+
+- :class:`CupyBackend` (the real one): each source file is compiled once per device with
+  ``cupy.RawModule`` (NVRTC, ``--fmad=false``) and launched on torch's current CUDA stream, so that
+  kernels and torch operations are ordered without synchronisation. Arguments are passed by value
+  (pointers as 64-bit integers), so no array-interface conversion or implicit stream sync happens.
+- ``kvc.gpu.emulator.EmulatorBackend`` (tests only): the same kernel sources compiled for the CPU
+  with g++ and run thread by thread; it takes CPU tensors. It is active only inside
+  :func:`use_backend`, never by default.
+
+Nothing here imports cupy at module import time; ``import kvc.gpu`` is cheap and works without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import KvcError
+
+KERNEL_OPTIONS = ("--fmad=false",)
+"""NVRTC/nvcc options of every kernel (the compile test uses the same): no FMA contraction, so that
+the float operations written in the kernels are exactly the ones the torch reference performs."""
+
+KERNEL_FILES = {
+    "tq_encode": "turboquant", "tq_decode": "turboquant",
+    "tq_score": "tq_attention", "tq_value": "tq_attention",
+    "minmax_quantize": "minmax", "minmax_dequantize": "minmax",
+}
+COMMON_HEADER = "kvc_common.cuh"
+ENV_DISABLE = "KVC_GPU_KERNELS"  # "0": never use the kernels (torch path everywhere)
+ENV_KERNELS_DIR = "KVC_KERNELS_DIR"  # where kernels/*.cu live (default: the repository's kernels/)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"' + re.escape(COMMON_HEADER) + r'"\s*$', re.M)
+
+
+def kernels_dir() -> Path:
+    """The directory holding the kernel sources (``$KVC_KERNELS_DIR`` or the repository's ``kernels/``)."""
+    env = os.environ.get(ENV_KERNELS_DIR)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernel_source(name: str) -> str:
+    """Source of ``kernels/{name}.cu`` with the common header inlined (so that a compile cache keyed
+    on the source text sees header changes too)."""
+    directory = kernels_dir()
+    path = directory / f"{name}.cu"
+    if not path.is_file():
+        raise KvcError(f"kernel source {path} is missing (set {ENV_KERNELS_DIR} to the kernels/ directory)")
+    header = (directory / COMMON_HEADER).read_text()
+    return _INCLUDE.sub(lambda _: header, path.read_text())
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_import_error() -> str | None:
+    try:
+        import cupy  # noqa: F401
+    except Exception as err:  # ImportError, or a broken CUDA runtime behind it
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def missing(device: str | torch.device | None = None) -> list[str]:
+    """What is missing for the GPU kernels on ``device`` (empty list: nothing)."""
+    items = []
+    if not torch.cuda.is_available():
+        items.append("no CUDA GPU is visible to torch")
+    elif device is not None:
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            items.append(f"GPU {index} does not exist ({torch.cuda.device_count()} visible)")
+    error = _cupy_import_error()
+    if error is not None:
+        detail = "" if error.startswith("ModuleNotFoundError") else f" ({error})"
+        items.append(f"cupy is not installed{detail}; pip install 'kvc[gpu]' (cupy-cuda12x)")
+    if not kernels_dir().is_dir():
+        items.append(f"the kernel sources are not found at {kernels_dir()} (set {ENV_KERNELS_DIR})")
+    return items
+
+
+def available() -> bool:
+    """True when the CUDA kernels can run: a GPU, cupy, the sources, and KVC_GPU_KERNELS != 0."""
+    if os.environ.get(ENV_DISABLE, "1") == "0":
+        return False
+    return not missing()
+
+
+def require(device: str | torch.device) -> None:
+    """KvcError (one line, exit 2) when ``device`` is a CUDA device and the GPU or cupy is missing.
+
+    Commands call this right after parsing ``--device`` (``auto`` resolves to cpu without a GPU and
+    passes; ``cuda`` without cupy does not: the user asked for the GPU path)."""
+    text = str(device)
+    if not text.startswith("cuda"):
+        return
+    items = missing(text)
+    if items:
+        raise KvcError(f"--device {text} needs a CUDA GPU and cupy: {'; '.join(items)}")
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class Arg:
+    """A kernel argument by value: kind 'ptr' (tensor or None), 'i64', 'i32' or 'f32'."""
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind: str, value):
+        self.kind, self.value = kind, value
+
+
+def ptr(t: torch.Tensor | None) -> Arg:
+    return Arg("ptr", 0 if t is None else int(t.data_ptr()))
+
+
+def i64(v: int) -> Arg:
+    return Arg("i64", int(v))
+
+
+def i32(v: int) -> Arg:
+    return Arg("i32", int(v))
+
+
+def f32(v: float) -> Arg:
+    return Arg("f32", float(v))
+
+
+class Backend:
+    """Launches kernels by name; ``accepts`` says which tensors (devices) it works on."""
+
+    name = "none"
+    block_threads = 256
+
+    def accepts(self, device: torch.device) -> bool:
+        raise NotImplementedError
+
+    def launch(self, kernel: str, grid: Sequence[int], block: int, args: Sequence[Arg],
+               device: torch.device) -> None:
+        raise NotImplementedError
+
+    def synchronize(self, device: torch.device) -> None:
+        pass
+
+
+class CupyBackend(Backend):
+    """cupy.RawModule per (source file, device), launched on torch's current stream."""
+
+    name = "cupy"
+
+    def __init__(self):
+        self._functions: dict[tuple[str, int], object] = {}
+        self._lock = threading.Lock()
+
+    def accepts(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def _function(self, kernel: str, index: int):
+        key = (kernel, index)
+        fn = self._functions.get(key)
+        if fn is None:
+            import cupy
+
+            with self._lock, cupy.cuda.Device(index):
+                module = cupy.RawModule(code=kernel_source(KERNEL_FILES[kernel]), options=KERNEL_OPTIONS)
+                fn = self._functions[key] = module.get_function(kernel)
+        return fn
+
+    def launch(self, kernel, grid, block, args, device):
+        import cupy
+        import numpy as np
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fn = self._function(kernel, index)
+        conv = {"ptr": np.uint64, "i64": np.int64, "i32": np.int32, "f32": np.float32}
+        values = tuple(conv[a.kind](a.value) for a in args)
+        grid3 = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        stream = torch.cuda.current_stream(index).cuda_stream
+        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream):
+            fn(grid3, (int(block), 1, 1), values)
+
+    def synchronize(self, device):
+        torch.cuda.synchronize(device)
+
+
+_CUPY: CupyBackend | None = None
+_OVERRIDE: list[Backend] = []
+
+
+def active_backend() -> Backend | None:
+    """The backend kernels go to: a :func:`use_backend` override, else cupy when :func:`available`."""
+    global _CUPY
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
+    if not available():
+        return None
+    if _CUPY is None:
+        _CUPY = CupyBackend()
+    return _CUPY
+
+
+def backend_for(t: torch.Tensor) -> Backend | None:
+    """The backend that takes tensors on ``t``'s device, or None (then the torch path runs)."""
+    be = active_backend()
+    return be if be is not None and be.accepts(t.device) else None
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend) -> Iterator[Backend]:
+    """Route kernels to ``backend`` inside the block (tests: the CPU emulator)."""
+    _OVERRIDE.append(backend)
+    try:
+        yield backend
+    finally:
+        _OVERRIDE.remove(backend)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+__all__ = ["KERNEL_OPTIONS", "KERNEL_FILES", "available", "require", "missing", "kernels_dir",
+           "kernel_source", "active_backend", "backend_for", "use_backend", "Backend", "CupyBackend",
+           "ptr", "i64", "i32", "f32", "cdiv", "is_pow2"]

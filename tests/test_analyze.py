@@ -1,0 +1,187 @@
+"""``kvc analyze`` end to end on synthetic captures with a planted answer, bad input, the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kvc import analyze
+from kvc.fileio import save_safetensors
+
+PLANTED = [3, 17]
+REQUIRED = ("layer", "head", "tensor", "seq", "block", "n", "d", "rank", "bulk_edge", "sigma", "bbp_threshold",
+            "singular_values", "shrunk", "energy_lowrank", "predicted_bit_saving", "outlier_channels",
+            "thin_shell_cv", "deloc_max")
+
+
+@pytest.fixture
+def synth(run, tmp_path):
+    """make(*extra synth args) -> capture by `kvc synth`: rank 3 per sequence (spikes drawn per sequence)."""
+
+    def _make(*extra, name="synth.safetensors"):
+        path = tmp_path / name
+        code, _, err = run("synth", "-o", path, "--layers", 2, "--kv-heads", 2, "--heads", 4, "--head-dim", 64,
+                           "--seq-len", 256, "--num-seqs", 2, "--seed", 1, *extra)
+        assert code == 0, err
+        return path
+
+    return _make
+
+
+def _report(run, tmp_path, capture, *args):
+    out = tmp_path / "report.json"
+    code, stdout, err = run("analyze", capture, "--json", out, "--force", *args)
+    assert code == 0, err
+    return json.loads(out.read_text()), stdout
+
+
+def test_json_report_finds_planted_outliers(run, tmp_path, synth):
+    report, stdout = _report(run, tmp_path, synth("--outlier-channels", "3,17"))
+    assert set(report) >= {"heads", "summary"}
+    heads = report["heads"]
+    assert len(heads) == 2 * 2 * 3  # layers x KV heads x (k_pre, k, v)
+    for rec in heads:
+        assert all(key in rec for key in REQUIRED)
+        assert rec["seq"] is None and rec["block"] is None and (rec["n"], rec["d"]) == (512, 64)
+        assert len(rec["singular_values"]) == 16 and len(rec["shrunk"]) == rec["rank"]
+        assert rec["skipped"] is None and len(rec["channel_kurtosis"]) == 64
+        if rec["tensor"] in ("k_pre", "v"):  # synth scales these channels of k_pre and v
+            assert rec["outlier_channels"] == PLANTED
+    summary = report["summary"]
+    assert summary["tensors"]["v"]["records_with_outliers"] == 4
+    assert summary["tensors"]["v"]["top_outlier_channels"] == [[3, 4], [17, 4]]
+    assert summary["rope"]["outliers_pre"] == 2 * 2 * 2 and len(report["rope"]) == 2 * 2
+    assert "reading" in stdout and "Keys before RoPE" in stdout
+
+
+def test_json_report_recovers_the_planted_rank(run, tmp_path, synth):
+    capture = synth()
+    report, _ = _report(run, tmp_path, capture, "--per-seq")
+    for rec in report["heads"]:
+        if rec["tensor"] in ("k_pre", "v"):  # rank 3 per sequence; bulk edge between y_3 and y_4
+            assert rec["rank"] == 3 and rec["outlier_channels"] == []
+            assert rec["singular_values"][3] < rec["bulk_edge"] < rec["singular_values"][2]
+            assert rec["bbp_threshold"] < min(rec["d_hat"]) and 0 < rec["energy_lowrank"] < 1
+            assert all(0 < s < y for s, y in zip(rec["shrunk"], rec["singular_values"]))
+    # rho = 61 / (61 + 64) of the energy is planted: just under the 50 % "low-rank layer" mark
+    assert "Values are not low-rank in any of 2 layers: median rank 3, 4" in report["summary"]["reading"]
+    report, _ = _report(run, tmp_path, capture)  # pooled: each sequence has its own 3 spikes
+    assert {r["rank"] for r in report["heads"] if r["tensor"] != "k"} == {6}
+
+
+def test_blocks_and_sequences(run, tmp_path, synth):
+    capture = synth()
+    report, _ = _report(run, tmp_path, capture, "--block", 100, "--tensors", "v")
+    heads = report["heads"]
+    assert len(heads) == 2 * 2 * 2 * 2  # layers x seqs x blocks (256 // 100) x heads; the 56-token tail is left out
+    assert {(r["seq"], r["block"]) for r in heads} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert all(r["n"] == 100 and r["tensor"] == "v" for r in heads)
+    report, _ = _report(run, tmp_path, capture, "--per-seq", "--rank-rule", "matlab", "--layers", "1")
+    assert {(r["layer"], r["seq"], r["n"]) for r in report["heads"]} == {(1, 0, 256), (1, 1, 256)}
+    assert report["summary"]["rank_rule"] == "matlab"
+
+
+def test_fewer_tokens_than_channels_and_too_few_for_the_rule(run, tmp_path, synth):
+    capture = synth()
+    report, _ = _report(run, tmp_path, capture, "--block", 32, "--tensors", "k_pre")  # n = 32 < d = 64: transposed
+    assert all(r["n"] == 32 and r["rank"] is not None for r in report["heads"])
+    report, stdout = _report(run, tmp_path, capture, "--block", 2)
+    assert all(r["rank"] is None and "at least 3" in r["skipped"] for r in report["heads"])
+    assert all(len(r["outlier_channels"]) <= 64 for r in report["heads"])
+    assert "skipped" in stdout
+
+
+def test_topk_outliers_and_stdout_json(run, synth):
+    code, stdout, err = run("analyze", synth(), "--json", "-", "--outlier-topk", 1, "--layers", "0")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert all(len(r["outlier_channels"]) == 1 for r in report["heads"])
+    assert "reading" in err  # the human summary moves to stderr
+
+
+def test_plots_are_written(run, tmp_path, synth):
+    plots = tmp_path / "plots"
+    code, _, err = run("analyze", synth(), "--plots", plots)
+    assert code == 0, err
+    for name in ("scree.png", "rank_heatmap.png", "channel_magnitude.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run("analyze", synth(name="again.safetensors"), "--plots", plots)
+    assert code == 2 and "--force" in err
+
+
+def test_rope_comparison_finds_rotation_partners(synth):
+    """Planted k_pre outliers 3 and 17 spread onto their RoPE partners 35 and 49 after rotation."""
+    from kvc.capture_format import CaptureFile
+
+    cap = CaptureFile(synth("--outlier-channels", "3,17"))
+    options = analyze.Options(outlier_factor=4.0)
+    report = analyze.analyze_capture(cap, [0], ["k_pre", "k"], options, torch.device("cpu"))
+    for rec in report.rope:
+        assert rec["outliers_pre"] == PLANTED
+        assert set(rec["only_post_from_partner"]) <= {35, 49} and rec["only_post_from_partner"]
+
+
+def test_not_a_capture(run, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    code, _, err = run("analyze", text)
+    assert code == 2 and "not a readable safetensors" in err
+    foreign = tmp_path / "foreign.safetensors"
+    save_safetensors(foreign, {"w": torch.zeros(2)}, {"format": "pt"})
+    code, _, err = run("analyze", foreign)
+    assert code == 2 and "not a kvc capture" in err
+    code, _, err = run("analyze", tmp_path / "missing.safetensors")
+    assert code == 2 and "no such file" in err
+
+
+def test_nan_names_layer_and_head(run, tmp_path, synth):
+    path = synth()
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors["layers.1.v"][1, 1, 7, 5] = float("nan")
+    tensors["layers.1.v"][0, 1, 9, 2] = float("inf")
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors(bad, tensors, meta)
+    code, _, err = run("analyze", bad)
+    assert code == 2
+    assert "layer 1" in err and "tensor v" in err and "head 1 (2 entries)" in err and "head 0" not in err
+
+
+def test_bad_options(run, tmp_path, synth):
+    capture = synth()
+    for args, message in [
+        (("--tensors", "q"), "choose from k_pre, k, v"),
+        (("--rank-rule", "bbp"), "--rank-rule"),
+        (("--block", 0), "--block"),
+        (("--block", 1000), "longer than"),
+        (("--layers", "7"), "--layers"),
+        (("--outlier-topk", 65), "--outlier-topk"),
+        (("--device", "tpu"), "--device"),
+    ]:
+        code, _, err = run("analyze", capture, *args)
+        assert code == 2 and message in err, (args, err)
+    no_rope = synth("--no-rope", name="norope.safetensors")
+    code, _, err = run("analyze", no_rope, "--tensors", "k_pre")
+    assert code == 2 and "lacks k_pre" in err
+    report, _ = _report(run, tmp_path, no_rope)
+    assert {r["tensor"] for r in report["heads"]} == {"k", "v"} and report["rope"] == []
+    existing = tmp_path / "exists.json"
+    existing.write_text("{}")
+    code, _, err = run("analyze", capture, "--json", existing)
+    assert code == 2 and "--force" in err
+
+
+@pytest.mark.model
+def test_real_default_model_end_to_end(run, tmp_path):
+    capture = tmp_path / "real.safetensors"
+    code, _, err = run("capture", "-o", capture, "--layers", "0,1", "--seq-len", 128, "--num-seqs", 2)
+    assert code == 0, err
+    report, stdout = _report(run, tmp_path, capture, "--plots", tmp_path / "plots")
+    heads = report["heads"]
+    assert {(r["layer"], r["tensor"]) for r in heads} == {(layer, t) for layer in (0, 1) for t in ("k_pre", "k", "v")}
+    assert all(r["skipped"] is None and r["rank"] >= 0 and (r["n"], r["d"]) == (256, 64) for r in heads)
+    assert report["summary"]["reading"] and "Keys before RoPE" in stdout
