@@ -43,6 +43,7 @@ class _Recorder:
     records: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     pending_rope: tuple | None = None
+    stop_after_last: bool = False  # end the forward pass once the last wanted layer is recorded
 
     def on_rope(self, q, k, cos, sin):
         self.pending_rope = (q, k, cos, sin)
@@ -59,6 +60,12 @@ class _Recorder:
             rec.update(k_pre=k_pre, q_pre=q_pre.index_select(2, pos))
             self.cos_sin[layer] = (cos[0].float().cpu(), sin[0].float().cpu())
         self.records[layer] = {name: t.detach().to("cpu", copy=True) for name, t in rec.items()}
+        if self.stop_after_last and layer == max(self.layers):
+            raise _LayersDone
+
+
+class _LayersDone(Exception):
+    """Raised from the attention hook: the layers above the last wanted one need not run."""
 
 
 _ACTIVE: list[_Recorder] = []
@@ -178,7 +185,7 @@ def capture(model, input_ids: torch.Tensor, out_path, *, meta: dict, layers: lis
     start = time.perf_counter()
     num_seqs, seq_len = input_ids.shape
     device = next(model.parameters()).device
-    recorder = _Recorder(set(layers), q_positions)
+    recorder = _Recorder(set(layers), q_positions, stop_after_last=True)
     writer = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
@@ -186,7 +193,8 @@ def capture(model, input_ids: torch.Tensor, out_path, *, meta: dict, layers: lis
         for first in range(0, num_seqs, batch_size):
             batch = input_ids[first:first + batch_size].to(device)
             recorder.records.clear()
-            model(input_ids=batch, use_cache=False)
+            with contextlib.suppress(_LayersDone):
+                model(input_ids=batch, use_cache=False)
             missing = [layer for layer in layers if layer not in recorder.records]
             if missing:
                 raise KvcError(f"{type(model).__name__}: attention of layers {missing} was not "

@@ -18,6 +18,8 @@ import typer
 from . import commands
 from .errors import KvcError
 
+INTERNAL_ERROR = 3  # distinct from 1 (a regression found by `kvc check`) and 2 (bad input)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline KV-cache profiling and compression for transformer LMs.")
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kvc: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
               "traceback)", file=sys.stderr)
-        return 1
+        return INTERNAL_ERROR
 
 
 def entry() -> None:
