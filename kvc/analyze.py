@@ -108,13 +108,14 @@ def split_tokens(x: Tensor, per_seq: bool, block: int | None) -> tuple[Tensor, l
     return x.transpose(0, 1).reshape(1, H, S * T, D), [(None, None)]
 
 
-def check_finite(x: Tensor, layer: int, name: str) -> None:
-    """KvcError naming the layer, tensor and KV heads when x [S, H, T, D] holds NaN or Inf."""
+def check_finite(x: Tensor, layer: int, names: list[str]) -> None:
+    """KvcError naming the layer, tensor and KV heads when x [tensors, S, H, T, D] holds NaN or Inf."""
     bad = ~torch.isfinite(x)
     if bad.any():
-        per_head = bad.sum((0, 2, 3))
-        heads = ", ".join(f"head {h} ({int(c)} entries)" for h, c in enumerate(per_head.tolist()) if c)
-        raise KvcError(f"layer {layer}, tensor {name}: NaN/Inf values in KV {heads}")
+        per_head = bad.sum((1, 3, 4)).tolist()  # [tensors, H]
+        t = next(i for i, counts in enumerate(per_head) if any(counts))
+        heads = ", ".join(f"head {h} ({c} entries)" for h, c in enumerate(per_head[t]) if c)
+        raise KvcError(f"layer {layer}, tensor {names[t]}: NaN/Inf values in KV {heads}")
 
 
 def spectral_stats(X: Tensor, rule: rmt.RankRule, factor_bits: int, generator: torch.Generator) -> Spectral:
@@ -285,11 +286,11 @@ def analyze_layer(layer_tensors: dict[str, Tensor], layer: int, options: Options
                   rotary_dims: int | None) -> tuple[list[dict], list[dict], Tensor]:
     """Records, RoPE records and singular values [len(tensors), G, H, p] of one layer's [S, H, T, D] tensors."""
     names = list(layer_tensors)
-    for name, x in layer_tensors.items():
-        check_finite(x, layer, name)
-    grouped = [split_tokens(x, options.per_seq, options.block) for x in layer_tensors.values()]
+    raw = torch.stack(list(layer_tensors.values())).to(device)  # [tensors, S, H, T, D]
+    check_finite(raw, layer, names)
+    grouped = [split_tokens(x, options.per_seq, options.block) for x in raw]
     labels = grouped[0][1]
-    X = torch.stack([g for g, _ in grouped]).to(device)  # [tensors, G, H, n, d]
+    X = torch.stack([g for g, _ in grouped])  # [tensors, G, H, n, d]
     generator = torch.Generator().manual_seed(layer)  # one Haar rotation per layer, reproducible
     stats = head_stats(X, options, generator)
     heads = head_records(stats, layer, names, labels)
@@ -324,7 +325,7 @@ def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str],
 
 def _median(xs: list) -> float | None:
     xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+    return _num(statistics.median(xs)) if xs else None
 
 
 def _tensor_summary(recs: list[dict]) -> dict:

@@ -370,7 +370,7 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
     The prefills and the baseline are shared by all compressors. ``measure``: also the compress
     engine's tensor metrics on the perplexity prefills (the proxies of ``kvc compress``).
     """
-    _check(settings)
+    check(settings)
     dtype = next(model.parameters()).dtype
     tick = progress or (lambda _: None)
     results = [MethodResult() for _ in compressors]
@@ -445,7 +445,8 @@ def _retrieve(model, prompts: Prompts, batch: Tensor, question: Tensor, needles,
     yield from enumerate(run_all(layers, "retrieval", answer))
 
 
-def _check(s: Settings) -> None:
+def check(s: Settings) -> None:
+    """Refuse impossible settings with one clear line."""
     if not s.contexts or min(s.contexts) < 16:
         raise KvcError("--contexts must be lengths of at least 16 tokens")
     if s.windows < 1 or s.continuation < 1:
@@ -454,6 +455,12 @@ def _check(s: Settings) -> None:
         raise KvcError("--trials must be >= 1 and --depths fractions in [0, 1]")
     if s.needles < 0 or s.needles > len(COLORS):
         raise KvcError(f"--needles must lie in 0..{len(COLORS)}")
+
+
+def steps(s: Settings, methods: int) -> int:
+    """Progress ticks of ``evaluate`` for ``methods`` compressors."""
+    groups = len(s.contexts) * s.trials * (1 + (s.needles > 0)) if s.retrieval else 0
+    return len(s.contexts) * (1 + methods) + groups * (1 + methods)
 
 
 def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, base_multi) -> dict[str, Any]:
@@ -496,3 +503,30 @@ def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, b
 def _mean(cells: dict) -> float:
     hits = [x for v in cells.values() for x in v]
     return sum(hits) / len(hits)
+
+
+def plot_retrieval(result: dict[str, Any], path) -> None:
+    """Depth x length heatmaps of needle accuracy, uncompressed beside the method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single = result["retrieval"]["single"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(single["lengths"]), 0.6 * len(single["depths"]) + 2),
+                             sharey=True, constrained_layout=True)
+    for ax, key, title in zip(axes, ("accuracy_base", "accuracy"), ("uncompressed", result["method"])):
+        grid = single[key]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(single["lengths"])), single["lengths"])
+        ax.set_yticks(range(len(single["depths"])), [f"{d:g}" for d in single["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(f"{title}: {single['overall_base' if key == 'accuracy_base' else 'overall']:.0%}")
+    axes[0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes, label="retrieval accuracy")
+    fig.suptitle(f"needle retrieval, {result['method']} at {result['bits_per_entry']:.2f} bits per entry")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,18 +1,18 @@
 // CPU emulation of the small CUDA subset the kvc kernels use, so that the *same* kernel sources can
 // be compiled with g++ and executed here (tests, and machines without a GPU). Not a simulator of
-// performance or of memory-model corner cases: blocks run one after another, every CUDA thread is an
-// OS thread, __syncthreads is a block barrier and __shfl_xor_sync a warp barrier + exchange.
+// performance or of memory-model corner cases: blocks run one after another, __syncthreads is a
+// block barrier and __shfl_xor_sync a warp barrier + exchange.
 //
 // What it checks: indexing, the butterfly order of the Walsh-Hadamard transform, the bit layout of
 // the packing, the float16 rounding helpers and every float operation (x86-64 SSE float arithmetic
 // is IEEE-754 binary32 with round-to-nearest, like the __f*_rn intrinsics; compiled with
 // -ffp-contract=off like --fmad=false). What it cannot check: PTX-level behaviour (the cvt
 // instructions are replaced by _Float16 conversions), real warp scheduling, alignment faults.
+// Every CUDA thread is a fiber (ucontext) on one OS thread, see KvcEmuBlock below.
 
 #ifndef KVC_EMU_HPP
 #define KVC_EMU_HPP
 
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,8 +35,7 @@ struct alignas(16) float4 {
 };
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 
-extern thread_local dim3 threadIdx;
-extern dim3 blockIdx, blockDim, gridDim;
+extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
@@ -64,27 +63,55 @@ inline float kvc_emu_h2f(unsigned short u) {
     return (float)h;
 }
 
+// Cooperative scheduling: every CUDA thread of a block is a fiber (ucontext) on one OS thread; a
+// barrier yields until all of its participants have arrived. Blocks run one after another.
+struct KvcEmuBarrier {
+    unsigned needed = 0, arrived = 0, generation = 0;
+};
+
+void kvc_emu_yield();
+
+inline void kvc_emu_wait(KvcEmuBarrier& b) {
+    const unsigned gen = b.generation;
+    if (++b.arrived == b.needed) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    while (b.generation == gen) kvc_emu_yield();
+}
+
+inline void kvc_emu_drop(KvcEmuBarrier& b) {  // a finished thread leaves the barrier
+    --b.needed;
+    if (b.arrived > 0 && b.arrived == b.needed) {
+        b.arrived = 0;
+        ++b.generation;
+    }
+}
+
 struct KvcEmuBlock {
-    explicit KvcEmuBlock(unsigned threads) : block_barrier(threads), slots(threads) {
+    explicit KvcEmuBlock(unsigned threads) : slots(threads) {
+        block_barrier.needed = threads;
         for (unsigned w = 0; w * 32 < threads; ++w) {
-            unsigned lanes = threads - w * 32 < 32 ? threads - w * 32 : 32;
-            warp_barriers.emplace_back(new std::barrier<>(lanes));
+            KvcEmuBarrier b;
+            b.needed = threads - w * 32 < 32 ? threads - w * 32 : 32;
+            warp_barriers.push_back(b);
         }
     }
-    std::barrier<> block_barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    KvcEmuBarrier block_barrier;
+    std::vector<KvcEmuBarrier> warp_barriers;
     std::vector<float> slots;
 };
 extern KvcEmuBlock* kvc_emu_block;
 
-inline void __syncthreads() { kvc_emu_block->block_barrier.arrive_and_wait(); }
+inline void __syncthreads() { kvc_emu_wait(kvc_emu_block->block_barrier); }
 
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int m) {
     const unsigned t = threadIdx.x, w = t / 32, lane = t % 32;
     kvc_emu_block->slots[t] = v;
-    kvc_emu_block->warp_barriers[w]->arrive_and_wait();
+    kvc_emu_wait(kvc_emu_block->warp_barriers[w]);
     const float r = kvc_emu_block->slots[w * 32 + (lane ^ (unsigned)m)];
-    kvc_emu_block->warp_barriers[w]->arrive_and_wait();
+    kvc_emu_wait(kvc_emu_block->warp_barriers[w]);
     return r;
 }
 

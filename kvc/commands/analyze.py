@@ -37,25 +37,27 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Spectra, rank, shrinkage and outlier channels of every (layer, KV head) of a capture."""
-    from .. import analyze_plots
-
     if rank_rule not in ("eoptshrinkq", "matlab"):
         raise KvcError(f"--rank-rule must be eoptshrinkq or matlab, not {rank_rule!r}")
     if block is not None and block < 1:
         raise KvcError("--block must be >= 1")
+    torch_device = resolve_device(device)
     cap = CaptureFile(capture)
     chosen_layers = _layers(cap, layers)
     chosen = _tensors(cap, chosen_layers, tensors)
     if json_path not in (None, "-"):
         check_writable(Path(json_path), force)
-    plot_paths = [plots / name for name in analyze_plots.PLOT_FILES] if plots else []
-    for path in plot_paths:
-        check_writable(path, force)
+    if plots:
+        from .. import analyze_plots  # matplotlib only when asked for
+
+        plot_paths = [plots / name for name in analyze_plots.PLOT_FILES]
+        for path in plot_paths:
+            check_writable(path, force)
     options = Options(rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
                       per_seq=per_seq, block=block)
     with progress_bar() as bar:
         task = bar.add_task("analyzing", total=len(chosen_layers))
-        report = analyze_capture(cap, chosen_layers, chosen, options, resolve_device(device),
+        report = analyze_capture(cap, chosen_layers, chosen, options, torch_device,
                                  progress=lambda: bar.advance(task))
     console = err if json_path == "-" else out
     print_summary(console, report, chosen)

@@ -195,10 +195,12 @@ def plot(runs: list[dict], metric: str, methods: list[str], path: Path, force: b
     for ax, view in zip(axes[0], views):
         points = view_points(runs, view, metric)
         for method, p in points.items():
-            color = f"C{methods.index(method) % 10}"
-            ax.scatter([x for x, _, _ in p], [y for _, y, _ in p], color=color, s=12, alpha=0.35)
+            index = methods.index(method)
+            color, marker = f"C{index % 10}", "os^Dv<>PX*"[index % 10]
+            ax.scatter([x for x, _, _ in p], [y for _, y, _ in p], color=color, marker=marker, s=14, alpha=0.35)
             front = pareto_front(p)
-            ax.plot([x for x, _, _ in front], [y for _, y, _ in front], "-o", color=color, ms=4, label=method)
+            ax.plot([x for x, _, _ in front], [y for _, y, _ in front], "-", marker=marker, color=color,
+                    ms=5, mfc="none", label=method)
         values = [y for p in points.values() for _, y, _ in p]
         if values and min(values) > 0:
             ax.set_yscale("log")

@@ -352,8 +352,9 @@ def decompress(path: str | os.PathLike, out: str | os.PathLike, device: torch.de
             if src.rope is not None:
                 tensors["k_pre"] = (decoded.k_pre if decoded.k_pre is not None else apply_rope(
                     decoded.k, torch.arange(src.seq_len, device=decoded.k.device), src.rope, L, inverse=True))
-            if cf.evicts:
-                tensors["keep"] = decoded.keep
+            if cf.evicts:  # a layer the method left whole keeps every token
+                tensors["keep"] = (decoded.keep if decoded.keep is not None
+                                   else torch.ones(kv_shape[:3], dtype=torch.bool))
             if source_q is not None:
                 tensors.update({n: source_q.tensor(L, n) for n in ("q", "q_pre") if source_q.has(L, n)})
             for n, t in tensors.items():

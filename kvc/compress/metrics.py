@@ -5,7 +5,7 @@ Shapes: k, k_hat, v, v_hat [S, H, T, D]; queries q [S, H_q, Tq, D] after RoPE at
 are never repeated. Causal: the query at position p sees the keys at positions <= p. Evicted tokens
 (``keep`` False) are masked out of the compressed attention and of the inner-product statistics;
 their reconstruction (zeros) still counts in ``mse_rel``. Every metric is pooled over sequences,
-query heads of the group and positions; sums are float64.
+query heads of the group and positions; sums across query rows are float64.
 
 Metrics by tensor row:
 - ``k``: mse_rel, ip_bias_rel, ip_slope, ip_rmse_rel (x = <q,k>, y = <q,k_hat>, e = y - x);
@@ -24,6 +24,7 @@ from torch import Tensor
 
 TOPK = 8
 CHUNK_ELEMENTS = 1 << 22  # logits per query chunk ([S, H_q, chunk, T]); bounds peak memory
+NEG = -1e30  # mask value of a logit: exp underflows to 0, while 0 * NEG stays 0 (no NaN)
 
 Scorer = Callable[[Tensor], Tensor | None]
 
@@ -39,9 +40,6 @@ def grouped(q: Tensor, num_kv_heads: int) -> Tensor:
     """Queries [S, H_q, Tq, D] viewed as [S, H_kv, G, Tq, D] (query head h*G + g reads KV head h)."""
     S, Hq, Tq, D = q.shape
     return q.reshape(S, num_kv_heads, Hq // num_kv_heads, Tq, D)
-
-
-NEG = -1e30  # additive mask: exp underflows to 0, while 0 * NEG stays 0 (no NaN)
 
 
 def _topk_overlap(logits: Tensor, logits_hat: Tensor, visible: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from ..errors import KvcError
 from .runtime import KERNEL_FILES, Backend, kernels_dir
 
 EMULATOR_FLAGS = ("-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-Wno-unknown-pragmas",
-                  "-pthread", "-shared", "-fPIC")
+                  "-shared", "-fPIC")
 _LOCK = threading.Lock()
 
 

@@ -323,7 +323,8 @@ def tq_score_packed(q: Tensor, packed: Tensor, bits: int, shape, norms: Tensor, 
     be = backend_for(packed)
     if (be is not None and len(shape) == 4 and q.dim() == 4 and q.dtype in _FLOATS and q.device == packed.device
             and q.shape[0] == shape[0] and q.shape[-1] == shape[-1] and q.shape[1] % shape[1] == 0
-            and q.shape[2] > 0 and _packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
+            and q.shape[2] > 0 and cdiv(q.shape[1] // shape[1] * q.shape[2], SCORE_QC) <= 65535
+            and _packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
             and attention_plan("score", shape, bits, rotation)
             and _verified(be, packed.device, "tq_score", (shape[-1], bits))):
         return tq_score_kernel(be, q, packed, bits, shape, norms, rotation, codebook, poison_enabled())
@@ -359,7 +360,8 @@ def tq_value_packed(w: Tensor, packed: Tensor, bits: int, shape, norms: Tensor, 
     be = backend_for(packed)
     if (be is not None and len(shape) == 4 and w.dim() == 4 and w.dtype in _FLOATS and w.device == packed.device
             and w.shape[0] == shape[0] and w.shape[-1] == shape[2] and w.shape[1] % shape[1] == 0
-            and w.shape[2] > 0 and _packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
+            and w.shape[2] > 0 and cdiv(w.shape[1] // shape[1] * w.shape[2], VALUE_QV) <= 65535
+            and _packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
             and attention_plan("value", shape, bits, rotation)
             and _verified(be, packed.device, "tq_value", (shape[-1], bits))):
         return tq_value_kernel(be, w, packed, bits, shape, norms, rotation, codebook, poison_enabled())

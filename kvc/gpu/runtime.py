@@ -20,6 +20,7 @@ import functools
 import os
 import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -83,7 +84,7 @@ def missing(device: str | torch.device | None = None) -> list[str]:
     error = _cupy_import_error()
     if error is not None:
         detail = "" if error.startswith("ModuleNotFoundError") else f" ({error})"
-        items.append(f"cupy is not installed{detail}; pip install 'kvc[gpu]' (cupy-cuda12x)")
+        items.append(f"cupy is not installed{detail} (pip install 'kvc[gpu]', i.e. cupy-cuda12x)")
     if not kernels_dir().is_dir():
         items.append(f"the kernel sources are not found at {kernels_dir()} (set {ENV_KERNELS_DIR})")
     return items
@@ -106,7 +107,7 @@ def require(device: str | torch.device) -> None:
         return
     items = missing(text)
     if items:
-        raise KvcError(f"--device {text} needs a CUDA GPU and cupy: {'; '.join(items)}")
+        raise KvcError(f"--device {text} needs a CUDA GPU and cupy: {' and '.join(items)}")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -160,7 +161,9 @@ class CupyBackend(Backend):
     name = "cupy"
 
     def __init__(self):
+        self._modules: dict[tuple[str, int], object] = {}
         self._functions: dict[tuple[str, int], object] = {}
+        self._streams: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()
 
     def accepts(self, device: torch.device) -> bool:
@@ -173,7 +176,11 @@ class CupyBackend(Backend):
             import cupy
 
             with self._lock, cupy.cuda.Device(index):
-                module = cupy.RawModule(code=kernel_source(KERNEL_FILES[kernel]), options=KERNEL_OPTIONS)
+                mkey = (KERNEL_FILES[kernel], index)
+                module = self._modules.get(mkey)
+                if module is None:  # compiled (NVRTC) on first use; cupy caches the binary on disk
+                    module = self._modules[mkey] = cupy.RawModule(code=kernel_source(mkey[0]),
+                                                                  options=KERNEL_OPTIONS)
                 fn = self._functions[key] = module.get_function(kernel)
         return fn
 
@@ -186,9 +193,25 @@ class CupyBackend(Backend):
         conv = {"ptr": np.uint64, "i64": np.int64, "i32": np.int32, "f32": np.float32}
         values = tuple(conv[a.kind](a.value) for a in args)
         grid3 = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
-        stream = torch.cuda.current_stream(index).cuda_stream
-        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream):
+        with cupy.cuda.Device(index), self._stream(index):
             fn(grid3, (int(block), 1, 1), values)
+
+    def _stream(self, index: int):
+        """torch's current stream on device ``index`` as a cupy stream (cached per stream)."""
+        import cupy
+
+        ts = torch.cuda.current_stream(index)
+        key = (index, ts.cuda_stream)
+        stream = self._streams.get(key)
+        if stream is None:
+            if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+                stream = cupy.cuda.Stream.from_external(ts)  # cupy >= 14
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    stream = cupy.cuda.ExternalStream(ts.cuda_stream, index)
+            self._streams[key] = stream
+        return stream
 
     def synchronize(self, device):
         torch.cuda.synchronize(device)
