@@ -88,9 +88,9 @@ def main() -> None:
                      f"{'yes' if wall < TARGET_S else 'no'} |")
     lines += [
         "",
-        "Many small batched LAPACK calls (64 x 64 eigendecompositions) gain nothing from intra-op threads; "
-        "when other processes share the cores, OpenMP barriers make them much slower. "
-        "`OMP_NUM_THREADS=1` avoids that.",
+        "The batched LAPACK calls on these small matrices already run on one thread (`kvc.rmt.small_lapack`); "
+        "the remaining gap between default threads and `OMP_NUM_THREADS=1` is OpenMP barrier cost in the "
+        "element-wise ops while other processes share the cores. On a shared machine, set `OMP_NUM_THREADS=1`.",
         "",
         f"Reproduce: `python benchmarks/analyze_speed.py --runs {args.runs}`.",
         "",

@@ -42,7 +42,9 @@ from .corpus import Corpus
 from .errors import KvcError, MethodFailure
 
 EVAL_ATTENTION = "kvc_eval"
-COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple", "brown", "gray")
+COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")
+SUBJECTS = ("pass code of the {} door", "serial number of the {} bicycle", "room number of the {} hotel",
+            "zip code of the {} house", "locker number of the {} gym", "flight number of the {} plane")
 PROMPT_SEED = 0  # needles, codes and haystacks are the same for every method and --seed
 
 
@@ -54,7 +56,7 @@ class Settings:
     windows: int = 2  # perplexity text windows per context length
     continuation: int = 64  # scored continuation tokens per window
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle depth, fraction of the context
-    trials: int = 2  # needle prompts per (depth, length) cell
+    trials: int = 1  # needle prompts per (depth, length) cell
     needles: int = 4  # facts in one multi-needle context (0: skip)
     retrieval: bool = True
 
@@ -297,31 +299,53 @@ def corpus_ids(tokenizer, corpus: Corpus, needed: int) -> list[int]:
 
 @dataclass
 class Needle:
-    color: str
+    """A planted fact, "The pass code of the blue door is 4821.", and its question."""
+
+    subject: str
     code: str
+
+    @property
+    def fact(self) -> str:
+        return f" The {self.subject} is {self.code}."
+
+    @property
+    def question(self) -> str:
+        return f"\n\nThe {self.subject} is"
 
 
 class Prompts:
-    """Needle prompts built at the token level, so every prompt of a length has exactly that length."""
+    """Needle prompts built at the token level, so every prompt of a length has exactly that length.
 
-    def __init__(self, tokenizer, haystack: list[int]):
+    Each fact of a multi-needle context has its own subject template: a 135M model retrieves by
+    matching the question's wording, and cannot tell "the blue door" from "the red door" apart.
+    """
+
+    def __init__(self, tokenizer, haystack: list[int], seed: int = PROMPT_SEED):
         self.tok = tokenizer
         self.haystack = haystack
+        self.rng = random.Random(seed)
         pieces = tokenizer.batch_decode([[i] for i in haystack])
         self.boundaries = [i + 1 for i, p in enumerate(pieces) if p.rstrip(" ").endswith((".", "\n"))]
-        q_len = len(self.question(COLORS[0]))
-        self.colors = [c for c in COLORS if len(self.question(c)) == q_len]  # one batch of questions
-        self.answer_steps = len(self.encode(" 0000.")) + 1
+        self.answer_steps = len(self.encode(" 0000"))
+        self.pad = self.encode("\n")[-1]
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def question(self, color: str) -> list[int]:
-        return self.encode(f"\n\nThe pass code of the {color} door is")
+    def needles(self, k: int) -> list[Needle]:
+        """k facts with distinct subjects, random colors and 4-digit codes."""
+        return [Needle(subject.format(self.rng.choice(COLORS)), str(self.rng.randint(1000, 9999)))
+                for subject in self.rng.sample(SUBJECTS, k)]
+
+    def questions(self, needles: Sequence[Needle]) -> Tensor:
+        """[k, Q]: each needle's question, left-padded with newlines to one length."""
+        ids = [self.encode(n.question) for n in needles]
+        width = max(map(len, ids))
+        return torch.tensor([[self.pad] * (width - len(q)) + q for q in ids])
 
     def context(self, start: int, length: int, needles: Sequence[tuple[float, Needle]]) -> list[int]:
         """``length`` tokens of haystack from ``start``, each needle at the sentence start at or before its depth."""
-        facts = [self.encode(f" The pass code of the {n.color} door is {n.code}.") for _, n in needles]
+        facts = [self.encode(n.fact) for _, n in needles]
         hay = self.haystack[start:start + length - sum(map(len, facts))]
         starts = [0] + [b - start for b in self.boundaries if 0 < b - start < len(hay)] + [len(hay)]
         cuts = [max(b for b in starts if b <= round(d * len(hay))) for d, _ in needles]
@@ -332,6 +356,7 @@ class Prompts:
         return out + hay[last:]
 
     def retrieved(self, tokens: Tensor, needles: Sequence[Needle]) -> list[bool]:
+        """Whether each greedy answer starts with the needle's code."""
         texts = self.tok.batch_decode(tokens.tolist())
         return [bool(m) and m.group(1) == n.code for m, n in
                 zip((re.match(r"\s*(\d+)", t) for t in texts), needles)]
@@ -409,33 +434,30 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
 
     if settings.retrieval:
         prompts = Prompts(tokenizer, ids[n_ppl:])
-        rng = random.Random(PROMPT_SEED)
         for L in settings.contexts:
             for trial in range(settings.trials):
                 start = trial * max(settings.contexts)
-                needles = [Needle(rng.choice(prompts.colors), str(rng.randint(1000, 9999))) for _ in settings.depths]
+                needles = [prompts.needles(1)[0] for _ in settings.depths]
                 batch = torch.tensor([prompts.context(start, L, [(d, n)]) for d, n in zip(settings.depths, needles)])
-                question = torch.tensor([prompts.question(n.color) for n in needles])
-                for key, found in _retrieve(model, prompts, batch, question, needles, dtype, run_all):
+                for key, found in _retrieve(model, prompts, batch, needles, dtype, run_all):
                     for d, ok in zip(settings.depths, found):
                         (base_single if key is None else results[key].single).setdefault((L, d), []).append(ok)
                 tick(f"needle {L}: trial {trial + 1}")
                 if settings.needles:
-                    doors = [Needle(c, str(rng.randint(1000, 9999)))
-                             for c in rng.sample(prompts.colors, settings.needles)]
+                    needles = prompts.needles(settings.needles)
                     depths = [(i + 0.5) / settings.needles for i in range(settings.needles)]
-                    batch = torch.tensor([prompts.context(start, L, list(zip(depths, doors)))])
-                    question = torch.tensor([prompts.question(n.color) for n in doors])
-                    for key, found in _retrieve(model, prompts, batch, question, doors, dtype, run_all):
+                    batch = torch.tensor([prompts.context(start, L, list(zip(depths, needles)))])
+                    for key, found in _retrieve(model, prompts, batch, needles, dtype, run_all):
                         (base_multi if key is None else results[key].multi).setdefault(L, []).extend(found)
                     tick(f"multi-needle {L}: trial {trial + 1}")
 
     return [_report(c, r, settings, base_single, base_multi) for c, r in zip(compressors, results)]
 
 
-def _retrieve(model, prompts: Prompts, batch: Tensor, question: Tensor, needles, dtype, run_all):
-    """(None, baseline hits), then (i, hits of compressor i); the question repeats each context to fit."""
+def _retrieve(model, prompts: Prompts, batch: Tensor, needles: Sequence[Needle], dtype, run_all):
+    """(None, baseline hits), then (i, hits of compressor i); one context serves several questions."""
     layers = prefill(model, batch)
+    question = prompts.questions(needles)
     repeat = question.shape[0] // batch.shape[0]
 
     def answer(cache: CompressedCache) -> list[bool]:
@@ -453,8 +475,8 @@ def check(s: Settings) -> None:
         raise KvcError("--windows and --continuation must be >= 1")
     if s.retrieval and (s.trials < 1 or not s.depths or not all(0 <= d <= 1 for d in s.depths)):
         raise KvcError("--trials must be >= 1 and --depths fractions in [0, 1]")
-    if s.needles < 0 or s.needles > len(COLORS):
-        raise KvcError(f"--needles must lie in 0..{len(COLORS)}")
+    if s.needles < 0 or s.needles > len(SUBJECTS):
+        raise KvcError(f"--needles must lie in 0..{len(SUBJECTS)}")
 
 
 def steps(s: Settings, methods: int) -> int:

