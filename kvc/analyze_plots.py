@@ -123,7 +123,7 @@ def channel_magnitude(report: Report, panels: dict[str, torch.Tensor], layer: in
         ax.set_title(f"{name}: channel RMS / median, head {head}", fontsize=10)
         ax.set_xlabel("channel")
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6 if len(layers) > 16 else 9)
         bar = fig.colorbar(im, ax=ax, shrink=0.85)
         if report.summary["outlier_factor"] is not None:
             bar.ax.axhline(report.summary["outlier_factor"], color="red", lw=2)

@@ -451,7 +451,7 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
                         (base_multi if key is None else results[key].multi).setdefault(L, []).extend(found)
                     tick(f"multi-needle {L}: trial {trial + 1}")
 
-    return [_report(c, r, settings, base_single, base_multi) for c, r in zip(compressors, results)]
+    return [_report(c, r, settings, base_single, base_multi, dtype) for c, r in zip(compressors, results)]
 
 
 def _retrieve(model, prompts: Prompts, batch: Tensor, needles: Sequence[Needle], dtype, run_all):
@@ -485,7 +485,8 @@ def steps(s: Settings, methods: int) -> int:
     return len(s.contexts) * (1 + methods) + groups * (1 + methods)
 
 
-def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, base_multi) -> dict[str, Any]:
+def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, base_multi,
+            dtype: torch.dtype) -> dict[str, Any]:
     total = TokenStats()
     for stats in r.ppl.values():
         for f in dataclasses.fields(TokenStats):
@@ -494,7 +495,7 @@ def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, b
     all_bits, all_entries = (sum(x) for x in zip(*r.bits.values()))
     out: dict[str, Any] = {
         "method": compressor.name, "params": compressor.params(),
-        "bits_per_entry": all_bits / all_entries,
+        "bits_per_entry": all_bits / all_entries, "baseline_bits_per_entry": torch.finfo(dtype).bits,
         "bits_per_entry_paper": (None if any(p is None for p in r.bits_paper)
                                  else sum(r.bits_paper) / len(r.bits_paper)),
         "perplexity": {**total.report(), "bits_per_entry": bits["perplexity"],

@@ -24,7 +24,7 @@ from ..capture_format import CaptureFile
 from ..console import err, human_bytes, out, progress_bar
 from ..errors import KvcError
 from ..fileio import check_writable, write_json
-from ..models import resolve_device
+from ..gpu import require_device
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -225,7 +225,7 @@ def command(
     torch.manual_seed(compressor.options.seed)
     with progress_bar() as bar:
         task = bar.add_task(f"{cls.name}", total=len(selected))
-        result = engine.run(compressor, source, selected, resolve_device(device), compute_dtype(dtype),
+        result = engine.run(compressor, source, selected, require_device(device), compute_dtype(dtype),
                             keep_encoded=out_path is not None, query_stride=query_stride,
                             progress=lambda _: bar.advance(task))
     report = result.to_json()

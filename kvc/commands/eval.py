@@ -112,7 +112,7 @@ def table(result: dict) -> Table:
     for col in ("metric", "context", "uncompressed", name, "delta"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     paper = result["bits_per_entry_paper"]
-    t.add_row("bits per entry", "", "16", f"{result['bits_per_entry']:.4f}", "", end_section=paper is None)
+    t.add_row("bits per entry", "", str(result["baseline_bits_per_entry"]), f"{result['bits_per_entry']:.4f}", "", end_section=paper is None)
     if paper is not None:
         t.add_row("  paper's count", "", "", f"{paper:.4f}", "", end_section=True)
     for c in ppl["contexts"] + [{"context": "all", **ppl}]:

@@ -22,7 +22,7 @@ from ..capture_format import CaptureFile
 from ..console import err, out, progress_bar
 from ..errors import KvcError, MethodFailure
 from ..fileio import check_writable, write_json
-from ..models import resolve_device
+from ..gpu import require_device
 from .compress import compute_dtype, convert, fmt, option_fields, select_layers
 
 VIEWS = ("k_pre", "k", "v")
@@ -318,7 +318,7 @@ def command(
     source = CaptureFile(capture)
     selected = select_layers(layers, source)
     jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt, seed)
-    runs, skipped_run, failures = run_jobs(jobs, source, selected, resolve_device(device), compute_dtype(dtype),
+    runs, skipped_run, failures = run_jobs(jobs, source, selected, require_device(device), compute_dtype(dtype),
                                            seed, query_stride)
     skipped += skipped_run
     for view in VIEWS:

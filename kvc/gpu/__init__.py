@@ -19,8 +19,8 @@ KvcError of ``--device cuda`` without a GPU or without cupy.
 
 from .ops import (eoptshrink_batched, minmax_dequantize_packed, minmax_quantize_packed, tq_mse_decode_packed,
                   tq_mse_encode_packed, tq_score_packed, tq_value_packed)
-from .runtime import available, kernels_dir, missing, require
+from .runtime import available, kernels_dir, missing, require, require_device
 
-__all__ = ["available", "require", "missing", "kernels_dir", "tq_mse_encode_packed", "tq_mse_decode_packed",
+__all__ = ["available", "require", "require_device", "missing", "kernels_dir", "tq_mse_encode_packed", "tq_mse_decode_packed",
            "tq_score_packed", "tq_value_packed", "minmax_quantize_packed", "minmax_dequantize_packed",
            "eoptshrink_batched"]

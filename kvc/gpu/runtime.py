@@ -260,3 +260,12 @@ def is_pow2(n: int) -> bool:
 __all__ = ["KERNEL_OPTIONS", "KERNEL_FILES", "available", "require", "missing", "kernels_dir",
            "kernel_source", "active_backend", "backend_for", "use_backend", "Backend", "CupyBackend",
            "ptr", "i64", "i32", "f32", "cdiv", "is_pow2"]
+
+
+def require_device(device: str) -> torch.device:
+    """``--device`` resolved (kvc.models.resolve_device), with cupy required for a CUDA device."""
+    from ..models import resolve_device
+
+    resolved = resolve_device(device)
+    require(resolved)
+    return resolved

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ... import gpu
 from ...errors import KvcError
 from ...quant.packing import check_code_bits, pack_codes, seed_array, unpack_codes
 from ...quant.rotation import KINDS, draw_seed, make_rotation
 from ...quant.turboquant import (channel_permutation, outlier_channels, qjl_matrix, split_bits,
-                                 tq_codebook, tq_mse_decode, tq_mse_encode, tq_prod_decode,
+                                 tq_codebook, tq_prod_decode,
                                  tq_prod_encode)
 from ..base import LayerKV, TensorCompressor, option
 
@@ -92,9 +93,9 @@ class TurboQuant(TensorCompressor):
                     codes, norms = parts["codes"], parts["norms"]
             else:
                 arrays[p + "seed"] = seed_array(rot_seed)
-                codes, norms = tq_mse_encode(piece, b, rot, cb)
+                packed_codes, norms = gpu.tq_mse_encode_packed(piece, b, rot, cb)  # fused kernel on CUDA
             if mse_bits > 0:
-                arrays[p + "codes"] = pack_codes(codes, mse_bits)
+                arrays[p + "codes"] = pack_codes(codes, mse_bits) if prod else packed_codes
                 arrays[p + "norm"] = norms
                 arrays[p + "codebook"] = cb.to(device=x.device, dtype=torch.float32)
                 packed.append(arrays[p + "codes"])
@@ -115,16 +116,17 @@ class TurboQuant(TensorCompressor):
             rot = make_rotation(meta["rotation"], ch, seeds[0], device)
             mse_bits = b - 1 if prod else b
             cb = arrays.get(p + "codebook")
+            if not prod:
+                pieces.append(gpu.tq_mse_decode_packed(arrays[p + "codes"], mse_bits, (S, H, T, ch),
+                                                       arrays[p + "norm"], rot, cb))  # kernel on CUDA
+                continue
             parts: dict[str, Tensor] = {}
             if mse_bits > 0:
                 parts["codes"] = unpack_codes(arrays[p + "codes"], mse_bits, (S, H, T, ch))
                 parts["norms"] = arrays[p + "norm"]
-            if prod:
-                parts["signs"] = unpack_codes(arrays[p + "signs"], 1, (S, H, T, ch)).bool()
-                parts["gamma"] = arrays[p + "gamma"]
-                pieces.append(tq_prod_decode(parts, b, rot, qjl_matrix(ch, seeds[1], device), cb))
-            else:
-                pieces.append(tq_mse_decode(parts["codes"], parts["norms"], rot, cb))
+            parts["signs"] = unpack_codes(arrays[p + "signs"], 1, (S, H, T, ch)).bool()
+            parts["gamma"] = arrays[p + "gamma"]
+            pieces.append(tq_prod_decode(parts, b, rot, qjl_matrix(ch, seeds[1], device), cb))
         if len(pieces) == 1:
             return pieces[0]
         mask = unpack_codes(arrays["channels"], 1, (S, H, d)).bool()

@@ -1,0 +1,121 @@
+"""kvc eval: the compressed cache inside the real default model; exactness, collapse, bit accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvc import evaluate as ev
+from kvc.compress.base import Compressor, Decoded, Encoded, Evictor, LayerKV, build
+from kvc.corpus import load_corpus
+
+TINY = ev.Settings(contexts=(128,), windows=1, continuation=16, retrieval=False)
+NEEDLES = ev.Settings(contexts=(160,), windows=1, continuation=8, depths=(0.25, 0.5, 0.75), needles=3)
+
+
+class ExactIdentity(Compressor):
+    """Stores K and V as they are (float32): the exact identity path."""
+
+    name = "exact-identity"
+    summary = "test: K and V unchanged"
+
+    def encode(self, layer: LayerKV) -> Encoded:
+        return Encoded({"k": layer.k.clone(), "v": layer.v.clone()})
+
+    def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
+        return Decoded(encoded.arrays["k"], encoded.arrays["v"])
+
+
+class RandomKeys(ExactIdentity):
+    """Deliberately broken: keys replaced by Gaussian noise of the same scale."""
+
+    name = "random-keys"
+
+    def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
+        k = encoded.arrays["k"]
+        return Decoded(torch.randn(k.shape, generator=self.generator(layer.layer)) * k.std(), encoded.arrays["v"])
+
+
+class KeepAll(Evictor):
+    """An evictor that keeps every token (stored in fp16, as evictors store them): exercises compaction,
+    masks and positions, and must match the fp16 method exactly."""
+
+    name = "keep-all"
+    summary = "test: evict nothing"
+
+    def select(self, layer: LayerKV) -> torch.Tensor:
+        return torch.ones(layer.shape[:3], dtype=torch.bool)
+
+
+def test_compressed_layer_positions_and_mask():
+    """A compacted prefix stands for its full length; appended tokens see the valid slots and the past."""
+    valid = torch.tensor([[[True, True, False], [True, False, False]]])  # B=1, H=2, 3 slots
+    layer = ev.CompressedLayer(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), valid, length=10)
+    assert layer.get_seq_length() == 10
+    layer.update(torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 4))
+    assert layer.get_seq_length() == 12
+    assert layer.get_mask_sizes(1) == (6, 7)
+    mask = layer.mask(2)
+    assert mask.shape == (1, 2, 2, 5)
+    assert mask[0, 0].tolist() == [[True, True, False, True, False], [True, True, False, True, True]]
+    assert mask[0, 1, :, :3].tolist() == [[True, False, False]] * 2
+
+
+@pytest.mark.model
+def test_identity_gives_exactly_the_uncompressed_perplexity(default_model):
+    model, tokenizer = default_model
+    exact, fp16, keep_all = ev.evaluate(model, tokenizer, load_corpus(None),
+                                        [ExactIdentity(), build("fp16"), KeepAll()], TINY)
+    ppl = exact["perplexity"]
+    assert ppl["ppl"] == ppl["ppl_base"] and ppl["kl"] == 0 and ppl["top1_agree"] == 1
+    assert keep_all["perplexity"]["contexts"] == fp16["perplexity"]["contexts"]
+    assert keep_all["bits_per_entry"] > 16  # the kept positions and counts are stored too
+    assert exact["bits_per_entry"] == 32 and fp16["bits_per_entry"] == 16
+    assert abs(fp16["perplexity"]["delta_rel"]) < 1e-3 and fp16["perplexity"]["kl"] < 1e-5
+    assert 3 < exact["perplexity"]["ppl_base"] < 100  # a trained model on English prose
+
+
+@pytest.mark.model
+def test_random_keys_collapse_retrieval(default_model):
+    model, tokenizer = default_model
+    exact, broken = ev.evaluate(model, tokenizer, load_corpus(None), [ExactIdentity(), RandomKeys()], NEEDLES)
+    for task in ("single", "multi"):
+        assert exact["retrieval"][task]["overall"] == exact["retrieval"][task]["overall_base"]
+        assert exact["retrieval"][task]["overall_base"] >= 2 / 3
+        assert broken["retrieval"][task]["overall"] <= 1 / 3
+    assert broken["perplexity"]["ppl"] > 2 * broken["perplexity"]["ppl_base"]
+
+
+@pytest.mark.model
+def test_cli_bits_agree_with_compress(run, tmp_path, default_model):
+    """kvc eval and kvc compress count the same bits for the same method, options and tokens."""
+    capture = tmp_path / "cap.safetensors"
+    assert run("capture", "--seq-len", 128, "--num-seqs", 1, "--out", capture, "--device", "cpu")[0] == 0
+    args = ("--method", "kivi", "--bits", 2, "--group-size", 32, "--residual", 32)
+    code, _, err = run("compress", capture, *args, "--json", tmp_path / "c.json", "--device", "cpu")
+    assert code == 0, err
+    code, out, err = run("eval", *args, "--contexts", 128, "--windows", 1, "--continuation", 8,
+                         "--depths", "0.5", "--needles", 2, "--json", tmp_path / "e.json",
+                         "--plots", tmp_path / "plots", "--device", "cpu")
+    assert code == 0, err
+    compressed = json.loads((tmp_path / "c.json").read_text())
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["perplexity"]["bits_per_entry"] == pytest.approx(compressed["bits_per_entry"], rel=1e-12)
+    assert evaluated["bits_per_entry"] == evaluated["retrieval"]["bits_per_entry"] == compressed["bits_per_entry"]
+    assert evaluated["method"] == "kivi" and evaluated["params"]["bits"] == 2
+    assert (tmp_path / "plots" / "retrieval_kivi.png").stat().st_size > 0
+    assert "perplexity" in out and "needle" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "nope"), "unknown method"),
+    (("--method", "kivi", "--bitz", "2"), "no option --bitz"),
+    (("--method", "kivi", "--contexts", "8"), "at least 16"),
+    (("--method", "kivi", "--depths", "0.5,2"), "fractions in [0, 1]"),
+    (("--method", "kivi", "--needles", "9"), "--needles"),
+])
+def test_bad_input(run, args, message):
+    code, _, err = run("eval", *args)
+    assert code == 2 and message in err
