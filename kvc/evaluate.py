@@ -528,6 +528,19 @@ def _mean(cells: dict) -> float:
     return sum(hits) / len(hits)
 
 
+def end_to_end(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor],
+               settings: Settings = Settings(contexts=(512,), retrieval=False)) -> list[dict[str, float | None]]:
+    """The end-to-end columns ``kvc sweep`` adds per method: perplexity delta (relative), next-token
+    KL and top-1 agreement against the uncompressed cache, needle accuracy when measured."""
+    rows = []
+    for r in evaluate(model, tokenizer, corpus, compressors, settings):
+        single = r.get("retrieval", {}).get("single")
+        rows.append({"e2e_bits_per_entry": r["bits_per_entry"], "ppl_delta_rel": r["perplexity"]["delta_rel"],
+                     "next_token_kl": r["perplexity"]["kl"], "top1_agree": r["perplexity"]["top1_agree"],
+                     "needle_accuracy": single["overall"] if single else None})
+    return rows
+
+
 def plot_retrieval(result: dict[str, Any], path) -> None:
     """Depth x length heatmaps of needle accuracy, uncompressed beside the method (PNG)."""
     import matplotlib

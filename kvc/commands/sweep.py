@@ -321,10 +321,10 @@ def command(
     runs, skipped_run, failures = run_jobs(jobs, source, selected, require_device(device), compute_dtype(dtype),
                                            seed, query_stride)
     skipped += skipped_run
-    for view in VIEWS:
-        out.print(grid_table(runs, view, "mse_rel", bit_values))
-    for view in VIEWS[:2]:
-        out.print(grid_table(runs, view, "attn_out_rel", bit_values))
+    for metric, views in (("mse_rel", VIEWS), ("attn_out_rel", VIEWS[:2])):
+        for view in views:
+            if view_points(runs, view, metric):  # a view with no runs (e.g. --keys pre only) is left out
+                out.print(grid_table(runs, view, metric, bit_values))
     for s in skipped:
         err.print(f"skipped {s['method']}" + (f" --bits {s['bits']}" if s["bits"] else "")
                   + (f" --keys {s['keys']}" if s["keys"] else "") + f": {s['reason']}")

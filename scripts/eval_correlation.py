@@ -1,0 +1,120 @@
+"""How well do the tensor proxies of ``kvc compress`` predict the end-to-end perplexity delta?
+
+Usage: python scripts/eval_correlation.py [--contexts 512] [--windows 2] [--continuation 64]
+Runs ``kvc.evaluate`` (perplexity only, with the compress engine's metrics measured on the very
+prefills whose cache is compressed) for a grid of methods and bit widths on the default model, then
+the Spearman rank correlation of mse_rel (K, V), attn_out_rel and attn_kl with the perplexity delta
+and the next-token KL, over all methods and over the quantizers alone. Writes
+docs/eval_correlation.md and docs/eval_correlation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+from kvc import evaluate as ev
+from kvc.compress.base import Evictor, build, get
+from kvc.corpus import load_corpus
+from kvc.errors import KvcError
+from kvc.models import load_model, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ["turboquant --bits 1", "turboquant --bits 2", "turboquant --bits 3", "turboquant --bits 4",
+        "turboquant --bits 2.5", "kivi --bits 2", "kivi --bits 4", "int --bits 2", "int --bits 3",
+        "int --bits 4", "int --bits 4 --axis channel", "eoptshrinkq --bits 1", "eoptshrinkq --bits 2",
+        "eoptshrinkq --bits 3", "svdq --bits 2", "kvquant --bits 2", "kvquant --bits 3", "qjl",
+        "fp8 --format e4m3", "fp8 --format e5m2", "snapkv --budget 0.25", "snapkv --budget 0.5",
+        "streamingllm --budget 0.25", "h2o --budget 0.25", "pyramidkv --budget 0.25"]
+PROXIES = [("K mse_rel", "k", "mse_rel"), ("V mse_rel", "v", "mse_rel"),
+           ("attn_out_rel", "kv", "attn_out_rel"), ("attn_kl", "kv", "attn_kl")]
+TARGETS = [("ppl delta", "delta_rel"), ("next-token KL", "kl")]
+
+
+def parse(spec: str):
+    """'turboquant --bits 2' -> a compressor (through the CLI's own option parser)."""
+    from kvc.commands.compress import parse_method_args
+
+    name, *rest = shlex.split(spec)
+    params, _ = parse_method_args(get(name), rest, [])
+    return build(name, **params)
+
+
+def rank_table(rows: list[dict], subset: str) -> list[str]:
+    lines = [f"| proxy | {' | '.join(t for t, _ in TARGETS)} |", "|---|" + "---|" * len(TARGETS)]
+    for label, tensor, metric in PROXIES:
+        cells = []
+        for _, target in TARGETS:
+            pairs = [(r["proxies"][tensor][metric], r["perplexity"][target]) for r in rows
+                     if r["proxies"][tensor].get(metric) is not None]
+            rho, p = spearmanr(*zip(*pairs)) if len(pairs) > 2 else (float("nan"), float("nan"))
+            cells.append(f"{rho:+.2f} (p = {p:.2g}, n = {len(pairs)})")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return [f"**{subset}**", "", *lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="512")
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--continuation", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=GRID)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "eval_correlation.md")
+    args = parser.parse_args()
+    settings = ev.Settings(contexts=tuple(int(c) for c in args.contexts.split(",")), windows=args.windows,
+                           continuation=args.continuation, retrieval=False)
+    model, tokenizer = load_model(resolve_model(None), dtype="float32", device="cpu")
+    corpus = load_corpus(None)
+    rows, failed = [], []
+    start = time.perf_counter()
+    for spec in args.methods:
+        try:
+            compressor = parse(spec)
+            torch.manual_seed(compressor.options.seed)
+            result = ev.evaluate(model, tokenizer, corpus, [compressor], settings, measure=True)[0]
+        except KvcError as err:
+            failed.append((spec, str(err)))
+            print(f"{spec}: FAILED {err}", file=sys.stderr)
+            continue
+        result["spec"], result["evicts"] = spec, issubclass(type(compressor), Evictor)
+        rows.append(result)
+        print(f"{spec}: {result['bits_per_entry']:.3f} bits, ppl {100 * result['perplexity']['delta_rel']:+.2f}%",
+              file=sys.stderr)
+    seconds = time.perf_counter() - start
+    lines = [
+        "# Do the tensor proxies predict the end-to-end perplexity delta?",
+        "",
+        f"Made by `python scripts/eval_correlation.py` ({time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min on CPU). "
+        f"Default model, contexts {list(settings.contexts)} tokens x {settings.windows} windows of the CPython docs, "
+        f"{settings.continuation} continuation tokens scored per window with the method's compressed cache "
+        "(`kvc.evaluate`). The proxies are `kvc compress`'s metrics (compress engine), measured on the very "
+        "prefills whose cache is compressed, averaged over layers and heads.",
+        "",
+        "| method | bits/entry | K mse_rel | V mse_rel | attn_out_rel | attn_kl | ppl delta | next-token KL | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+    for r in sorted(rows, key=lambda r: r["perplexity"]["delta_rel"]):
+        p, x = r["perplexity"], r["proxies"]
+        lines.append(f"| `{r['spec']}` | {r['bits_per_entry']:.3f} | "
+                     + " | ".join(fmt(x[t].get(m)) for _, t, m in PROXIES)
+                     + f" | {100 * p['delta_rel']:+.2f}% | {p['kl']:.3g} | {100 * p['top1_agree']:.1f}% |")
+    lines += ["", "## Spearman rank correlation of each proxy with the end-to-end change", ""]
+    lines += rank_table(rows, "All methods")
+    lines += rank_table([r for r in rows if not r["evicts"]], "Quantizers and low-rank methods only (no eviction)")
+    if failed:
+        lines += ["Methods that failed:", ""] + [f"- `{s}`: {e}" for s, e in failed] + [""]
+    args.out.write_text("\n".join(lines))
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, allow_nan=True) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
