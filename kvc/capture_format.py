@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import KvcError
+from .fileio import open_safetensors
 
 FORMAT = "kvc-capture"
 FORMAT_VERSION = 1
@@ -94,17 +95,8 @@ class CaptureFile:
     """Read access to a capture file; tensors are loaded lazily, one at a time."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise KvcError(f"{self.path}: no such file")
-        try:
-            self._handle = safe_open(str(self.path), framework="pt")
-            raw = self._handle.metadata() or {}
-            keys = set(self._handle.keys())
-        except Exception as err:  # safetensors raises its own error types for foreign/truncated files
-            raise KvcError(f"{self.path} is not a readable safetensors file ({err})") from err
+        self._handle, raw, keys = open_safetensors(self.path)
         self.meta = CaptureMeta.from_strings(raw, str(self.path))
         self._keys = keys
         layers: dict[int, set[str]] = {}

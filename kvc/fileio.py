@@ -132,3 +132,17 @@ def _numel(shape) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def open_safetensors(path: Path):
+    """(handle, metadata, tensor names) of a safetensors file; a missing, foreign or truncated file
+    is a KvcError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise KvcError(f"{path}: no such file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        return handle, handle.metadata() or {}, set(handle.keys())
+    except Exception as err:  # safetensors raises its own error types for foreign/truncated files
+        raise KvcError(f"{path} is not a readable safetensors file ({err})") from err

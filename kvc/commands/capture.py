@@ -1,6 +1,5 @@
 """``kvc capture``: real K, V, Q of a model on real text, into a capture file."""
 
-
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,5 @@
 """``kvc info``: metadata and tensor table of any kvc file."""
 
-
 from __future__ import annotations
 
 import json
@@ -12,20 +11,13 @@ from rich.table import Table
 from ..capture_format import FORMAT, CaptureMeta
 from ..console import human_bytes, out
 from ..errors import KvcError
+from ..fileio import open_safetensors
 
 
 def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
     """Metadata and {tensor: (shape, dtype)} of a kvc safetensors file, checked to be one of ours."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise KvcError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            shapes = {k: (fh.get_slice(k).get_shape(), fh.get_slice(k).get_dtype()) for k in fh.keys()}
-    except Exception as err:
-        raise KvcError(f"{path} is not a readable safetensors file ({err})") from err
+    handle, meta, keys = open_safetensors(path)
+    shapes = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in keys}
     if not str(meta.get("format", "")).startswith("kvc-"):
         raise KvcError(f"{path} is a safetensors file but not a kvc file (no 'format: kvc-*' metadata)")
     if meta["format"] == FORMAT:
@@ -37,7 +29,7 @@ NAME = "info"
 
 
 def command(path: Path = typer.Argument(..., help="A kvc file (capture or compressed)."),
-                 as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
     """Print the metadata and the tensor table of a kvc file."""
     meta, shapes = read_kvc_header(path)
     if as_json:

@@ -1,6 +1,5 @@
 """``kvc synth``: a capture file from the spiked random-matrix model (a known answer)."""
 
-
 from __future__ import annotations
 
 from pathlib import Path

@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import __version__
 from ..capture_format import CaptureFile, CaptureMeta, tensor_key
 from ..errors import KvcError, MethodFailure
-from ..fileio import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, save_safetensors
+from ..fileio import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, open_safetensors, save_safetensors
 from ..rope import apply_rope
 from .base import Compressor, Decoded, Encoded, LayerKV, build, check_finite
 from .metrics import layer_metrics
@@ -278,17 +278,8 @@ class CompressedFile:
     """Read access to a compressed file: its method, parameters, source metadata and layers."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise KvcError(f"{self.path}: no such file")
-        try:
-            self._handle = safe_open(str(self.path), framework="pt")
-            raw = self._handle.metadata() or {}
-            self._keys = set(self._handle.keys())
-        except Exception as err:  # safetensors raises its own error types for foreign files
-            raise KvcError(f"{self.path} is not a readable safetensors file ({err})") from err
+        self._handle, raw, self._keys = open_safetensors(self.path)
         if raw.get("format") != FORMAT:
             raise KvcError(f"{self.path} is not a kvc compressed file (metadata 'format' is "
                            f"{raw.get('format')!r}, expected {FORMAT!r})")
