@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -176,14 +175,21 @@ def _forward(model, ids: Tensor, cache: Cache, **kwargs) -> Tensor:
 
 def prefill(model, input_ids: Tensor) -> list[LayerKV]:
     """Every layer's K, V (after and before RoPE) and queries of ``input_ids`` [B, T], float32."""
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     device = next(model.parameters()).device
-    num_layers = text_config(model).num_hidden_layers
+    config = text_config(model)
+    num_layers = config.num_hidden_layers
     recorder = _Recorder(set(range(num_layers)), torch.arange(T))
     cache = DynamicCache(config=model.config)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise KvcError(f"{type(model).__name__} has sliding-window layers, which kvc eval does not model yet")
     with torch.inference_mode(), recording(model, recorder):
         _forward(model, input_ids.to(device), cache, logits_to_keep=1)
-    rope = _rope_metadata(model, text_config(model), recorder)
+    missing = sorted(set(range(num_layers)) - set(recorder.records))
+    if missing:
+        raise KvcError(f"{type(model).__name__}: attention of layers {missing} was not seen; this "
+                       "architecture does not use transformers' AttentionInterface")
+    rope = _rope_metadata(model, config, recorder)
     layers = []
     for L in range(num_layers):
         rec = recorder.records.pop(L)

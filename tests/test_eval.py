@@ -75,6 +75,9 @@ def test_identity_gives_exactly_the_uncompressed_perplexity(default_model):
     assert exact["bits_per_entry"] == 32 and fp16["bits_per_entry"] == 16
     assert abs(fp16["perplexity"]["delta_rel"]) < 1e-3 and fp16["perplexity"]["kl"] < 1e-5
     assert 3 < exact["perplexity"]["ppl_base"] < 100  # a trained model on English prose
+    (row,) = ev.end_to_end(model, tokenizer, load_corpus(None), [build("fp16")], TINY)
+    assert row["ppl_delta_rel"] == fp16["perplexity"]["delta_rel"] and row["e2e_bits_per_entry"] == 16
+    assert row["needle_accuracy"] is None
 
 
 @pytest.mark.model
@@ -107,6 +110,17 @@ def test_cli_bits_agree_with_compress(run, tmp_path, default_model):
     assert evaluated["method"] == "kivi" and evaluated["params"]["bits"] == 2
     assert (tmp_path / "plots" / "retrieval_kivi.png").stat().st_size > 0
     assert "perplexity" in out and "needle" in out
+
+
+def test_command_defaults_are_the_library_defaults():
+    import inspect
+
+    from kvc.commands import eval as command
+
+    params = inspect.signature(command.command).parameters
+    value = {name: params[name].default.default for name in
+             ("contexts", "windows", "continuation", "depths", "trials", "needles", "retrieval")}
+    assert command.settings_from_options(**value) == ev.Settings()
 
 
 @pytest.mark.parametrize("args, message", [

