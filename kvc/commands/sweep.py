@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool, op
                 except KvcError as error:
                     skipped.append({"method": name, "bits": text, "keys": k, "reason": str(error)})
                     continue
-                jobs.append({"method": name, "bits": float(text), "keys": k, "compressor": compressor,
+                jobs.append({"method": name, "bits": float(text), "keys": k, "compressor": compressor, "params": params,
                              "view": "k_pre" if k == "pre" else "k",
                              "values": k in (None, "post") or "post" not in placements})
     unused = [item for item, *_ in parsed if item not in used]
@@ -176,6 +176,47 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
                 runs.append({**job, "result": result.to_json()})
             bar.advance(task)
     return runs, skipped, failures
+
+
+def add_end_to_end(runs: list[dict], capture: CaptureFile, model: str | None, device) -> dict[str, float | None]:
+    """Each run's method inside the model (``kvc.evaluate.end_to_end``): adds ``run["e2e"]`` and returns
+    the Spearman rank correlation of each tensor proxy with the perplexity delta across runs."""
+    from scipy.stats import spearmanr
+
+    from ..compress.base import build
+    from ..corpus import load_corpus
+    from ..evaluate import end_to_end
+    from ..models import DEFAULT_MODEL_NAME, load_model, resolve_model
+
+    name = model or capture.meta.model
+    source = resolve_model(None if name == DEFAULT_MODEL_NAME else name)
+    lm, tokenizer = load_model(source, device=str(device))
+    rows = end_to_end(lm, tokenizer, load_corpus(None), [build(r["method"], **r["params"]) for r in runs])
+    for run, row in zip(runs, rows):
+        run["e2e"] = row
+    ppl = [r["e2e"]["ppl_delta_rel"] for r in runs]
+    proxies = {"mse_rel": [(r["result"]["summary"]["k"]["mse_rel"] + r["result"]["summary"]["v"]["mse_rel"]) / 2
+                           for r in runs],
+               **{m: [r["result"]["summary"]["kv"][m] for r in runs] for m in ("attn_out_rel", "attn_kl")}}
+    if len(runs) < 3:
+        return {m: None for m in proxies}
+    return {m: float(spearmanr(values, ppl).statistic) for m, values in proxies.items()}
+
+
+def e2e_table(runs: list[dict], correlation: dict[str, float | None]) -> Table:
+    """Per run: bits per entry, the tensor proxies and the end-to-end perplexity delta."""
+    table = Table(title="end to end: the method's cache inside the model", box=box.SIMPLE_HEAD,
+                  caption="Spearman rank correlation with the ppl delta: " + ", ".join(
+                      f"{m} {fmt(c)}" for m, c in correlation.items()))
+    for col in ("method", "bpe", "attn_out", "attn_kl", "ppl delta", "token KL", "top-1"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for r in runs:
+        kv, e2e = r["result"]["summary"]["kv"], r["e2e"]
+        label = f"{r['method']} {r['bits']:g}" + (f" {r['keys']}" if r["keys"] else "")
+        table.add_row(label, f"{e2e['e2e_bits_per_entry']:.2f}",
+                      fmt(kv["attn_out_rel"]), fmt(kv["attn_kl"]), f"{e2e['ppl_delta_rel']:+.1%}",
+                      fmt(e2e["next_token_kl"]), f"{e2e['top1_agree']:.0%}")
+    return table
 
 
 # ----------------------------------------------------------------------------- output
@@ -292,6 +333,8 @@ def command(
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32|float64."),
     seed: int = typer.Option(0, "--seed"),
     query_stride: int = typer.Option(1, "--query-stride", help="Measure with every N-th captured query."),
+    e2e: bool = typer.Option(False, "--e2e", help="Also run each method inside the model (kvc eval's perplexity) and rank-correlate the proxies with it."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (default: the capture's model)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Run methods x bit widths x key placement; print and plot Pareto fronts and bit savings."""
@@ -331,9 +374,13 @@ def command(
     saved = savings(runs, pairs)
     for line in saving_lines(saved):
         out.print(line)
+    correlation = None
+    if e2e and runs:
+        correlation = add_end_to_end(runs, source, model, require_device(device))
+        out.print(e2e_table(runs, correlation))
     for metric in METRICS:
         plot(runs, metric, method_list, out_dir / f"pareto_{metric}.png", force)
-    report = {"capture": str(capture), "layers": selected, "methods": method_list, "bits": bit_values,
+    report = {"e2e_rank_correlation": correlation, "capture": str(capture), "layers": selected, "methods": method_list, "bits": bit_values,
               "keys": key_list, "seed": seed, "query_stride": query_stride, "runs": runs, "skipped": skipped,
               "failures": failures, "savings": saved,
               "pareto": {view: {metric: {m: pareto_front(p) for m, p in view_points(runs, view, metric).items()}
