@@ -174,7 +174,6 @@ def copy_bandwidth(X: torch.Tensor, repeats: int, warmup: int) -> float:
 
     with cupy.cuda.Device(X.device.index or 0):
         ms = timed(copy, repeats, warmup)
-    del dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
