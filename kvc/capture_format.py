@@ -113,6 +113,18 @@ class CaptureFile:
     def has_rope(self) -> bool:
         return self.meta.rope is not None
 
+    def select_layers(self, spec: str | None) -> list[int]:
+        """``--layers``: 'all' (every layer the file holds) or a list like '0,2,5-9' of held layers."""
+        from .capture import parse_layers
+
+        if spec in (None, "", "all"):
+            return self.layers
+        chosen = parse_layers(spec, self.meta.num_layers)
+        missing = sorted(set(chosen) - set(self.layers))
+        if missing:
+            raise KvcError(f"--layers: {self.path} does not hold layers {missing} (it holds {self.layers})")
+        return chosen
+
     def names(self, layer: int) -> set[str]:
         return set(self._names.get(layer, ()))
 

@@ -12,7 +12,6 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ..analyze import Options, Report, analyze_capture
-from ..capture import parse_layers
 from ..capture_format import KV_TENSORS, CaptureFile
 from ..console import err, out, progress_bar
 from ..errors import KvcError
@@ -43,7 +42,7 @@ def command(
         raise KvcError("--block must be >= 1")
     torch_device = resolve_device(device)
     cap = CaptureFile(capture)
-    chosen_layers = _layers(cap, layers)
+    chosen_layers = cap.select_layers(layers)
     chosen = _tensors(cap, chosen_layers, tensors)
     if json_path not in (None, "-"):
         check_writable(Path(json_path), force)
@@ -69,16 +68,6 @@ def command(
     if plots:
         analyze_plots.write_all(report, cap, chosen, plot_paths, force)
         console.print(f"wrote {', '.join(str(p) for p in plot_paths)}")
-
-
-def _layers(cap: CaptureFile, spec: str) -> list[int]:
-    if spec in ("", "all"):
-        return cap.layers
-    chosen = parse_layers(spec, cap.meta.num_layers)
-    missing = sorted(set(chosen) - set(cap.layers))
-    if missing:
-        raise KvcError(f"{cap.path} does not hold layers {missing} (it holds {cap.layers})")
-    return chosen
 
 
 def _tensors(cap: CaptureFile, layers: list[int], spec: str | None) -> list[str]:

@@ -19,7 +19,6 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ..capture import parse_index_list
 from ..capture_format import CaptureFile
 from ..console import err, human_bytes, out, progress_bar
 from ..errors import KvcError
@@ -116,17 +115,6 @@ def parse_method_args(cls, tokens: list[str], assignments: list[str]) -> tuple[d
     return params, positional
 
 
-def select_layers(spec: str, capture: CaptureFile) -> list[int]:
-    """'all' (every layer the capture holds) or a list like '0,2,5-9'."""
-    if spec in ("", "all"):
-        return capture.layers
-    layers = parse_index_list(spec, "--layers", capture.meta.num_layers)
-    missing = sorted(set(layers) - set(capture.layers))
-    if missing:
-        raise KvcError(f"--layers: {capture.path} holds no layers {missing}")
-    return layers
-
-
 def compute_dtype(name: str) -> torch.dtype:
     if name not in COMPUTE_DTYPES:
         raise KvcError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {name!r}")
@@ -221,7 +209,7 @@ def command(
         if path is not None:
             check_writable(path, force)
     source = CaptureFile(positional[0])
-    selected = select_layers(layers, source)
+    selected = source.select_layers(layers)
     torch.manual_seed(compressor.options.seed)
     with progress_bar() as bar:
         task = bar.add_task(f"{cls.name}", total=len(selected))

@@ -23,7 +23,7 @@ from ..console import err, out, progress_bar
 from ..errors import KvcError, MethodFailure
 from ..fileio import check_writable, write_json
 from ..gpu import require_device
-from .compress import compute_dtype, convert, fmt, option_fields, select_layers
+from .compress import compute_dtype, convert, fmt, option_fields
 
 VIEWS = ("k_pre", "k", "v")
 KEY_METRICS = ("mse_rel", "ip_bias_rel", "ip_slope", "ip_rmse_rel")
@@ -359,7 +359,7 @@ def command(
     for path in outputs:
         check_writable(path, force)
     source = CaptureFile(capture)
-    selected = select_layers(layers, source)
+    selected = source.select_layers(layers)
     jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt, seed)
     runs, skipped_run, failures = run_jobs(jobs, source, selected, require_device(device), compute_dtype(dtype),
                                            seed, query_stride)
