@@ -6,7 +6,6 @@ Method options come from the method's ``Options`` dataclass: ``--group-size 32``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import types
@@ -20,6 +19,7 @@ from rich import box
 from rich.table import Table
 
 from ..capture_format import CaptureFile
+from ..compress.base import option_fields
 from ..console import err, human_bytes, out, progress_bar
 from ..errors import KvcError
 from ..fileio import check_writable, write_json
@@ -30,12 +30,6 @@ TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 # ----------------------------------------------------------------------------- method options
-
-
-def option_fields(cls) -> dict[str, tuple[Any, dataclasses.Field]]:
-    """Option name -> (resolved type, dataclass field) of a method."""
-    hints = typing.get_type_hints(cls.Options)
-    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls.Options)}
 
 
 def flag(name: str) -> str:

@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..console import out
-from .compress import flag, option_fields, type_name
+from ..compress.base import option_fields
+from .compress import flag, type_name
 
 
 def describe() -> list[dict]:

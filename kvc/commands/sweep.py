@@ -23,7 +23,8 @@ from ..console import err, out, progress_bar
 from ..errors import KvcError, MethodFailure
 from ..fileio import check_writable, write_json
 from ..gpu import require_device
-from .compress import compute_dtype, convert, fmt, option_fields
+from ..compress.base import option_fields
+from .compress import compute_dtype, convert, fmt
 
 VIEWS = ("k_pre", "k", "v")
 KEY_METRICS = ("mse_rel", "ip_bias_rel", "ip_slope", "ip_rmse_rel")
@@ -157,7 +158,6 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
     from ..compress import engine
 
     runs, skipped, failures = [], [], []
-    first = engine.load_layer(capture, layers[0], device, dtype)
     with progress_bar() as bar:
         task = bar.add_task("sweep", total=len(jobs))
         for job in jobs:
@@ -165,8 +165,7 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
             label = {k: job[k] for k in ("method", "bits", "keys")}
             bar.update(task, description=f"{job['method']} {job['bits']:g} {job['keys'] or ''}")
             try:
-                compressor.validate(first)
-                torch.manual_seed(seed)
+                torch.manual_seed(seed)  # engine.run validates the options on the first layer
                 result = engine.run(compressor, capture, layers, device, dtype, query_stride=query_stride)
             except MethodFailure as error:
                 failures.append({**label, "reason": str(error)})

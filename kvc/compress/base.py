@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,6 +29,12 @@ from ..errors import KvcError, MethodFailure
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field for a method option, with its help text (and allowed values)."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def option_fields(cls: type["Compressor"]) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Option name -> (resolved type, dataclass field) of a method."""
+    hints = typing.get_type_hints(cls.Options)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls.Options)}
 
 
 @dataclass
@@ -262,11 +269,8 @@ class Evictor(Compressor):
 
     def encode(self, layer: LayerKV) -> Encoded:
         keep = self.select(layer)
-        index_dtype = torch.int16 if layer.shape[2] <= torch.iinfo(torch.int16).max else torch.int32
-        positions = torch.arange(layer.shape[2], device=keep.device).expand_as(keep)[keep]
         return Encoded({"k": layer.k[keep].to(torch.float16), "v": layer.v[keep].to(torch.float16),
-                        "index": positions.to(index_dtype),
-                        "count": keep.sum(-1).to(torch.int32)}, {})
+                        **keep_arrays(keep)}, {})
 
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
         S, H, T, D = layer.shape
@@ -281,6 +285,15 @@ class Evictor(Compressor):
         rows = encoded.arrays["count"].double().sum(0) * layer.shape[3] * encoded.arrays["k"].element_size() * 8
         side = eviction_side_bits(encoded.arrays["index"], encoded.arrays["count"]) / 2
         return {"k": rows + side, "v": rows + side}
+
+
+def keep_arrays(keep: Tensor) -> dict[str, Tensor]:
+    """The stored form of keep [S, H, T]: kept positions ``index`` (ragged, row-major; int16 when
+    T <= 32767, else int32) and ``count`` [S, H] int32. Inverse of :func:`keep_mask`."""
+    T = keep.shape[-1]
+    index_dtype = torch.int16 if T <= torch.iinfo(torch.int16).max else torch.int32
+    positions = torch.arange(T, device=keep.device).expand_as(keep)[keep]
+    return {"index": positions.to(index_dtype), "count": keep.sum(-1).to(torch.int32)}
 
 
 def keep_mask(index: Tensor, count: Tensor, T: int) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import KvcError
 from .base import (Compressor, Decoded, Encoded, Evictor, LayerKV, TensorCompressor,
-                   eviction_side_bits, keep_mask, rotate_keys)
+                   eviction_side_bits, keep_arrays, keep_mask, option_fields, rotate_keys)
 
 SHARED = ("seed",)
 
@@ -71,10 +71,7 @@ class Composite(Compressor):
             raise KvcError(f"{self.name}: the eviction kept no token in layer {layer.layer}")
         positions, _ = kept_slots(keep)
         inner = self.quant.encode(self._sub_layer(layer, positions, data=True))
-        index_dtype = torch.int16 if layer.shape[2] <= torch.iinfo(torch.int16).max else torch.int32
-        kept = torch.arange(layer.shape[2], device=keep.device).expand_as(keep)[keep]
-        return Encoded({**inner.arrays, "index": kept.to(index_dtype),
-                        "count": keep.sum(-1).to(torch.int32)}, inner.meta)
+        return Encoded({**inner.arrays, **keep_arrays(keep)}, inner.meta)
 
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
         S, H, T, D = layer.shape
@@ -102,18 +99,13 @@ class Composite(Compressor):
         return {kind: side + encoded.nbits(f"{kind}.") / H for kind in ("k", "v")}
 
 
-def _option_fields(cls: type[Compressor]) -> dict[str, tuple[typing.Any, dataclasses.Field]]:
-    hints = typing.get_type_hints(cls.Options)
-    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls.Options)}
-
-
 @functools.cache
 def combine(evictor: type[Compressor], quant: type[Compressor]) -> type[Composite]:
     """The class of ``evictor.name + "+" + quant.name``; options of both, clashing names prefixed."""
     if not (issubclass(evictor, Evictor) and issubclass(quant, TensorCompressor)):
         raise KvcError(f"a combination is an eviction method then a tensor compressor (e.g. "
                        f"snapkv+turboquant); {evictor.name}+{quant.name} is not")
-    parts = {"evict": (evictor, _option_fields(evictor)), "quant": (quant, _option_fields(quant))}
+    parts = {"evict": (evictor, option_fields(evictor)), "quant": (quant, option_fields(quant))}
     specs, routes = {}, {"evict": {}, "quant": {}}
     for part, (cls, fields) in parts.items():
         other = parts["quant" if part == "evict" else "evict"][1]

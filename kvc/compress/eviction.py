@@ -16,17 +16,17 @@ from torch import Tensor
 
 from ..errors import KvcError
 from .base import Evictor, LayerKV, option
+from .metrics import grouped
 
 QUERY_CHUNK = 256  # queries per attention block in `attention_mass` (bounds memory at long T)
 
 
 def grouped_queries(layer: LayerKV) -> Tensor:
     """Queries [S, H_q, Tq, D] viewed as [S, H_kv, G, Tq, D] (query head h*G + g reads KV head h)."""
-    S, Hq, Tq, D = layer.q.shape
-    H = layer.shape[1]
+    Hq, H = layer.q.shape[1], layer.shape[1]
     if Hq % H:
         raise KvcError(f"{Hq} query heads are not a multiple of {H} KV heads")
-    return layer.q.reshape(S, H, Hq // H, Tq, D)
+    return grouped(layer.q, H)
 
 
 def attention(q: Tensor, k: Tensor, q_positions: Tensor | None = None) -> Tensor:

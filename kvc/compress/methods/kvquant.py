@@ -40,6 +40,7 @@ from ...quant.packing import check_code_bits, index_dtype, pack_codes, unpack_co
 from ...quant.uniform import fp16_ceil
 from ...rope import rope_params
 from ..base import LayerKV, TensorCompressor, option
+from ..eviction import grouped_queries
 
 
 def paper_bits(bits: int, outlier_frac: float) -> float:
@@ -84,12 +85,9 @@ class KVQuant(TensorCompressor):
         """Per-channel key weights [S, H, D] = E[q_c^2] over the query group and positions."""
         if self.options.fisher == "uniform" or layer.q is None or layer.q.numel() == 0:
             return None
-        S, Hq, Tq, D = layer.q.shape
-        H = layer.shape[1]
-        if Hq % H:
-            raise KvcError(f"{Hq} query heads are not a multiple of {H} KV heads")
-        w = layer.q.reshape(S, H, Hq // H, Tq, D).float().pow(2).mean(dim=(2, 3))
+        w = grouped_queries(layer).float().pow(2).mean(dim=(2, 3))
         if self.options.keys == "pre" and layer.rope is not None:
+            S, H = w.shape[:2]
             r = rope_params(layer.rope, layer.layer)[2]
             # rotate_half RoPE pairs channel c with c + r/2 (RoFormer eq. 34): share their weight
             pair = w[..., :r].reshape(S, H, 2, r // 2).mean(dim=2)
