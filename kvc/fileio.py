@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,15 @@ def write_text(path: str | os.PathLike, text: str, force: bool = False) -> None:
 
 def write_json(path: str | os.PathLike, obj, force: bool = False) -> None:
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", force)
+
+
+def emit_json(path: str | None, obj, force: bool = False, indent: int | None = 2) -> None:
+    """``--json PATH``: '-' prints ``obj`` on stdout (the tables went to stderr), a path writes it
+    atomically, None does nothing."""
+    if path == "-":
+        sys.stdout.write(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+    elif path is not None:
+        write_json(path, obj, force)
 
 
 def save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], force=False):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,7 @@ from ..analyze import Options, Report, analyze_capture
 from ..capture_format import KV_TENSORS, CaptureFile
 from ..console import err, out, progress_bar
 from ..errors import KvcError
-from ..fileio import check_writable, write_json
+from ..fileio import check_writable, emit_json
 from ..models import resolve_device
 
 NAME = "analyze"
@@ -60,10 +59,8 @@ def command(
                                  progress=lambda: bar.advance(task))
     console = err if json_path == "-" else out
     print_summary(console, report, chosen)
-    if json_path == "-":
-        print(json.dumps(report.to_json(), allow_nan=False))
-    elif json_path:
-        write_json(json_path, report.to_json(), force=force)
+    emit_json(json_path or None, report.to_json(), force, indent=None)
+    if json_path not in (None, "", "-"):
         console.print(f"wrote {json_path}")
     if plots:
         analyze_plots.write_all(report, cap, chosen, plot_paths, force)

@@ -6,8 +6,6 @@ Method options come from the method's ``Options`` dataclass: ``--group-size 32``
 
 from __future__ import annotations
 
-import json
-import sys
 import types
 import typing
 from pathlib import Path
@@ -22,7 +20,7 @@ from ..capture_format import CaptureFile
 from ..compress.base import option_fields
 from ..console import err, human_bytes, out, progress_bar
 from ..errors import KvcError
-from ..fileio import check_writable, write_json
+from ..fileio import check_writable, emit_json
 from ..gpu import require_device
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -219,7 +217,4 @@ def command(
         engine.write_compressed(out_path, result, source, force=force)
         console.print(f"wrote {out_path}: {human_bytes(out_path.stat().st_size)} "
                       f"({human_bytes(sum(e.nbits() for e in result.encoded.values()) / 8)} of packed arrays)")
-    if json_path == "-":
-        sys.stdout.write(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    elif json_path is not None:
-        write_json(json_path, report, force=force)
+    emit_json(json_path, report, force)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +15,7 @@ from ..budget import parse_contexts
 from ..console import err, out, progress_bar
 from ..corpus import load_corpus
 from ..errors import KvcError
-from ..fileio import check_writable, write_json
+from ..fileio import check_writable, emit_json
 from ..models import load_model, resolve_model
 from .compress import fmt, parse_method_args
 
@@ -89,10 +87,7 @@ def command(
     if heatmap is not None:
         ev.plot_retrieval(result, heatmap)
         console.print(f"wrote {heatmap}")
-    if json_path == "-":
-        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    elif json_path is not None:
-        write_json(json_path, result, force=force)
+    emit_json(json_path, result, force)
 
 
 def settings_from_options(contexts: str, windows: int, continuation: int, depths: str, trials: int,
