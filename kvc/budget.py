@@ -294,19 +294,19 @@ def sequence_bytes(geometry: Geometry, context: int, compression: Compression = 
     return total
 
 
-def parse_contexts(text: str) -> list[int]:
+def parse_contexts(text: str, option: str = "--context") -> list[int]:
     """``1024,4k,128k`` -> [1024, 4096, 131072] (k = 1024 tokens); each must be positive."""
     contexts = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         match = re.fullmatch(r"(-?\d+)([kK]?)", part)
         if not match:
-            raise KvcError(f"--context {text!r}: expected comma-separated token counts like 1024,4k")
+            raise KvcError(f"{option} {text!r}: expected comma-separated token counts like 1024,4k")
         value = int(match.group(1)) * (1024 if match.group(2) else 1)
         if value < 1:
-            raise KvcError(f"--context {text!r}: context lengths must be positive, got {value}")
+            raise KvcError(f"{option} {text!r}: context lengths must be positive, got {value}")
         contexts.append(value)
     if not contexts:
-        raise KvcError("--context: give at least one context length")
+        raise KvcError(f"{option}: give at least one context length")
     return contexts
 
 

@@ -587,7 +587,7 @@ def run_policy(spec: RunSpec, workdir: Path, status=None) -> dict:
     status(f"capturing {spec.num_seqs} x {spec.seq_len} tokens, layers {spec.layers}")
     capture_path = workdir / "capture.safetensors"
     capture(model, token_windows(tokenizer, corpus, spec.seq_len, spec.num_seqs), capture_path,
-            meta={"model": source.location if source.kind == "hub" else source.name, "model_revision": "",
+            meta={"model": source.name, "model_revision": "",
                   "text_source": corpus.source, "text_sha256": corpus.sha256},
             layers=layers, q_positions=torch.arange(spec.seq_len))
     del model

@@ -30,7 +30,7 @@ _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 
 @dataclass
 class ModelSource:
-    name: str  # what goes into capture metadata
+    name: str  # what metadata calls the model: the hub id, else the file or folder name
     kind: str  # "gguf" | "dir" | "hub"
     location: str  # file, directory or hub id
 

@@ -48,7 +48,7 @@ def command(
     config = engine.text_config(lm)
     selected = engine.parse_layers(layers, config.num_hidden_layers)
     positions = engine.parse_query_positions(query_positions, seq_len)
-    meta = {"model": source.location if source.kind == "hub" else source.name,
+    meta = {"model": source.name,
             "model_revision": revision or _file_revision(source),
             "text_source": corpus.source, "text_sha256": corpus.sha256}
     with progress_bar() as bar:

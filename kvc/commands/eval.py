@@ -78,7 +78,7 @@ def command(
         task = bar.add_task("eval", total=ev.steps(settings, 1))
         result = ev.evaluate(lm, tokenizer, corpus, [compressor], settings, measure=proxies,
                              progress=lambda what: bar.update(task, advance=1, description=what))[0]
-    result["model"] = source.location if source.kind == "hub" else source.name
+    result["model"] = source.name
     result["run"] = {"device": str(next(lm.parameters()).device),
                      "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source,
                      "seconds": round(time.perf_counter() - start, 3)}
@@ -95,11 +95,7 @@ def settings_from_options(contexts: str, windows: int, continuation: int, depths
     """``evaluate.Settings`` from the command-line values."""
     from ..evaluate import Settings
 
-    try:
-        lengths = tuple(parse_contexts(contexts))
-    except KvcError as error:
-        raise KvcError(str(error).replace("--context ", "--contexts ", 1)) from None
-    return Settings(contexts=lengths, windows=windows, continuation=continuation,
+    return Settings(contexts=tuple(parse_contexts(contexts, "--contexts")), windows=windows, continuation=continuation,
                     depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval)
 
 
