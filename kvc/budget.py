@@ -255,7 +255,13 @@ def compression_from_json(path: Path) -> Compression:
     if not _positive_number(overall):
         raise KvcError(f"--from-json {path}: expected a positive number at 'bits_per_entry' "
                        "(output of kvc compress --json)")
-    summary = data.get("summary") if isinstance(data.get("summary"), dict) else {}
+    return measured_compression(data, source=str(path))
+
+
+def measured_compression(result: dict, source: str = "measured") -> Compression:
+    """Measured bits per K and V entry of a ``kvc compress --json`` result (``k_pre`` stands in for
+    ``k``; the top-level ``bits_per_entry`` where a tensor's is missing)."""
+    summary = result.get("summary") if isinstance(result.get("summary"), dict) else {}
 
     def tensor_bits(*names: str) -> float:
         for name in names:
@@ -263,10 +269,10 @@ def compression_from_json(path: Path) -> Compression:
             value = entry.get("bits_per_entry") if isinstance(entry, dict) else None
             if _positive_number(value):
                 return float(value)
-        return float(overall)
+        return float(result["bits_per_entry"])
 
-    return Compression(str(data.get("method", "measured")), tensor_bits("k", "k_pre"), tensor_bits("v"),
-                       source=str(path))
+    return Compression(str(result.get("method", "measured")), tensor_bits("k", "k_pre"), tensor_bits("v"),
+                       source=source)
 
 
 def _positive_number(value) -> bool:

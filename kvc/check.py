@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from . import __version__
-from .budget import Compression, Geometry, parse_contexts, sequence_bytes
+from .budget import Geometry, measured_compression, parse_contexts, sequence_bytes
 from .console import human_bytes
 from .errors import KvcError
 
@@ -347,20 +347,6 @@ def _at_most(label: str, name: str, value: Any, limit: float) -> Check:
     if not _finite(value):
         return Check(label, name, None, f"<= {limit:.4g}", False, detail="not reported in the result")
     return Check(label, name, float(value), f"<= {limit:.4g}", abs(value) <= limit)
-
-
-def measured_compression(result: dict) -> Compression:
-    """Measured bits per K and V entry of a result (``k_pre`` stands in for ``k``; top level else)."""
-    summary = result["summary"]
-
-    def bits(*tensors: str) -> float:
-        for t in tensors:
-            value = summary.get(t, {}).get("bits_per_entry")
-            if _finite(value) and value > 0:
-                return float(value)
-        return float(result["bits_per_entry"])
-
-    return Compression(str(result["method"]), bits("k", "k_pre"), bits("v"), source="measured")
 
 
 def budget_check(result: dict, spec: BudgetSpec, geometry: Geometry) -> Check:
