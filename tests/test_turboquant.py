@@ -11,7 +11,8 @@ import torch
 from kvc.errors import KvcError, MethodFailure
 from kvc.quant.lloyd_max import beta_codebook, distortion
 from kvc.quant.rotation import draw_seed, fwht, make_rotation
-from kvc.quant.turboquant import (channel_permutation, outlier_channels, qjl_matrix, split_bits,
+from kvc.quant.qjl import qjl_sketch
+from kvc.quant.turboquant import (channel_permutation, outlier_channels, split_bits,
                                   tq_codebook, tq_mse_decode, tq_mse_encode, tq_prod_decode,
                                   tq_prod_encode)
 
@@ -76,7 +77,7 @@ def test_prod_oracle_8_8(b):
         x = _unit(n, d, 1000 + r)
         y = torch.randn(n, d, generator=torch.Generator().manual_seed(2000 + r), dtype=torch.float64)
         rot = make_rotation("haar", d, 3000 + r)
-        s = qjl_matrix(d, 4000 + r, dtype=torch.float64)
+        s = qjl_sketch(d, d, 4000 + r, dtype=torch.float64)
         cb = tq_codebook(d, b - 1) if b > 1 else None
         parts = tq_prod_encode(x, b, rot, s, cb)
         assert parts["signs"].shape == x.shape and ("codes" in parts) == (b > 1)

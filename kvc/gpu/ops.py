@@ -36,7 +36,8 @@ from torch import Tensor
 from ..errors import MethodFailure
 from ..quant.packing import pack_codes, packed_nbytes, unpack_codes
 from ..quant.rotation import Rotation
-from ..quant.turboquant import row_norms_fp16, tq_codebook, tq_mse_decode, tq_mse_encode
+from ..quant.fp16 import row_norms_fp16
+from ..quant.turboquant import tq_codebook, tq_mse_decode, tq_mse_encode
 from ..quant.uniform import minmax_dequantize, minmax_quantize
 from .runtime import Backend, backend_for, cdiv, f32, i32, i64, is_pow2, ptr
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kvc.errors import KvcError
 
-from .turboquant import row_norms_fp16
+from .fp16 import row_norms_fp16
 
 SQRT_PI_2 = math.sqrt(math.pi / 2)
 

@@ -38,17 +38,13 @@ import math
 import torch
 from torch import Tensor
 
-from kvc.errors import KvcError, MethodFailure
+from kvc.errors import KvcError
 
+from .fp16 import row_norms_fp16, work_dtype
 from .lloyd_max import beta_codebook, nearest_codes
+from .qjl import qjl_decode, qjl_encode
 from .rotation import Rotation
 
-FP16_MAX = 65504.0
-SQRT_PI_2 = math.sqrt(math.pi / 2)
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def tq_codebook(d: int, bits: int) -> Tensor:
@@ -58,14 +54,6 @@ def tq_codebook(d: int, bits: int) -> Tensor:
     return beta_codebook(d, bits)
 
 
-def row_norms_fp16(x: Tensor) -> Tensor:
-    """||x|| over the last axis as float16; MethodFailure if a norm is not finite in float16."""
-    norms = torch.linalg.vector_norm(x.to(_work_dtype(x)), dim=-1)
-    if not bool(torch.isfinite(norms).all()) or bool((norms > FP16_MAX).any()):
-        raise MethodFailure("row norm is NaN/Inf or exceeds the float16 range (65504)")
-    return norms.to(torch.float16)
-
-
 def tq_mse_encode(x: Tensor, bits: int, rotation: Rotation, codebook: Tensor | None = None
                   ) -> tuple[Tensor, Tensor]:
     """TurboQuant_mse of every row of x [..., n, d] -> (codes uint8 [..., n, d], norms float16 [..., n])."""
@@ -73,7 +61,7 @@ def tq_mse_encode(x: Tensor, bits: int, rotation: Rotation, codebook: Tensor | N
     cb = tq_codebook(d, bits) if codebook is None else codebook
     if cb.numel() != 1 << bits:
         raise KvcError(f"codebook has {cb.numel()} entries, expected 2**{bits}")
-    dt = _work_dtype(x)
+    dt = work_dtype(x)
     xw = x.to(dt)
     norms16 = row_norms_fp16(xw)
     norms = torch.linalg.vector_norm(xw, dim=-1, keepdim=True)
@@ -93,13 +81,6 @@ def tq_mse_decode(codes: Tensor, norms: Tensor, rotation: Rotation, codebook: Te
     return rotation.to(codes.device, dtype).invert(y) * norms.to(dtype)[..., None]
 
 
-def qjl_matrix(d: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               rows: int | None = None) -> Tensor:
-    """The Gaussian sketch S [rows (default d), d] of TQ-prod / QJL, i.i.d. N(0, 1), rebuilt from ``seed``."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(rows or d, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
 def tq_prod_encode(x: Tensor, bits: int, rotation: Rotation, sketch: Tensor,
                    codebook: Tensor | None = None) -> dict[str, Tensor]:
     """TurboQuant_prod of every row of x [..., n, d] with a Gaussian ``sketch`` S [d, d].
@@ -108,7 +89,7 @@ def tq_prod_encode(x: Tensor, bits: int, rotation: Rotation, sketch: Tensor,
     bits = 1), 'signs' bool [..., n, d] (True = +1), 'gamma' float16 [..., n] = ||x - x_mse||}.
     """
     # TurboQuant Alg. 2: idx = Quant_mse(x) at b - 1 bits; r = x - DeQuant_mse(idx); qjl = sign(S r); gamma = ||r||
-    dt = _work_dtype(x)
+    dt = work_dtype(x)
     xw = x.to(dt)
     out: dict[str, Tensor] = {}
     if bits > 1:
@@ -118,19 +99,15 @@ def tq_prod_encode(x: Tensor, bits: int, rotation: Rotation, sketch: Tensor,
                                    else tq_codebook(x.shape[-1], bits - 1), dt)
     else:
         resid = xw
-    out["signs"] = resid @ sketch.to(device=x.device, dtype=dt).T >= 0
-    out["gamma"] = row_norms_fp16(resid)
+    out["signs"], out["gamma"] = qjl_encode(resid, sketch)
     return out
 
 
 def tq_prod_decode(parts: dict[str, Tensor], bits: int, rotation: Rotation, sketch: Tensor,
                    codebook: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of :func:`tq_prod_encode`: x_mse + (sqrt(pi/2)/d) gamma S^T qjl for every row."""
-    signs = parts["signs"]
-    d = signs.shape[-1]
-    s = sketch.to(device=signs.device, dtype=dtype)
-    # TurboQuant Alg. 2 line 10: x~ = DeQuant_mse(idx) + sqrt(pi/2)/d * gamma * S^T qjl
-    qjl = (signs.to(dtype) * 2 - 1) @ s * (SQRT_PI_2 / d) * parts["gamma"].to(dtype)[..., None]
+    # TurboQuant Alg. 2 line 10: x~ = DeQuant_mse(idx) + sqrt(pi/2)/d * gamma * S^T qjl (QJL with m = d)
+    qjl = qjl_decode(parts["signs"], parts["gamma"], sketch, dtype)
     if bits > 1:
         return tq_mse_decode(parts["codes"], parts["norms"], rotation, codebook, dtype) + qjl
     return qjl
@@ -159,7 +136,7 @@ def split_bits(bits: float, d: int) -> list[tuple[int, int]]:
 def outlier_channels(x: Tensor, count: int) -> Tensor:
     """Mask [..., d] (bool) of the ``count`` channels of x [..., n, d] with the largest energy
     sum_t x_tc^2 over the rows (ties: lower channel index first)."""
-    energy = x.to(_work_dtype(x)).pow(2).sum(dim=-2)
+    energy = x.to(work_dtype(x)).pow(2).sum(dim=-2)
     # stable descending order: sort (-energy) with stable=True keeps lower indices first on ties
     order = torch.sort(-energy, dim=-1, stable=True).indices[..., :count]
     mask = torch.zeros_like(energy, dtype=torch.bool)

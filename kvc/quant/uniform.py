@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kvc.errors import KvcError, MethodFailure
 
-FP16_MAX = 65504.0
+from .fp16 import FP16_MAX
 
 
 def _check_bits(bits: int, low: int = 1) -> None:

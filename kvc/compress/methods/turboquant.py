@@ -28,7 +28,8 @@ from ... import gpu
 from ...errors import KvcError
 from ...quant.packing import check_code_bits, pack_codes, seed_array, unpack_codes
 from ...quant.rotation import KINDS, draw_seed, make_rotation
-from ...quant.turboquant import (channel_permutation, outlier_channels, qjl_matrix, split_bits,
+from ...quant.qjl import qjl_sketch
+from ...quant.turboquant import (channel_permutation, outlier_channels, split_bits,
                                  tq_codebook, tq_prod_decode,
                                  tq_prod_encode)
 from ..base import LayerKV, TensorCompressor, option
@@ -85,7 +86,7 @@ class TurboQuant(TensorCompressor):
             if prod:
                 sk_seed = draw_seed(generator)
                 arrays[p + "seed"] = seed_array(rot_seed, sk_seed)
-                parts = tq_prod_encode(piece, b, rot, qjl_matrix(ch, sk_seed, x.device), cb)
+                parts = tq_prod_encode(piece, b, rot, qjl_sketch(ch, ch, sk_seed, device=x.device), cb)
                 arrays[p + "signs"] = pack_codes(parts["signs"], 1)
                 arrays[p + "gamma"] = parts["gamma"]
                 packed.append(arrays[p + "signs"])
@@ -126,7 +127,7 @@ class TurboQuant(TensorCompressor):
                 parts["norms"] = arrays[p + "norm"]
             parts["signs"] = unpack_codes(arrays[p + "signs"], 1, (S, H, T, ch)).bool()
             parts["gamma"] = arrays[p + "gamma"]
-            pieces.append(tq_prod_decode(parts, b, rot, qjl_matrix(ch, seeds[1], device), cb))
+            pieces.append(tq_prod_decode(parts, b, rot, qjl_sketch(ch, ch, seeds[1], device=device), cb))
         if len(pieces) == 1:
             return pieces[0]
         mask = unpack_codes(arrays["channels"], 1, (S, H, d)).bool()
