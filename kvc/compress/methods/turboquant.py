@@ -91,12 +91,12 @@ class TurboQuant(TensorCompressor):
                 arrays[p + "gamma"] = parts["gamma"]
                 packed.append(arrays[p + "signs"])
                 if mse_bits > 0:
-                    codes, norms = parts["codes"], parts["norms"]
+                    codes, norms = pack_codes(parts["codes"], mse_bits), parts["norms"]
             else:
                 arrays[p + "seed"] = seed_array(rot_seed)
-                packed_codes, norms = gpu.tq_mse_encode_packed(piece, b, rot, cb)  # fused kernel on CUDA
+                codes, norms = gpu.tq_mse_encode_packed(piece, b, rot, cb)  # fused kernel on CUDA
             if mse_bits > 0:
-                arrays[p + "codes"] = pack_codes(codes, mse_bits) if prod else packed_codes
+                arrays[p + "codes"] = codes
                 arrays[p + "norm"] = norms
                 arrays[p + "codebook"] = cb.to(device=x.device, dtype=torch.float32)
                 packed.append(arrays[p + "codes"])
