@@ -360,7 +360,8 @@ def command(
     source = CaptureFile(capture)
     selected = source.select_layers(layers)
     jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt, seed)
-    runs, skipped_run, failures = run_jobs(jobs, source, selected, require_device(device), compute_dtype(dtype),
+    torch_device = require_device(device)
+    runs, skipped_run, failures = run_jobs(jobs, source, selected, torch_device, compute_dtype(dtype),
                                            seed, query_stride)
     skipped += skipped_run
     for metric, views in (("mse_rel", VIEWS), ("attn_out_rel", VIEWS[:2])):
@@ -375,7 +376,7 @@ def command(
         out.print(line)
     correlation = None
     if e2e and runs:
-        correlation = add_end_to_end(runs, source, model, require_device(device))
+        correlation = add_end_to_end(runs, source, model, torch_device)
         out.print(e2e_table(runs, correlation))
     for metric in METRICS:
         plot(runs, metric, method_list, out_dir / f"pareto_{metric}.png", force)
