@@ -91,21 +91,22 @@ class Report:
 
 
 def split_tokens(x: Tensor, per_seq: bool, block: int | None) -> tuple[Tensor, list[tuple[int | None, int | None]]]:
-    """[S, H, T, D] -> ([G, H, n, D], (seq, block) label of each of the G groups).
+    """[..., S, H, T, D] -> ([..., G, H, n, D], (seq, block) label of each of the G groups).
 
     Pooled: all sequences stacked (G = 1). Blocks: consecutive tokens of one sequence; the tail
     of T mod block tokens is left out (eOptShrinkQ keeps the incomplete block in FP16, spec 1.3).
     """
-    S, H, T, D = x.shape
+    *lead, S, H, T, D = x.shape
     if block:
         nb = T // block
         if nb == 0:
             raise KvcError(f"--block {block} is longer than the {T} tokens of each sequence")
-        groups = x[:, :, : nb * block].reshape(S, H, nb, block, D).transpose(1, 2).reshape(S * nb, H, block, D)
+        groups = (x[..., : nb * block, :].reshape(*lead, S, H, nb, block, D).transpose(-4, -3)
+                  .reshape(*lead, S * nb, H, block, D))
         return groups, [(s, b) for s in range(S) for b in range(nb)]
     if per_seq:
         return x, [(s, None) for s in range(S)]
-    return x.transpose(0, 1).reshape(1, H, S * T, D), [(None, None)]
+    return x.transpose(-4, -3).reshape(*lead, 1, H, S * T, D), [(None, None)]
 
 
 def check_finite(x: Tensor, layer: int, names: list[str]) -> None:
@@ -288,9 +289,7 @@ def analyze_layer(layer_tensors: dict[str, Tensor], layer: int, options: Options
     names = list(layer_tensors)
     raw = torch.stack(list(layer_tensors.values())).to(device)  # [tensors, S, H, T, D]
     check_finite(raw, layer, names)
-    grouped = [split_tokens(x, options.per_seq, options.block) for x in raw]
-    labels = grouped[0][1]
-    X = torch.stack([g for g, _ in grouped])  # [tensors, G, H, n, d]
+    X, labels = split_tokens(raw, options.per_seq, options.block)  # [tensors, G, H, n, d]
     generator = torch.Generator().manual_seed(layer)  # one Haar rotation per layer, reproducible
     stats = head_stats(X, options, generator)
     heads = head_records(stats, layer, names, labels)
