@@ -20,10 +20,14 @@ PLOT_FILES = ("scree.png", "rank_heatmap.png", "channel_magnitude.png")
 COLORS = ("tab:red", "tab:blue", "tab:green")
 
 
+def _in_first_group(record: dict) -> bool:
+    """Whether a record belongs to the first sequence/block (every record does when pooled)."""
+    return record["seq"] in (None, 0) and record["block"] in (None, 0)
+
+
 def _first_group(report: Report, tensor: str) -> list[dict]:
-    """Records of the first sequence/block (all of them when pooled), analyzed only."""
-    return [r for r in report.heads if r["tensor"] == tensor and r["seq"] in (None, 0)
-            and r["block"] in (None, 0) and r["rank"] is not None]
+    """Records of the first sequence/block, analyzed only."""
+    return [r for r in report.heads if r["tensor"] == tensor and _in_first_group(r) and r["rank"] is not None]
 
 
 def _save(fig, path: Path, force: bool) -> None:
@@ -92,7 +96,7 @@ def rank_heatmap(report: Report, tensors: list[str], path: Path, force: bool) ->
 
 def outlier_head(report: Report, tensor: str) -> tuple[int, int]:
     """(layer, head) whose channel RMS ratio is largest, in the first sequence/block."""
-    recs = [r for r in report.heads if r["tensor"] == tensor and r["seq"] in (None, 0) and r["block"] in (None, 0)]
+    recs = [r for r in report.heads if r["tensor"] == tensor and _in_first_group(r)]
     best = max(recs, key=lambda r: r["max_rms_ratio"] or 0)
     return best["layer"], best["head"]
 
@@ -115,7 +119,7 @@ def channel_magnitude(report: Report, panels: dict[str, torch.Tensor], layer: in
     for ax, name in zip(axes[1], names):
         ratio = np.full((len(layers), panels[name].shape[-1]), np.nan)
         for r in report.heads:
-            if r["tensor"] == name and r["head"] == head and r["seq"] in (None, 0) and r["block"] in (None, 0):
+            if r["tensor"] == name and r["head"] == head and _in_first_group(r):
                 rms = np.array([np.nan if x is None else x for x in r["channel_rms"]])
                 ratio[layers.index(r["layer"])] = rms / np.nanmedian(rms)
         im = ax.imshow(ratio, cmap="viridis", aspect="auto", interpolation="nearest",
