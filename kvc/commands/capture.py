@@ -39,11 +39,7 @@ def command(
     if batch_size < 1:
         raise KvcError("--batch-size must be >= 1")
     check_writable(out_path, force)
-    source = resolve_model(model)
-    corpus = load_corpus(text)
-    with err.status(f"loading {source.name}"):
-        lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
-                                   trust_remote_code=trust_remote_code)
+    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code)
     input_ids = token_windows(tokenizer, corpus, seq_len, num_seqs)
     config = engine.text_config(lm)
     selected = engine.parse_layers(layers, config.num_hidden_layers)
@@ -57,6 +53,17 @@ def command(
                                  q_positions=positions, batch_size=batch_size, force=force,
                                  progress=lambda n: bar.advance(task, n))
     print_summary(summary, source.name)
+
+
+def load_model_and_text(model: str | None, text: str | None, revision: str | None, dtype: str, device: str,
+                        trust_remote_code: bool):
+    """(ModelSource, Corpus, model, tokenizer) for the --model/--text/--revision/--dtype/--device options."""
+    source = resolve_model(model)
+    corpus = load_corpus(text)
+    with err.status(f"loading {source.name}"):
+        lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
+                                   trust_remote_code=trust_remote_code)
+    return source, corpus, lm, tokenizer
 
 
 def _file_revision(source) -> str:

@@ -13,10 +13,9 @@ from rich.table import Table
 
 from ..budget import parse_contexts
 from ..console import err, out, progress_bar
-from ..corpus import load_corpus
 from ..errors import KvcError
 from ..fileio import check_writable, emit_json
-from ..models import load_model, resolve_model
+from .capture import load_model_and_text
 from .compress import fmt, parse_method_args
 
 NAME = "eval"
@@ -67,11 +66,7 @@ def command(
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
     if heatmap is not None:
         check_writable(heatmap, force)
-    source = resolve_model(model)
-    corpus = load_corpus(text)
-    with err.status(f"loading {source.name}"):
-        lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
-                                   trust_remote_code=trust_remote_code)
+    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code)
     torch.manual_seed(compressor.options.seed)
     start = time.perf_counter()
     with progress_bar() as bar:
