@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import KvcError
-from .models import _first_line, resolve_model
+from .models import _first_line, resolve_model, text_config
 
 SCHEMA = "kvc-budget/1"
 METHODS = ("fp16", "fp8", "int", "kivi", "turboquant", "eoptshrinkq")
@@ -101,7 +101,7 @@ def geometry_from_config(config, name: str) -> Geometry:
     GQA through ``num_key_value_heads`` (MHA when absent); ``layer_types`` marks the sliding layers,
     else every layer slides when ``sliding_window`` is set (the rule of kvc.capture).
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if getattr(text, "kv_lora_rank", None):
         raise KvcError(f"{name}: multi-head latent attention (kv_lora_rank) is not supported; "
                        "pass --layers/--kv-heads/--head-dim for the cache you store")

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
+from .attention import AttentionSpec, describe, spec_of
 from .capture_format import CaptureMeta, tensor_key
 from .errors import KvcError
+from .models import text_config
 from .fileio import StreamingSafetensorsWriter
 from .rope import cos_sin
 
@@ -41,6 +43,7 @@ class _Recorder:
     layers: set[int]
     q_positions: torch.Tensor
     records: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    attention: dict[int, AttentionSpec] = field(default_factory=dict)
     cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     pending_rope: tuple | None = None
     stop_after_last: bool = False  # end the forward pass once the last wanted layer is recorded
@@ -48,9 +51,10 @@ class _Recorder:
     def on_rope(self, q, k, cos, sin):
         self.pending_rope = (q, k, cos, sin)
 
-    def on_attention(self, module, q, k, v):
+    def on_attention(self, module, q, k, v, kwargs):
         layer = module.layer_idx
         rope, self.pending_rope = self.pending_rope, None
+        self.attention[layer] = spec_of(module, kwargs)
         if layer not in self.layers:
             return
         pos = self.q_positions.to(q.device)
@@ -77,7 +81,7 @@ def _register_capture_attention(base: str) -> None:
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         if _ACTIVE:
-            _ACTIVE[-1].on_attention(module, query, key, value)
+            _ACTIVE[-1].on_attention(module, query, key, value, kwargs)
         inner = ALL_ATTENTION_FUNCTIONS[base] if base != "eager" else _eager(module)
         return inner(module, query, key, value, attention_mask, **kwargs)
 
@@ -118,11 +122,6 @@ def recording(model, recorder: _Recorder):
         model.set_attn_implementation(base)
         for mod, original in patched:
             mod.apply_rotary_pos_emb = original
-
-
-def text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def parse_index_list(spec: str, option: str, upper: int) -> list[int]:
@@ -172,6 +171,9 @@ class CaptureSummary:
     bytes_written: int
     seconds: float
     peak_rss_bytes: int
+    weights: str
+    framing: str
+    attention: str
 
 
 def capture(model, input_ids: torch.Tensor, out_path, *, meta: dict, layers: list[int],
@@ -218,7 +220,17 @@ def capture(model, input_ids: torch.Tensor, out_path, *, meta: dict, layers: lis
         num_heads=first_rec["q"].shape[1], head_dim=first_rec["k"].shape[-1], num_seqs=num_seqs,
         seq_len=seq_len, num_query_positions=len(q_positions), has_rope="k_pre" in first_rec,
         bytes_written=len(writer.header) + writer.data_bytes, seconds=time.perf_counter() - start,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        weights=meta.get("weights") or "not recorded", framing=_describe_framing(meta.get("special_tokens")),
+        attention=describe({L: recorder.attention[L] for L in layers}))
+
+
+def _describe_framing(special_tokens: dict | None) -> str:
+    if special_tokens is None:
+        return "not recorded"
+    if not special_tokens["added"]:
+        return "bare text (--no-special-tokens)"
+    return special_tokens["text"] or "bare text (the tokenizer adds no special tokens)"
 
 
 def _check_finite(tensor, layer, name):
@@ -236,7 +248,7 @@ def _tensor_specs(recorder, num_seqs, q_positions, seq_len):
 
 
 def _metadata(model, recorder, layers, meta, num_seqs, seq_len) -> CaptureMeta:
-    config = text_config(model)
+    config = text_config(model.config)
     first = recorder.records[layers[0]]
     num_layers = config.num_hidden_layers
     sliding = getattr(config, "sliding_window", None)
@@ -252,6 +264,9 @@ def _metadata(model, recorder, layers, meta, num_seqs, seq_len) -> CaptureMeta:
         text_sha256=meta["text_sha256"], kvc_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         sliding_window=sliding if any("sliding" in t for t in layer_types) else None,
+        attention=[recorder.attention[L].to_json() if L in recorder.attention else None
+                   for L in range(num_layers)],
+        special_tokens=meta.get("special_tokens"), weights=meta.get("weights", ""),
         extra={"query_positions": json.dumps("all" if len(recorder.q_positions) == seq_len
                                              else recorder.q_positions.tolist())})
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import AttentionSpec
 from .errors import KvcError
 from .fileio import open_safetensors
 
@@ -27,11 +28,16 @@ TENSOR_NAMES = KV_TENSORS + Q_TENSORS
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
 # Metadata keys and how each is stored: JSON-encoded (structured or numeric) or a plain string.
-_JSON_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "rope", "layer_types",
-              "seq_len", "num_seqs", "sliding_window")
-_STR_KEYS = ("model", "model_revision", "architecture", "dtype", "text_source", "text_sha256",
-             "kvc_version", "created")
-REQUIRED_KEYS = _JSON_KEYS[:-1] + _STR_KEYS
+# The optional ones are absent from files written before they existed.
+_REQUIRED_JSON = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "rope", "layer_types",
+                  "seq_len", "num_seqs")
+_OPTIONAL_JSON = ("sliding_window", "attention", "special_tokens")
+_JSON_KEYS = _REQUIRED_JSON + _OPTIONAL_JSON
+_REQUIRED_STR = ("model", "model_revision", "architecture", "dtype", "text_source", "text_sha256",
+                 "kvc_version", "created")
+_OPTIONAL_STR = ("weights",)
+_STR_KEYS = _REQUIRED_STR + _OPTIONAL_STR
+REQUIRED_KEYS = _REQUIRED_JSON + _REQUIRED_STR
 
 
 def tensor_key(layer: int, name: str) -> str:
@@ -59,6 +65,9 @@ class CaptureMeta:
     kvc_version: str
     created: str
     sliding_window: int | None = None
+    attention: list[dict] | None = None  # per model layer: AttentionSpec.to_json()
+    special_tokens: dict | None = None  # the framing each window got: {"added", "prefix", "suffix", ...}
+    weights: str = ""  # the model's weight format, e.g. "GGUF Q4_1, dequantized to float32"
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_strings(self) -> dict[str, str]:
@@ -69,6 +78,12 @@ class CaptureMeta:
             out[key] = str(getattr(self, key))
         out.update(self.extra)
         return out
+
+    def layer_attention(self, layer: int) -> AttentionSpec:
+        """The attention of ``layer``; files without the ``attention`` key: causal, full, 1/sqrt(D)."""
+        if self.attention is None:
+            return AttentionSpec()
+        return AttentionSpec.from_json(self.attention[layer])
 
     @classmethod
     def from_strings(cls, raw: dict[str, str], source: str) -> "CaptureMeta":
@@ -86,7 +101,7 @@ class CaptureMeta:
             values = {k: json.loads(raw[k]) for k in _JSON_KEYS if k in raw}
         except json.JSONDecodeError as err:
             raise KvcError(f"{source} has malformed JSON metadata: {err}") from err
-        values.update({k: raw[k] for k in _STR_KEYS})
+        values.update({k: raw[k] for k in _STR_KEYS if k in raw})
         known = set(_JSON_KEYS) | set(_STR_KEYS) | {"format", "format_version"}
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
 

@@ -553,12 +553,12 @@ def run_policy(spec: RunSpec, workdir: Path, status=None) -> dict:
     """
     import torch
 
-    from .capture import capture, parse_layers, text_config
+    from .capture import capture, parse_layers
     from .capture_format import CaptureFile
     from .compress import engine
     from .compress.base import build
-    from .corpus import load_corpus, token_windows
-    from .models import load_model, resolve_device, resolve_model
+    from .corpus import framing, load_corpus, token_windows
+    from .models import load_model, resolve_device, resolve_model, text_config, weights_description
 
     status = status or (lambda text: None)
     device = resolve_device(spec.device)
@@ -567,14 +567,16 @@ def run_policy(spec: RunSpec, workdir: Path, status=None) -> dict:
     status(f"loading {source.name}")
     model, tokenizer = load_model(source, device=str(device))
     try:
-        layers = parse_layers(spec.layers, text_config(model).num_hidden_layers)
+        layers = parse_layers(spec.layers, text_config(model.config).num_hidden_layers)
     except KvcError as err:
         raise KvcError(f"policy: run.layers: {err}") from None
     status(f"capturing {spec.num_seqs} x {spec.seq_len} tokens, layers {spec.layers}")
     capture_path = workdir / "capture.safetensors"
-    capture(model, token_windows(tokenizer, corpus, spec.seq_len, spec.num_seqs), capture_path,
+    frame = framing(tokenizer)
+    capture(model, token_windows(tokenizer, corpus, spec.seq_len, spec.num_seqs, frame), capture_path,
             meta={"model": source.name, "model_revision": "",
-                  "text_source": corpus.source, "text_sha256": corpus.sha256},
+                  "text_source": corpus.source, "text_sha256": corpus.sha256,
+                  "special_tokens": frame.to_meta(), "weights": weights_description(source, model)},
             layers=layers, q_positions=torch.arange(spec.seq_len))
     del model
     compressor = build(spec.method, **spec.params)

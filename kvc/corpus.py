@@ -41,13 +41,59 @@ def load_corpus(path: str | None) -> Corpus:
     return Corpus(text, file.name)
 
 
-def token_windows(tokenizer, corpus: Corpus, seq_len: int, num_seqs: int) -> torch.Tensor:
-    """``num_seqs`` consecutive, non-overlapping windows of ``seq_len`` tokens: int64 [S, T]."""
-    if seq_len < 2 or num_seqs < 1:
-        raise KvcError(f"--seq-len must be >= 2 and --num-seqs >= 1 (got {seq_len}, {num_seqs})")
-    needed = seq_len * num_seqs
+@dataclass
+class Framing:
+    """The special tokens the model's tokenizer puts around a fresh input (BOS; [CLS] ... [SEP])."""
+
+    prefix: list[int]
+    suffix: list[int]
+    added: bool  # False: --no-special-tokens asked for bare text
+    text: str = ""  # the framing as the tokenizer writes it, e.g. "<s> ..."
+
+    def wrap(self, ids: list[int]) -> list[int]:
+        return self.prefix + ids + self.suffix
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+    def to_meta(self) -> dict:
+        return {"added": self.added, "prefix": self.prefix, "suffix": self.suffix, "text": self.text}
+
+
+PROBE = "kvc probe text"
+
+
+def framing(tokenizer, special_tokens: bool = True) -> Framing:
+    """How ``tokenizer`` frames a text by default, read off one probe: its ids with special tokens
+    are prefix + (its ids without them) + suffix. ``special_tokens=False``: no framing."""
+    if not special_tokens:
+        return Framing([], [], added=False)
+    bare = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    full = tokenizer(PROBE, add_special_tokens=True)["input_ids"]
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare]
+    if not starts:
+        raise KvcError(f"{type(tokenizer).__name__} changes the text itself when it adds its special "
+                       "tokens; pass --no-special-tokens to capture bare text")
+    prefix, suffix = full[:starts[0]], full[starts[0] + len(bare):]
+    pieces = [tokenizer.decode(prefix)] * bool(prefix) + ["..."] + [tokenizer.decode(suffix)] * bool(suffix)
+    text = " ".join(pieces) if prefix or suffix else ""
+    return Framing(prefix, suffix, added=True, text=text)
+
+
+def token_windows(tokenizer, corpus: Corpus, seq_len: int, num_seqs: int,
+                  frame: Framing | None = None) -> torch.Tensor:
+    """``num_seqs`` windows of ``seq_len`` tokens, int64 [S, T]: consecutive, non-overlapping runs of
+    the text, each framed like a fresh input of the model (``frame``; default: no framing)."""
+    frame = frame or Framing([], [], added=False)
+    if num_seqs < 1 or seq_len - frame.length < 1 or seq_len < 2:
+        raise KvcError(f"--seq-len must be >= {max(2, frame.length + 1)} and --num-seqs >= 1 "
+                       f"(got {seq_len}, {num_seqs})")
+    body = seq_len - frame.length
+    needed = body * num_seqs
     ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"]
     if len(ids) < needed:
         raise KvcError(f"{corpus.source} has {len(ids)} tokens; {num_seqs} windows of {seq_len} "
                        f"need {needed}: give more text or ask for fewer/shorter windows")
-    return torch.tensor(ids[:needed], dtype=torch.int64).view(num_seqs, seq_len)
+    windows = [frame.wrap(ids[i * body:(i + 1) * body]) for i in range(num_seqs)]
+    return torch.tensor(windows, dtype=torch.int64)

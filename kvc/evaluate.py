@@ -34,17 +34,20 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .capture import _Recorder, _rope_metadata, recording, text_config
+from .attention import AttentionSpec
+from .capture import _Recorder, _rope_metadata, recording
 from .compress.base import Compressor, Decoded, LayerKV, check_finite
 from .compress.composite import kept_slots
-from .corpus import Corpus
+from .corpus import Corpus, framing
 from .errors import KvcError, MethodFailure
+from .models import check_positions, is_causal_lm, text_config
 
 EVAL_ATTENTION = "kvc_eval"
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")
 SUBJECTS = ("pass code of the {} door", "serial number of the {} bicycle", "room number of the {} hotel",
             "zip code of the {} house", "locker number of the {} gym", "flight number of the {} plane")
 PROMPT_SEED = 0  # needles, codes and haystacks are the same for every method and --seed
+ANSWER_TOKENS = 64  # bound on a needle question plus its answer, in tokens
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Settings:
     trials: int = 1  # needle prompts per (depth, length) cell
     needles: int = 4  # facts in one multi-needle context (0: skip)
     retrieval: bool = True
+    special_tokens: bool = True  # each context starts like a fresh input of the model (its BOS, if any)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -66,14 +70,24 @@ class Settings:
 class CompressedLayer(DynamicLayer):
     """One layer: a decoded prefix standing for ``length`` prompt tokens, then appended tokens.
 
-    keys/values [B, H, P + A, D]; ``valid`` [B, H, P] marks the real prefix slots (None: all).
+    keys/values [B, H, P + A, D]; ``valid`` [B, H, P] marks the real prefix slots (None: all);
+    ``slots`` [B, H, P] their token positions within the prefix (None: 0..P-1), whose first token
+    sits at absolute position ``offset`` (a sliding-window layer keeps only the prompt's tail).
+    ``spec``: the layer's attention; its mask applies to the absolute positions of every key.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, valid: Tensor | None, length: int):
+    def __init__(self, keys: Tensor, values: Tensor, valid: Tensor | None, length: int,
+                 slots: Tensor | None = None, offset: int = 0, spec: AttentionSpec = AttentionSpec()):
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.keys, self.values, self.valid = keys, values, valid
-        self.prefix, self.length = keys.shape[-2], length
+        self.keys, self.values, self.valid, self.slots = keys, values, valid, slots
+        self.prefix, self.length, self.offset, self.spec = keys.shape[-2], length, offset, spec
+
+    def fresh(self) -> "CompressedLayer":
+        """The same prefix without the tokens appended since."""
+        P = self.prefix
+        return CompressedLayer(self.keys[..., :P, :], self.values[..., :P, :], self.valid, self.length,
+                               self.slots, self.offset, self.spec)
 
     def get_seq_length(self) -> int:
         """Tokens seen (prompt + appended), so new tokens get their true RoPE positions."""
@@ -86,16 +100,22 @@ class CompressedLayer(DynamicLayer):
         super().batch_repeat_interleave(repeats)
         if self.valid is not None:
             self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        if self.slots is not None:
+            self.slots = self.slots.repeat_interleave(repeats, dim=0)
 
     def mask(self, query_length: int) -> Tensor:
-        """bool [B, H, Q, K]: valid prefix slots, and appended tokens up to each query's own."""
+        """bool [B, H, Q, K]: valid prefix slots and appended tokens that the layer's mask shows the
+        last ``query_length`` tokens (causal, and within the sliding window if the layer has one)."""
         B, H, K, _ = self.keys.shape
-        appended = torch.arange(K - self.prefix, device=self.keys.device)
-        causal = appended <= (K - self.prefix - query_length + torch.arange(query_length, device=self.keys.device))[:, None]
-        prefix = (self.valid if self.valid is not None
-                  else torch.ones(B, H, self.prefix, dtype=torch.bool, device=self.keys.device))
-        return torch.cat([prefix[:, :, None, :].expand(B, H, query_length, self.prefix),
-                          causal.expand(B, H, -1, -1)], dim=-1)
+        device = self.keys.device
+        appended = K - self.prefix
+        queries = self.length + appended - query_length + torch.arange(query_length, device=device)
+        slots = torch.arange(self.prefix, device=device) if self.slots is None else self.slots
+        prefix = self.spec.visible(queries, slots + self.offset).expand(B, H, query_length, self.prefix)
+        if self.valid is not None:
+            prefix = prefix & self.valid[:, :, None, :]
+        tail = self.spec.visible(queries, self.length + torch.arange(appended, device=device))
+        return torch.cat([prefix, tail.expand(B, H, -1, -1)], dim=-1)
 
 
 class CompressedCache(DynamicCache):
@@ -112,17 +132,19 @@ class CompressedCache(DynamicCache):
 
 
 def uncompressed_cache(layers: Sequence[LayerKV], dtype: torch.dtype) -> CompressedCache:
-    return CompressedCache([CompressedLayer(l.k.to(dtype), l.v.to(dtype), None, l.shape[2]) for l in layers])
+    return CompressedCache([decoded_layer(Decoded(l.k, l.v), l, dtype) for l in layers])
 
 
-def decoded_layer(decoded: Decoded, length: int, dtype: torch.dtype) -> CompressedLayer:
+def decoded_layer(decoded: Decoded, layer: LayerKV, dtype: torch.dtype) -> CompressedLayer:
     """The cache layer of a decoded prefix; evicted tokens dropped, kept ones compacted per head."""
+    length = layer.offset + layer.shape[2]
     if decoded.keep is None:
-        return CompressedLayer(decoded.k.to(dtype), decoded.v.to(dtype), None, length)
+        return CompressedLayer(decoded.k.to(dtype), decoded.v.to(dtype), None, length,
+                               offset=layer.offset, spec=layer.attention)
     positions, valid = kept_slots(decoded.keep)
     index = positions[..., None].expand(-1, -1, -1, decoded.k.shape[-1])
     return CompressedLayer(decoded.k.gather(2, index).to(dtype), decoded.v.gather(2, index).to(dtype),
-                           valid, length)
+                           valid, length, positions, layer.offset, layer.attention)
 
 
 # ----------------------------------------------------------------------------- attention hook
@@ -174,30 +196,32 @@ def _forward(model, ids: Tensor, cache: Cache, **kwargs) -> Tensor:
 
 
 def prefill(model, input_ids: Tensor) -> list[LayerKV]:
-    """Every layer's K, V (after and before RoPE) and queries of ``input_ids`` [B, T], float32."""
+    """Every layer's cached K, V (after and before RoPE) and its queries of ``input_ids`` [B, T],
+    float32, as the model's own cache holds them: a sliding-window layer keeps only the prompt's
+    last tokens (``LayerKV.offset`` says where they start), and that is what gets compressed."""
     T = input_ids.shape[1]
     device = next(model.parameters()).device
-    config = text_config(model)
-    num_layers = config.num_hidden_layers
+    num_layers = text_config(model.config).num_hidden_layers
     recorder = _Recorder(set(range(num_layers)), torch.arange(T))
     cache = DynamicCache(config=model.config)
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        raise KvcError(f"{type(model).__name__} has sliding-window layers, which kvc eval does not model yet")
     with torch.inference_mode(), recording(model, recorder):
         _forward(model, input_ids.to(device), cache, logits_to_keep=1)
     missing = sorted(set(range(num_layers)) - set(recorder.records))
     if missing:
         raise KvcError(f"{type(model).__name__}: attention of layers {missing} was not seen; this "
                        "architecture does not use transformers' AttentionInterface")
-    rope = _rope_metadata(model, config, recorder)
+    rope = _rope_metadata(model, text_config(model.config), recorder)
     layers = []
     for L in range(num_layers):
-        rec = recorder.records.pop(L)
+        rec, kept = recorder.records.pop(L), cache.layers[L]
+        offset = T - kept.keys.shape[2]
         k_pre = rec.get("k_pre")
-        layers.append(LayerKV(layer=L, k=cache.layers[L].keys.float(), v=cache.layers[L].values.float(),
-                              q=rec["q"].to(device, torch.float32), q_positions=torch.arange(T, device=device),
-                              k_pre=None if k_pre is None else k_pre.to(device, torch.float32),
-                              rope=rope, num_layers=num_layers))
+        layers.append(LayerKV(layer=L, k=kept.keys.float(), v=kept.values.float(),
+                              q=rec["q"][:, :, offset:].to(device, torch.float32),
+                              q_positions=torch.arange(T - offset, device=device),
+                              k_pre=None if k_pre is None else k_pre[:, :, offset:].to(device, torch.float32),
+                              rope=rope, num_layers=num_layers, attention=recorder.attention[L],
+                              offset=offset))
     return layers
 
 
@@ -212,7 +236,7 @@ class Compressed:
     proxies: list[Any] = field(default_factory=list)  # engine.LayerResult per layer, when measured
 
     def cache(self) -> CompressedCache:
-        return CompressedCache([CompressedLayer(l.keys, l.values, l.valid, l.length) for l in self.layers])
+        return CompressedCache([layer.fresh() for layer in self.layers])
 
 
 def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dtype,
@@ -235,7 +259,7 @@ def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dty
         if decoded.k.shape != layer.k.shape or decoded.v.shape != layer.v.shape:
             raise MethodFailure(f"method {compressor.name} decoded K/V of shape {tuple(decoded.k.shape)} "
                                 f"in layer {layer.layer}, expected {tuple(layer.k.shape)}")
-        out.append(decoded_layer(decoded, layer.shape[2], dtype))
+        out.append(decoded_layer(decoded, layer, dtype))
         bits += encoded.nbits()
         entries += 2 * layer.entries
         paper.append(encoded.bits_paper)
@@ -402,12 +426,14 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
     engine's tensor metrics on the perplexity prefills (the proxies of ``kvc compress``).
     """
     check(settings)
+    check_model(model.config, settings)
     dtype = next(model.parameters()).dtype
     tick = progress or (lambda _: None)
     results = [MethodResult() for _ in compressors]
     base_single: dict[tuple[int, float], list[bool]] = {}
     base_multi: dict[int, list[bool]] = {}
-    n_ppl = sum(settings.windows * (C + settings.continuation + 1) for C in settings.contexts)
+    prefix = framing(tokenizer, settings.special_tokens).prefix  # a causal LM's context gets no suffix
+    n_ppl = sum(settings.windows * (C + settings.continuation + 1 - len(prefix)) for C in settings.contexts)
     ids = corpus_ids(tokenizer, corpus, n_ppl + (settings.trials * max(settings.contexts)
                                                   if settings.retrieval else 0))
 
@@ -426,9 +452,10 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
 
     offset = 0
     for C in settings.contexts:  # perplexity
-        W = C + settings.continuation + 1
-        windows = torch.tensor(ids[offset:offset + settings.windows * W]).view(settings.windows, W)
-        offset += settings.windows * W
+        body = C + settings.continuation + 1 - len(prefix)
+        windows = torch.tensor([prefix + ids[offset + i * body:offset + (i + 1) * body]
+                                for i in range(settings.windows)])
+        offset += settings.windows * body
         layers = prefill(model, windows[:, :C])
         fed, targets = windows[:, C:-1], windows[:, C + 1:]
         base = continuation_logprobs(model, uncompressed_cache(layers, dtype), fed)
@@ -444,7 +471,8 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
             for trial in range(settings.trials):
                 start = trial * max(settings.contexts)
                 needles = [prompts.needles(1)[0] for _ in settings.depths]
-                batch = torch.tensor([prompts.context(start, L, [(d, n)]) for d, n in zip(settings.depths, needles)])
+                batch = torch.tensor([prefix + prompts.context(start, L - len(prefix), [(d, n)])
+                                      for d, n in zip(settings.depths, needles)])
                 for key, found in _retrieve(model, prompts, batch, needles, dtype, run_all):
                     for d, ok in zip(settings.depths, found):
                         (base_single if key is None else results[key].single).setdefault((L, d), []).append(ok)
@@ -452,7 +480,7 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
                 if settings.needles:
                     needles = prompts.needles(settings.needles)
                     depths = [(i + 0.5) / settings.needles for i in range(settings.needles)]
-                    batch = torch.tensor([prompts.context(start, L, list(zip(depths, needles)))])
+                    batch = torch.tensor([prefix + prompts.context(start, L - len(prefix), list(zip(depths, needles)))])
                     for key, found in _retrieve(model, prompts, batch, needles, dtype, run_all):
                         (base_multi if key is None else results[key].multi).setdefault(L, []).extend(found)
                     tick(f"multi-needle {L}: trial {trial + 1}")
@@ -483,6 +511,22 @@ def check(s: Settings) -> None:
         raise KvcError("--trials must be >= 1 and --depths fractions in [0, 1]")
     if s.needles < 0 or s.needles > len(SUBJECTS):
         raise KvcError(f"--needles must lie in 0..{len(SUBJECTS)}")
+
+
+def check_model(config, s: Settings) -> None:
+    """Refuse, from its config alone, a model kvc eval cannot run: an encoder, or one whose positions
+    do not cover the longest sequence the settings need."""
+    if not is_causal_lm(config):
+        kind = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise KvcError(f"kvc eval scores a causal LM's next-token predictions; {kind} is an encoder "
+                       "(bidirectional attention, no cache to compress during decoding)")
+    check_positions(config, longest_sequence(s), "--contexts")
+
+
+def longest_sequence(s: Settings) -> int:
+    """Tokens of the longest sequence the model sees: a context and its continuation, or a needle
+    context, its question and the answer (bounded by ANSWER_TOKENS)."""
+    return max(s.contexts) + max(s.continuation + 1, ANSWER_TOKENS if s.retrieval else 0)
 
 
 def steps(s: Settings, methods: int) -> int:

@@ -94,27 +94,121 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def load_config(source: ModelSource, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config (its text config for multimodal ones), without loading weights."""
+    from transformers import AutoConfig
+
+    location, kwargs = _location(source, revision, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
+    return config
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_causal_lm(config) -> bool:
+    """Whether the checkpoint is a causal LM (a decoder with its LM head), not an encoder such as BERT.
+
+    Its ``architectures`` decide; a config without them counts as causal unless its model type is
+    a masked LM that is not configured as a decoder.
+    """
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any(a.endswith(CAUSAL_HEADS) for a in architectures)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return bool(getattr(config, "is_decoder", False)) or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence the model's positions cover (None when its config does not say)."""
+    config = text_config(config)
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(config, tokens: int, option: str) -> None:
+    """Refuse, before any forward pass, sequences longer than the model's position limit."""
+    limit = position_limit(config)
+    if limit is not None and tokens > limit:
+        raise KvcError(f"{option} asks for sequences of {tokens} tokens, but this model covers at most "
+                       f"{limit} positions ({_limit_key(config)} in its config)")
+
+
+def _limit_key(config) -> str:
+    config = text_config(config)
+    return next(k for k in POSITION_LIMIT_KEYS if isinstance(getattr(config, k, None), int))
+
+
 def load_model(source: ModelSource, *, revision: str | None = None, dtype: str = "auto",
-               device: str = "auto", trust_remote_code: bool = False):
-    """Return (model, tokenizer) in eval mode on the chosen device."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+               device: str = "auto", trust_remote_code: bool = False, config=None):
+    """Return (model, tokenizer) in eval mode on the chosen device.
+
+    A causal LM loads with its LM head; an encoder (BERT-style) as its bare model, which is all a
+    capture needs.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    location, kwargs = source.location, {"revision": revision, "trust_remote_code": trust_remote_code}
-    if source.kind == "gguf":
-        location, kwargs = str(_converted_gguf(Path(source.location))), {}
-        if torch_dtype == "auto":  # GGUF weights are dequantized to float32
-            torch_dtype = torch.float32
+    if source.kind == "gguf" and torch_dtype == "auto":  # GGUF weights are dequantized to float32
+        torch_dtype = torch.float32
+    if config is None:
+        config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
+    location, kwargs = _location(source, revision, trust_remote_code)
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
+        model = auto.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
     return model.to(torch_device).eval(), tokenizer
+
+
+def weights_description(source: ModelSource, model) -> str:
+    """How the weights were stored and what kvc ran: 'GGUF Q4_1, dequantized to float32', ..."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if source.kind == "gguf":
+        return f"GGUF {_gguf_file_type(Path(source.location))}, dequantized to {dtype}"
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+            quantization, "quant_method", "quantized")
+        return f"{method} quantized, computing in {dtype}"
+    return dtype
+
+
+def _gguf_file_type(gguf: Path) -> str:
+    """The GGUF file type (Q4_1, Q8_0, F16, ...), cached beside the converted model."""
+    marker = _converted_gguf(gguf) / "kvc-gguf-file-type.txt"
+    if marker.is_file():
+        return marker.read_text().strip()
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(gguf).fields.get("general.file_type")
+    name = ("unknown type" if field is None
+            else LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_"))
+    marker.write_text(name)
+    return name
+
+
+def _location(source: ModelSource, revision, trust_remote_code) -> tuple[str, dict]:
+    if source.kind == "gguf":
+        return str(_converted_gguf(Path(source.location))), {}
+    return source.location, {"revision": revision, "trust_remote_code": trust_remote_code}
 
 
 def _converted_gguf(gguf: Path) -> Path:

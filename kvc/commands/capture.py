@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
 
 from .. import capture as engine
 from ..console import err, human_bytes, out, progress_bar
-from ..corpus import load_corpus, token_windows
+from ..corpus import framing, load_corpus, token_windows
 from ..errors import KvcError
 from ..fileio import check_writable
-from ..models import load_model, resolve_model
+from ..models import check_positions, load_config, load_model, resolve_model, text_config, weights_description
 
 
 NAME = "capture"
@@ -33,20 +33,24 @@ def command(
     dtype: str = typer.Option("auto", "--dtype", help="auto|float32|bfloat16|float16"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Frame each window like a fresh input of the model (its tokenizer's BOS, or [CLS] ... [SEP]); --no-special-tokens captures bare text."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Capture keys (before and after RoPE), values and queries of every layer."""
     if batch_size < 1:
         raise KvcError("--batch-size must be >= 1")
     check_writable(out_path, force)
-    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code)
-    input_ids = token_windows(tokenizer, corpus, seq_len, num_seqs)
-    config = engine.text_config(lm)
-    selected = engine.parse_layers(layers, config.num_hidden_layers)
+    source, corpus, lm, tokenizer = load_model_and_text(
+        model, text, revision, dtype, device, trust_remote_code,
+        check=lambda config: check_positions(config, seq_len, "--seq-len"))
+    frame = framing(tokenizer, special_tokens)
+    input_ids = token_windows(tokenizer, corpus, seq_len, num_seqs, frame)
+    selected = engine.parse_layers(layers, text_config(lm.config).num_hidden_layers)
     positions = engine.parse_query_positions(query_positions, seq_len)
     meta = {"model": source.name,
             "model_revision": revision or _file_revision(source),
-            "text_source": corpus.source, "text_sha256": corpus.sha256}
+            "text_source": corpus.source, "text_sha256": corpus.sha256,
+            "special_tokens": frame.to_meta(), "weights": weights_description(source, lm)}
     with progress_bar() as bar:
         task = bar.add_task("capturing", total=num_seqs)
         summary = engine.capture(lm, input_ids, out_path, meta=meta, layers=selected,
@@ -56,13 +60,18 @@ def command(
 
 
 def load_model_and_text(model: str | None, text: str | None, revision: str | None, dtype: str, device: str,
-                        trust_remote_code: bool):
-    """(ModelSource, Corpus, model, tokenizer) for the --model/--text/--revision/--dtype/--device options."""
+                        trust_remote_code: bool, check: Callable[[Any], None] = lambda config: None):
+    """(ModelSource, Corpus, model, tokenizer) for the --model/--text/--revision/--dtype/--device options.
+
+    ``check(config)`` runs on the model's config before its weights load (limits, model kind).
+    """
     source = resolve_model(model)
     corpus = load_corpus(text)
     with err.status(f"loading {source.name}"):
+        config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
+        check(config)
         lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, config=config)
     return source, corpus, lm, tokenizer
 
 
@@ -85,8 +94,11 @@ def print_summary(summary: engine.CaptureSummary, model_name: str) -> None:
         ("file", summary.path),
         ("layers", f"{len(summary.layers)} ({_span(summary.layers)})"),
         ("heads", f"{summary.num_heads} query / {summary.num_kv_heads} KV, head_dim {summary.head_dim}"),
+        ("weights", summary.weights),
         ("tokens", f"{summary.num_seqs} x {summary.seq_len} = {summary.num_seqs * summary.seq_len}"
                    f" ({summary.num_query_positions} query positions per window)"),
+        ("framing", summary.framing),
+        ("attention", summary.attention),
         ("tensors", "k, k_pre, v, q, q_pre" if summary.has_rope else "k, v, q (no RoPE in this model)"),
         ("written", human_bytes(summary.bytes_written)),
         ("time", f"{summary.seconds:.1f} s"),

@@ -43,6 +43,7 @@ def command(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
     seed: Optional[int] = typer.Option(None, "--seed", help="The method's random seed (rotations, sketches, sampling)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Start each context like a fresh input of the model (its tokenizer's BOS, if it adds one)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Perplexity and needle retrieval with a method's compressed cache, against the uncompressed one.
@@ -59,14 +60,16 @@ def command(
     if seed is not None:
         params["seed"] = seed
     compressor = build(cls.name, **params)
-    settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval)
+    settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
+                                     special_tokens)
     ev.check(settings)
     if json_path not in (None, "-"):
         check_writable(Path(json_path), force)
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
     if heatmap is not None:
         check_writable(heatmap, force)
-    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code)
+    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code,
+                                                        check=lambda config: ev.check_model(config, settings))
     torch.manual_seed(compressor.options.seed)
     start = time.perf_counter()
     with progress_bar() as bar:
@@ -86,12 +89,13 @@ def command(
 
 
 def settings_from_options(contexts: str, windows: int, continuation: int, depths: str, trials: int,
-                          needles: int, retrieval: bool):
+                          needles: int, retrieval: bool, special_tokens: bool = True):
     """``evaluate.Settings`` from the command-line values."""
     from ..evaluate import Settings
 
     return Settings(contexts=tuple(parse_contexts(contexts, "--contexts")), windows=windows, continuation=continuation,
-                    depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval)
+                    depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval,
+                    special_tokens=special_tokens)
 
 
 def _fractions(text: str) -> tuple[float, ...]:

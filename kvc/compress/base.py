@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..attention import AttentionSpec
 from ..errors import KvcError, MethodFailure
 
 
@@ -42,7 +43,9 @@ class LayerKV:
     """One layer of a capture: keys after/before RoPE, values, and the real queries.
 
     k, k_pre, v: [S, H_kv, T, D]; q: [S, H_q, Tq, D] (after RoPE) at ``q_positions`` [Tq].
-    ``rope`` is the capture's RoPE metadata (None on a model without RoPE).
+    ``rope`` is the capture's RoPE metadata (None on a model without RoPE); ``attention`` is the
+    layer's mask and logit transform. Positions count from the layer's first token, which sits at
+    absolute (RoPE) position ``offset`` (non-zero for the kept tail of a sliding-window cache).
     """
 
     layer: int
@@ -53,6 +56,8 @@ class LayerKV:
     k_pre: Tensor | None = None
     rope: dict | None = None
     num_layers: int = 1
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    offset: int = 0
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -196,14 +201,15 @@ def build(name: str, **params: Any) -> Compressor:
 
 
 def rotate_keys(k_pre: Tensor, layer: LayerKV, positions: Tensor | None = None) -> Tensor:
-    """Keys after RoPE from keys before it, at ``positions`` ([T] or [S, H, T]; default 0..T-1)."""
+    """Keys after RoPE from keys before it, at the layer's ``positions`` ([T] or [S, H, T]; default
+    0..T-1), counted from its first token (absolute position ``layer.offset``)."""
     from ..rope import apply_rope
 
     if layer.rope is None:
         return k_pre
     if positions is None:
         positions = torch.arange(k_pre.shape[-2], device=k_pre.device)
-    return apply_rope(k_pre, positions, layer.rope, layer.layer)
+    return apply_rope(k_pre, positions + layer.offset, layer.rope, layer.layer)
 
 
 class TensorCompressor(Compressor):
@@ -262,6 +268,11 @@ class Evictor(Compressor):
     Storage: kept K and V rows in fp16, their token positions (int16 when T <= 32767, else int32)
     and the kept count per (sequence, head) in int32; ragged, so adaptive budgets cost nothing extra.
     """
+
+    def validate(self, layer: LayerKV) -> None:
+        if not layer.attention.causal:
+            raise KvcError(f"{self.name} evicts tokens from a decoder's cache; layer {layer.layer} "
+                           "attends bidirectionally (an encoder), which keeps no cache to evict from")
 
     @abstractmethod
     def select(self, layer: LayerKV) -> Tensor:

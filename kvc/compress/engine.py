@@ -53,7 +53,7 @@ def load_layer(capture: CaptureFile, layer: int, device: torch.device | str = "c
     return LayerKV(layer=layer, k=capture.tensor(layer, "k", dtype, device),
                    v=capture.tensor(layer, "v", dtype, device), q=capture.tensor(layer, "q", dtype, device),
                    q_positions=capture.q_positions.to(device), k_pre=k_pre, rope=capture.meta.rope,
-                   num_layers=capture.meta.num_layers)
+                   num_layers=capture.meta.num_layers, attention=capture.meta.layer_attention(layer))
 
 
 def shell_layer(meta: CaptureMeta, layer: int, device: torch.device | str = "cpu") -> LayerKV:
@@ -63,7 +63,7 @@ def shell_layer(meta: CaptureMeta, layer: int, device: torch.device | str = "cpu
                    q=torch.zeros(meta.num_seqs, meta.num_heads, 0, meta.head_dim, device=device),
                    q_positions=torch.zeros(0, dtype=torch.int64, device=device),
                    k_pre=zeros if meta.rope is not None else None, rope=meta.rope,
-                   num_layers=meta.num_layers)
+                   num_layers=meta.num_layers, attention=meta.layer_attention(layer))
 
 
 # ----------------------------------------------------------------------------- bits
@@ -153,7 +153,7 @@ def measure_layer(compressor: Compressor, layer: LayerKV, query_stride: int = 1
     bits = head_bits(compressor, encoded, layer)
     metrics = layer_metrics(layer.k, decoded.k, layer.v, decoded.v, layer.q[:, :, ::query_stride],
                             layer.q_positions[::query_stride], decoded.keep,
-                            lambda q: compressor.score(encoded, layer, q))
+                            lambda q: compressor.score(encoded, layer, q), layer.attention)
     metrics = {t: {m: x.detach().cpu() for m, x in ms.items()} for t, ms in metrics.items()}
     bpe = encoded.nbits() / (2 * layer.entries)
     if bpe < 16 and bool((metrics["k"]["mse_rel"] == 0).all() & (metrics["v"]["mse_rel"] == 0).all()):

@@ -7,16 +7,16 @@ repeated) and averaged over the group.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..attention import AttentionSpec
 from ..errors import KvcError
 from .base import Evictor, LayerKV, option
-from .metrics import grouped
+from .metrics import grouped, masked_logits
 
 QUERY_CHUNK = 256  # queries per attention block in `attention_mass` (bounds memory at long T)
 
@@ -29,22 +29,17 @@ def grouped_queries(layer: LayerKV) -> Tensor:
     return grouped(layer.q, H)
 
 
-def attention(q: Tensor, k: Tensor, q_positions: Tensor | None = None) -> Tensor:
-    """softmax(q K^T / sqrt(D)): q [S, H, G, M, D], k [S, H, T, D] -> [S, H, G, M, T].
-
-    With ``q_positions`` [M] the mask is causal (key j is seen by a query at position >= j).
-    """
-    logits = torch.einsum("shgmd,shtd->shgmt", q, k) / math.sqrt(q.shape[-1])  # Vaswani 2017 eq. 1
-    if q_positions is not None:
-        future = torch.arange(k.shape[-2], device=k.device) > q_positions.to(k.device)[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
+def attention(q: Tensor, k: Tensor, q_positions: Tensor, spec: AttentionSpec) -> Tensor:
+    """The layer's attention probabilities: q [S, H, G, M, D] at ``q_positions`` [M], k [S, H, T, D]
+    -> [S, H, G, M, T], with the layer's mask, logit scale and soft cap (``spec``)."""
+    logits, _ = masked_logits(torch.einsum("shgmd,shtd->shgmt", q, k), q_positions, spec, q.shape[-1])
     return logits.softmax(-1)
 
 
-def attention_mass(q: Tensor, k: Tensor, q_positions: Tensor) -> Tensor:
-    """Causal attention received by each key, summed over queries, averaged over the group: [S, H, T]."""
+def attention_mass(q: Tensor, k: Tensor, q_positions: Tensor, spec: AttentionSpec) -> Tensor:
+    """Attention received by each key, summed over queries, averaged over the group: [S, H, T]."""
     # H2O (arXiv:2306.14048) sec. 3: s_j = sum_i A_ij; SnapKV (arXiv:2404.14469) eq. over the window
-    return sum(attention(q[..., i:i + QUERY_CHUNK, :], k, q_positions[i:i + QUERY_CHUNK]).sum(-2)
+    return sum(attention(q[..., i:i + QUERY_CHUNK, :], k, q_positions[i:i + QUERY_CHUNK], spec).sum(-2)
                for i in range(0, q.shape[-2], QUERY_CHUNK)).mean(2)
 
 
@@ -88,6 +83,7 @@ class BudgetEvictor(Evictor):
         budget: float = option(0.25, "fraction of the tokens kept per (sequence, KV head)")
 
     def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
         if not 0 < self.options.budget <= 1:
             raise KvcError(f"{self.name}: --budget must lie in (0, 1], got {self.options.budget}")
 

@@ -2,7 +2,8 @@
 
 Shapes: k, k_hat, v, v_hat [S, H, T, D]; queries q [S, H_q, Tq, D] after RoPE at ``q_positions``
 [Tq]. GQA: query head h*G + g reads KV head h, so queries are viewed as [S, H, G, Tq, D] and K, V
-are never repeated. Causal: the query at position p sees the keys at positions <= p. Evicted tokens
+are never repeated. Each query sees the keys the layer's own mask lets it see, with the layer's
+own logit scale and soft cap (``AttentionSpec``: causal, sliding window or bidirectional). Evicted tokens
 (``keep`` False) are masked out of the compressed attention and of the inner-product statistics;
 their reconstruction (zeros) still counts in ``mse_rel``. Every metric is pooled over sequences,
 query heads of the group and positions; sums across query rows are float64.
@@ -16,11 +17,12 @@ Metrics by tensor row:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from ..attention import AttentionSpec
 
 TOPK = 8
 CHUNK_ELEMENTS = 1 << 22  # logits per query chunk ([S, H_q, chunk, T]); bounds peak memory
@@ -52,21 +54,37 @@ def _topk_overlap(logits: Tensor, logits_hat: Tensor, visible: Tensor) -> Tensor
     return match.sum((-1, -2)).double() / visible.sum(-1).clamp(1, k).double()
 
 
+def masked_logits(x: Tensor, q_positions: Tensor, spec: AttentionSpec, head_dim: int
+                  ) -> tuple[Tensor, Tensor]:
+    """(logits, visible [M, T]) from inner products x = <q, k> [..., M, T] of queries at
+    ``q_positions`` [M] and keys at 0..T-1: the layer's logits, NEG where its mask hides a key."""
+    visible = spec.visible(q_positions.to(x.device), torch.arange(x.shape[-1], device=x.device))
+    return spec.logits(x, head_dim).masked_fill(~visible, NEG), visible
+
+
+def attention_output(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor,
+                     spec: AttentionSpec = AttentionSpec()) -> Tensor:
+    """softmax(logits) V per query head [S, H_q, Tq, D]: what the layer's attention returns."""
+    S, H, T, D = k.shape
+    qg = grouped(q, H)
+    logits, _ = masked_logits(torch.einsum("shgmd,shtd->shgmt", qg, k), q_positions, spec, D)
+    out = torch.einsum("shgmt,shtd->shgmd", logits.softmax(-1), v.to(logits.dtype))
+    return out.reshape(S, q.shape[1], *out.shape[-2:])
 def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor,
-                keep: Tensor | None = None, y: Tensor | None = None) -> dict[str, Tensor]:
+                keep: Tensor | None = None, y: Tensor | None = None,
+                spec: AttentionSpec = AttentionSpec()) -> dict[str, Tensor]:
     """Additive sufficient statistics per head [H] for one chunk of queries q [S, H, G, M, D].
 
     ``y`` optionally gives the compressed inner products <q, k_hat> [S, H, G, M, T] directly (a
     method's own scoring); by default they are q k_hat^T. Rows (one query, T keys) are summed in
-    the compute dtype, everything across rows in float64.
+    the compute dtype, everything across rows in float64. ``spec`` is the layer's attention.
     """
-    T, D = k.shape[-2:]
+    D = k.shape[-1]
     x = torch.einsum("shgmd,shtd->shgmt", q, k)
     y = torch.einsum("shgmd,shtd->shgmt", q, k_hat.to(k.dtype)) if y is None else y.to(x.dtype)
-    visible = torch.arange(T, device=k.device) <= q_positions.to(k.device)[:, None]  # causal [M, T]
-    bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, NEG)
+    logits, visible = masked_logits(x, q_positions, spec, D)
     seen = visible if keep is None else visible & keep[:, :, None, None, :]  # [M, T] or [S, H, 1, M, T]
-    bias_hat = bias if keep is None else bias.masked_fill(~seen, NEG)
+    logits_hat = spec.logits(y, D).masked_fill(~seen, NEG)
 
     def heads(rows: Tensor) -> Tensor:  # [S, H, G, M] -> [H], in float64
         return rows.double().expand(x.shape[:-1]).sum((0, 2, 3))
@@ -76,8 +94,6 @@ def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Ten
     stats = {"n": heads(w.sum(-1)), "sx": heads(xw.sum(-1)), "se": heads(ew.sum(-1)),
              "sxx": heads((xw * xw).sum(-1)), "sxe": heads((xw * ew).sum(-1)),
              "see": heads((ew * ew).sum(-1)), "sabs": heads(xw.abs().sum(-1))}
-    scale = 1 / math.sqrt(D)  # Vaswani et al. 2017 eq. 1
-    logits, logits_hat = x * scale + bias, y * scale + bias_hat
     logp, logp_hat = logits.log_softmax(-1), logits_hat.log_softmax(-1)
     p, p_hat = logp.exp(), logp_hat.exp()
     rows = seen.any(-1).expand(x.shape[:-1])  # queries that still see a key
@@ -93,15 +109,16 @@ def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Ten
     return stats
 
 
-def attention_metrics(stats: dict[str, Tensor], head_dim: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(key metrics, attention metrics) per head from summed ``chunk_stats``."""
+def attention_metrics(stats: dict[str, Tensor], logit_scale: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(key metrics, attention metrics) per head from summed ``chunk_stats``; ``logit_scale`` is the
+    layer's scale s of logits = s <q, k> (before any soft cap)."""
     n, sx, se = stats["n"], stats["sx"], stats["se"]
     # least-squares slope of y on x: 1 + cov(x, e) / var(x)
     slope = 1 + (n * stats["sxe"] - sx * se) / (n * stats["sxx"] - sx * sx)
     keys = {"ip_bias_rel": se / stats["sabs"],  # mean(<q,k_hat> - <q,k>) / mean |<q,k>|
             "ip_slope": slope,
             "ip_rmse_rel": (stats["see"] / stats["sxx"]).sqrt()}
-    attn = {"attn_logit_rmse": (stats["see"] / n).sqrt() / math.sqrt(head_dim),
+    attn = {"attn_logit_rmse": (stats["see"] / n).sqrt() * logit_scale,
             "attn_kl": stats["kl"] / stats["rows"],
             "attn_out_rel": (stats["out_err"] / stats["out_ref"]).sqrt(),
             "attn_topk_overlap": stats["topk"] / stats["all_rows"]}
@@ -109,8 +126,11 @@ def attention_metrics(stats: dict[str, Tensor], head_dim: int) -> tuple[dict[str
 
 
 def layer_metrics(k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor, q: Tensor, q_positions: Tensor,
-                  keep: Tensor | None = None, score: Scorer | None = None) -> dict[str, dict[str, Tensor]]:
+                  keep: Tensor | None = None, score: Scorer | None = None,
+                  spec: AttentionSpec = AttentionSpec()) -> dict[str, dict[str, Tensor]]:
     """All metrics per KV head: {"k": {...}, "v": {...}, "kv": {...}}, each value a float64 [H].
+
+    ``spec`` is the layer's attention (mask, logit scale, soft cap).
 
     ``score(q_chunk [S, H_q, M, D])`` may return the method's own <q, k_hat> [S, H_q, M, T]; when it
     returns None (or is None) they are q k_hat^T. Queries are processed in chunks.
@@ -124,8 +144,8 @@ def layer_metrics(k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor, q: Tensor,
         y = score(q[:, :, part]) if score is not None else None
         if y is not None:
             y = y.reshape(S, H, -1, y.shape[-2], T)
-        chunk_sum = chunk_stats(qg[:, :, :, part], q_positions[part], k, k_hat, v, v_hat, keep, y)
+        chunk_sum = chunk_stats(qg[:, :, :, part], q_positions[part], k, k_hat, v, v_hat, keep, y, spec)
         stats = {n: stats.get(n, 0) + s for n, s in chunk_sum.items()}
-    keys, attn = attention_metrics(stats, D)
+    keys, attn = attention_metrics(stats, spec.scale(D))
     mk, mv = mse_rel(k, k_hat), mse_rel(v, v_hat)
     return {"k": {"mse_rel": mk, **keys}, "v": {"mse_rel": mv}, "kv": {"mse_rel": (mk + mv) / 2, **attn}}

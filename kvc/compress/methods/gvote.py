@@ -38,6 +38,7 @@ class GVote(Evictor):
         nucleus: float = option(0.95, "attention mass each query's kept set must reach (p_nuc)")
 
     def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
         if self.options.samples < 1:
             raise KvcError(f"{self.name}: --samples must be >= 1, got {self.options.samples}")
         if not 0 < self.options.nucleus <= 1:
@@ -46,7 +47,7 @@ class GVote(Evictor):
     def sample_queries(self, layer: LayerKV) -> Tensor:
         """Future queries [S, H, G, samples, D] (after RoPE at position T) from the per-head Gaussian fit."""
         q = grouped_queries(layer).double()
-        positions = layer.q_positions.to(q.device)
+        positions = layer.q_positions.to(q.device) + layer.offset
         q_pre = apply_rope(q, positions, layer.rope, layer.layer, inverse=True) if layer.rope else q
         mean = q_pre.mean(-2, keepdim=True)
         centered = q_pre - mean
@@ -60,12 +61,14 @@ class GVote(Evictor):
         draws = mean + noise @ torch.linalg.cholesky(cov).mT  # GVote step 2: Monte-Carlo from the fit
         if layer.rope is None:
             return draws
-        future = torch.full((self.options.samples,), layer.shape[2], device=q.device)
+        future = torch.full((self.options.samples,), layer.shape[2] + layer.offset, device=q.device)
         return apply_rope(draws, future, layer.rope, layer.layer)
 
     def select(self, layer: LayerKV) -> Tensor:
         k = layer.k.double()
-        current = attention(grouped_queries(layer)[..., -1:, :].double(), k, layer.q_positions[-1:])
-        sampled = attention(self.sample_queries(layer), k)
+        current = attention(grouped_queries(layer)[..., -1:, :].double(), k, layer.q_positions[-1:],
+                            layer.attention)
+        next_position = torch.full((self.options.samples,), layer.shape[2])  # where future queries sit
+        sampled = attention(self.sample_queries(layer), k, next_position, layer.attention)
         probs = torch.cat([current, sampled], dim=-2).mean(2)  # [S, H, 1 + samples, T], group mean
         return nucleus_keep(probs, self.options.nucleus).any(-2)  # GVote step 4: union of the votes

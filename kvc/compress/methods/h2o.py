@@ -34,6 +34,6 @@ class H2O(BudgetEvictor):
 
     def select(self, layer: LayerKV) -> Tensor:
         count = self.count(layer)
-        scores = attention_mass(grouped_queries(layer), layer.k, layer.q_positions)
+        scores = attention_mass(grouped_queries(layer), layer.k, layer.q_positions, layer.attention)
         window = recent(layer.shape[2], round(self.options.recent * count), scores.device)
         return topk_keep(scores.masked_fill(window, float("inf")), count)  # H2O sec. 3.2: heavy + recent

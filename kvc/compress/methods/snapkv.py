@@ -44,6 +44,6 @@ class SnapKV(BudgetEvictor):
         if not bool(observing.any()):
             raise KvcError(f"{self.name}: the capture has no queries in the last {window} positions")
         q = grouped_queries(layer)[..., observing.to(layer.q.device), :]
-        votes = attention_mass(q, layer.k, layer.q_positions[observing])[..., : T - window]
+        votes = attention_mass(q, layer.k, layer.q_positions[observing], layer.attention)[..., : T - window]
         prefix = topk_keep(avg_pool(votes, self.options.kernel), count - window)  # SnapKV Alg. 1
         return torch.cat([prefix, prefix.new_ones(*prefix.shape[:-1], window)], dim=-1)
