@@ -218,8 +218,11 @@ def test_evicting_outside_the_window_is_lossless(queries, window, exact, run, sa
         assert kv["attn_out_rel"] > 1e-3 and kv["attn_kl"] > 1e-3
 
 
-def test_eviction_refused_on_an_encoder(run, saved, text_file, tmp_path):
+def test_encoder_analyzed_and_compressed_but_not_evicted(run, saved, text_file, tmp_path):
     cap = _capture(run, saved, text_file, tmp_path, "bert")
+    code, _, err = run("analyze", cap.path, "--json", tmp_path / "analysis.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "analysis.json").read_text())["summary"]["layers"] == [0, 1]
     code, _, err = run("compress", cap.path, "--method", "snapkv")
     assert code == 2 and "bidirectional" in err and len(err.strip().splitlines()) == 1
     code, _, err = run("compress", cap.path, "--method", "turboquant", "--bits", 3)
