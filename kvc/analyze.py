@@ -169,8 +169,8 @@ STARVED = "too few singular values beyond the rank for the noise imputation"
 
 
 def _rows(t: Tensor, batch_ndim: int) -> list:
-    """t [*batch, ...] -> Python list over the flattened batch."""
-    return t.reshape(-1, *t.shape[batch_ndim:]).cpu().tolist()
+    """t [*batch, ...] -> Python list over the flattened batch (trailing dims may be empty: rank 0)."""
+    return t.reshape(math.prod(t.shape[:batch_ndim]), *t.shape[batch_ndim:]).cpu().tolist()
 
 
 def _spectral_columns(sp: Spectral, n: int, d: int, batch_ndim: int) -> dict[str, list]:
@@ -303,10 +303,11 @@ def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str],
     """Analyze the chosen layers and tensors of a capture; progress() is called after each layer."""
     start = time.perf_counter()
     heads, rope, spectra = [], [], {}
+    rope_meta = capture.meta.rope  # read (and validated) for every layer before any work
+    rotary = {layer: rope_params(rope_meta, layer)[2] if rope_meta is not None else None for layer in layers}
     for layer in layers:
         data = {name: capture.tensor(layer, name, torch.float32) for name in tensors}
-        rotary = rope_params(capture.meta.rope, layer)[2] if capture.meta.rope else None
-        h, r, sv = analyze_layer(data, layer, options, device, rotary)
+        h, r, sv = analyze_layer(data, layer, options, device, rotary[layer])
         heads += h
         rope += r
         spectra.update({(layer, name): sv[i] for i, name in enumerate(tensors)})
