@@ -57,6 +57,31 @@ def test_json_report_finds_planted_outliers(run, tmp_path, synth):
     assert "reading" in stdout and "Keys before RoPE" in stdout
 
 
+def test_planted_band_is_one_band_and_isolated_outliers_stay_outliers(run, tmp_path, synth):
+    band = list(range(40, 48))
+    report, stdout = _report(run, tmp_path, synth("--outlier-channels", ",".join(map(str, [3, 17] + band)),
+                                                  "--outlier-scale", 12))
+    for rec in report["heads"]:
+        if rec["tensor"] in ("k_pre", "v"):
+            assert rec["outlier_channels"] == PLANTED and rec["bands"] == [[40, 47]], rec["tensor"]
+            assert len(rec["outlier_rms_ratio"]) == 2
+    summary = report["summary"]
+    assert summary["band_min"] == 4
+    for name in ("k_pre", "v"):
+        t = summary["tensors"][name]
+        assert t["records_with_bands"] == t["records_with_outliers"] == 4
+        assert t["top_bands"] == [[[40, 47], 4]] and t["top_outlier_channels"] == [[3, 4], [17, 4]]
+    assert all(row["v"]["records_with_bands"] == 2 for row in summary["per_layer"])
+    assert all(r["outliers_pre"] == PLANTED and r["bands_pre"] == [[40, 47]] for r in report["rope"])
+    assert summary["rope"]["bands_pre"] == 4
+    assert "most often ch 40-47 (band, 8 channels) in k_pre (4x)" in summary["reading"]
+    assert "Bands (runs of >= 4 adjacent flagged channels" in summary["reading"]
+    worst = [r for r in summary["worst_heads"] if r["tensor"] in ("k_pre", "v")]
+    assert worst and all(r["bands"] == [[40, 47]] for r in worst)
+    assert "ch 40-47 (band, 8" in stdout  # the heads table
+    assert "2+2b/" in stdout  # the per-layer table: 2 k_pre records with outliers, 2 of them with a band
+
+
 def test_json_report_recovers_the_planted_rank(run, tmp_path, synth):
     capture = synth()
     report, _ = _report(run, tmp_path, capture, "--per-seq")
