@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import __version__, rmt
 from .capture_format import CaptureFile
-from .channels import ChannelStats, channel_stats, outlier_mask, rope_partner
+from .channels import BAND_MIN, ChannelStats, band_mask, channel_runs, channel_stats, median, outlier_mask, rope_partner
 from .errors import KvcError
 from .rope import rope_params
 
@@ -63,13 +63,17 @@ class Spectral:
 
 @dataclass(frozen=True)
 class HeadStats:
-    """Everything computed on X [..., n, d]; spectral is None (with skip_reason) when n is too small."""
+    """Everything computed on X [..., n, d]; spectral is None (with skip_reason) when n is too small.
+
+    outliers [..., d]: every flagged channel; bands [..., d]: those in a run of >= BAND_MIN adjacent ones.
+    """
 
     n: int
     d: int
     singular_values: Tensor
     channels: ChannelStats
     outliers: Tensor
+    bands: Tensor
     spectral: Spectral | None
     skip_reason: str | None
 
@@ -143,11 +147,12 @@ def head_stats(X: Tensor, options: Options, generator: torch.Generator) -> HeadS
     n, d = X.shape[-2:]
     chans = channel_stats(X)
     outliers = outlier_mask(chans.rms, options.outlier_factor, options.outlier_topk)
+    bands = band_mask(outliers)
     reason = rmt.rank_rule_unfit(options.rank_rule, min(n, d))
     if reason:
-        return HeadStats(n, d, torch.linalg.svdvals(X), chans, outliers, None, reason)
+        return HeadStats(n, d, torch.linalg.svdvals(X), chans, outliers, bands, None, reason)
     spectral = spectral_stats(X, options.rank_rule, options.factor_bits, generator)
-    return HeadStats(n, d, spectral.shrink.singular_values, chans, outliers, spectral, None)
+    return HeadStats(n, d, spectral.shrink.singular_values, chans, outliers, bands, spectral, None)
 
 
 # ----------------------------------------------------------------------------- records
@@ -169,8 +174,8 @@ STARVED = "too few singular values beyond the rank for the noise imputation"
 
 
 def _rows(t: Tensor, batch_ndim: int) -> list:
-    """t [*batch, ...] -> Python list over the flattened batch."""
-    return t.reshape(-1, *t.shape[batch_ndim:]).cpu().tolist()
+    """t [*batch, ...] -> Python list over the flattened batch (trailing dims may be empty: rank 0)."""
+    return t.reshape(math.prod(t.shape[:batch_ndim]), *t.shape[batch_ndim:]).cpu().tolist()
 
 
 def _spectral_columns(sp: Spectral, n: int, d: int, batch_ndim: int) -> dict[str, list]:
@@ -210,7 +215,8 @@ def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list)
     shape = stats.outliers.shape[:-1]
     rows = partial(_rows, batch_ndim=len(shape))
     ch = stats.channels
-    outliers = [[c for c, f in enumerate(flags) if f] for flags in rows(stats.outliers)]
+    outliers = [[c for c, f in enumerate(flags) if f] for flags in rows(stats.outliers & ~stats.bands)]
+    bands = [channel_runs(flags) for flags in rows(stats.bands)]
     ratio = rows(ch.rms_ratio)
     sv, rms, max_abs, kurt, cv = (rows(t) for t in (stats.singular_values[..., :TOP_SINGULAR], ch.rms,
                                                      ch.max_abs, ch.kurtosis, ch.magnitude_cv))
@@ -228,6 +234,7 @@ def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list)
             "singular_values": _nums(sv[i]),
             "outlier_channels": outliers[i],
             "outlier_rms_ratio": _nums([ratio[i][c] for c in outliers[i]]),
+            "bands": bands[i],
             "max_rms_ratio": _num(max(ratio[i])),
             "channel_rms": _nums(rms[i]), "channel_max_abs": _nums(max_abs[i]),
             "channel_kurtosis": _nums(kurt[i]), "channel_cv": _nums(cv[i]),
@@ -237,7 +244,11 @@ def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list)
 
 
 def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list, rotary_dims: int) -> list[dict]:
-    """Pre- vs post-RoPE comparison per (group, head): outlier sets, magnitude CV, rank and energy."""
+    """Pre- vs post-RoPE comparison per (group, head): outliers and bands, magnitude CV, rank and energy.
+
+    The differences (only_pre, only_post, from the partner) and the outlier CV are over every flagged
+    channel, bands included, so a channel that moves between a band and isolation is not counted.
+    """
     pre, post = tensors.index("k_pre"), tensors.index("k")
     a, b = stats.outliers[pre], stats.outliers[post]  # [G, H, d]
     partner = rope_partner(torch.arange(stats.d, device=a.device), stats.d, rotary_dims)
@@ -247,7 +258,8 @@ def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list,
     count = a.sum(-1)
     outlier_cv = [torch.where(count > 0, (cv[t] * a).sum(-1) / count, torch.nan) for t in (pre, post)]
     cols = {"pre": a.cpu().tolist(), "post": b.cpu().tolist(), "partner": from_partner.cpu().tolist(),
-            "cv_pre": cv[pre].median(-1).values.cpu().tolist(), "cv_post": cv[post].median(-1).values.cpu().tolist(),
+            "band_pre": stats.bands[pre].cpu().tolist(), "band_post": stats.bands[post].cpu().tolist(),
+            "cv_pre": median(cv[pre]).cpu().tolist(), "cv_post": median(cv[post]).cpu().tolist(),
             "ocv_pre": outlier_cv[0].cpu().tolist(), "ocv_post": outlier_cv[1].cpu().tolist()}
     sp = stats.spectral
     if sp is not None:
@@ -259,9 +271,12 @@ def rope_records(stats: HeadStats, layer: int, tensors: list[str], labels: list,
         for h in range(a.shape[1]):
             set_pre = {c for c, f in enumerate(cols["pre"][g][h]) if f}
             set_post = {c for c, f in enumerate(cols["post"][g][h]) if f}
+            band_pre, band_post = cols["band_pre"][g][h], cols["band_post"][g][h]
             records.append({
                 "layer": layer, "head": h, "seq": seq, "block": block,
-                "outliers_pre": sorted(set_pre), "outliers_post": sorted(set_post),
+                "outliers_pre": sorted(c for c in set_pre if not band_pre[c]),
+                "outliers_post": sorted(c for c in set_post if not band_post[c]),
+                "bands_pre": channel_runs(band_pre), "bands_post": channel_runs(band_post),
                 "only_pre": sorted(set_pre - set_post), "only_post": sorted(set_post - set_pre),
                 "only_post_from_partner": [c for c, f in enumerate(cols["partner"][g][h]) if f],
                 "median_cv_pre": _num(cols["cv_pre"][g][h]), "median_cv_post": _num(cols["cv_post"][g][h]),
@@ -303,10 +318,11 @@ def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str],
     """Analyze the chosen layers and tensors of a capture; progress() is called after each layer."""
     start = time.perf_counter()
     heads, rope, spectra = [], [], {}
+    rope_meta = capture.meta.rope  # read (and validated) for every layer before any work
+    rotary = {layer: rope_params(rope_meta, layer)[2] if rope_meta is not None else None for layer in layers}
     for layer in layers:
         data = {name: capture.tensor(layer, name, torch.float32) for name in tensors}
-        rotary = rope_params(capture.meta.rope, layer)[2] if capture.meta.rope else None
-        h, r, sv = analyze_layer(data, layer, options, device, rotary)
+        h, r, sv = analyze_layer(data, layer, options, device, rotary[layer])
         heads += h
         rope += r
         spectra.update({(layer, name): sv[i] for i, name in enumerate(tensors)})
@@ -336,6 +352,7 @@ def _tensor_summary(recs: list[dict]) -> dict:
                       if _median([r["energy_lowrank"] for r in rs]) >= LOWRANK_ENERGY
                       and _median([r["rank"] for r in rs]) >= 1]
     channels = Counter(c for r in recs for c in r["outlier_channels"])
+    bands = Counter(tuple(b) for r in recs for b in r["bands"])
     return {
         "records": len(recs),
         "skipped": sum(r["skipped"] is not None for r in recs),
@@ -347,6 +364,8 @@ def _tensor_summary(recs: list[dict]) -> dict:
         "median_predicted_bit_saving": _median([r["predicted_bit_saving"] for r in ok]),
         "records_with_outliers": sum(bool(r["outlier_channels"]) for r in recs),
         "top_outlier_channels": [[c, k] for c, k in channels.most_common(5)],
+        "records_with_bands": sum(bool(r["bands"]) for r in recs),
+        "top_bands": [[list(b), k] for b, k in bands.most_common(5)],
         "median_max_rms_ratio": _median([r["max_rms_ratio"] for r in recs]),
         "median_thin_shell_cv": _median([r["thin_shell_cv"] for r in ok]),
         "median_deloc_max": _median([r["deloc_max"] for r in ok]),
@@ -368,7 +387,8 @@ def _layer_rows(heads: list[dict], tensors: list[str]) -> list[dict]:
             row[name] = {"median_rank": _median([r["rank"] for r in rs]),
                          "median_energy_lowrank": _median([r["energy_lowrank"] for r in rs]),
                          "median_predicted_bit_saving": _median([r["predicted_bit_saving"] for r in rs]),
-                         "records_with_outliers": sum(bool(r["outlier_channels"]) for r in rs)}
+                         "records_with_outliers": sum(bool(r["outlier_channels"]) for r in rs),
+                         "records_with_bands": sum(bool(r["bands"]) for r in rs)}
         out.append(row)
     return out
 
@@ -379,6 +399,8 @@ def _rope_summary(rope: list[dict]) -> dict:
         "records": len(rope),
         "outliers_pre": sum(len(r["outliers_pre"]) for r in rope),
         "outliers_post": sum(len(r["outliers_post"]) for r in rope),
+        "bands_pre": sum(len(r["bands_pre"]) for r in rope),
+        "bands_post": sum(len(r["bands_post"]) for r in rope),
         "only_pre": sum(len(r["only_pre"]) for r in rope),
         "only_post": only_post,
         "only_post_from_partner": sum(len(r["only_post_from_partner"]) for r in rope),
@@ -394,7 +416,7 @@ def _rope_summary(rope: list[dict]) -> dict:
 
 
 WORST_KEYS = ("layer", "head", "tensor", "seq", "block", "rank", "energy_lowrank", "predicted_bit_saving",
-              "max_rms_ratio", "outlier_channels", "thin_shell_cv")
+              "max_rms_ratio", "outlier_channels", "bands", "thin_shell_cv")
 
 
 def summarize(heads: list[dict], rope: list[dict], options: Options, worst: int = 8) -> dict:
@@ -410,6 +432,7 @@ def summarize(heads: list[dict], rope: list[dict], options: Options, worst: int 
                          else f"RMS > {options.outlier_factor:g} x median channel RMS"),
         "outlier_factor": options.outlier_factor if options.outlier_topk is None else None,
         "outlier_topk": options.outlier_topk,
+        "band_rule": f"runs of >= {BAND_MIN} adjacent flagged channels", "band_min": BAND_MIN,
         "layers": sorted({r["layer"] for r in heads}), "tensors": per_tensor,
         "per_layer": _layer_rows(heads, tensors),
         "rope": _rope_summary(rope) if rope else None,
@@ -454,10 +477,14 @@ def reading(summary: dict, options: Options) -> str:
         flagged = [f"{t['records_with_outliers']} of {t['records']} {name}" for name, t in tensors.items()]
         parts.append(f"Outlier channels ({summary['outlier_rule']}) appear in " + ", ".join(flagged) + " records"
                      + _common_channel(tensors) + ".")
+    if any(t["records_with_bands"] for t in tensors.values()):
+        banded = [f"{t['records_with_bands']} of {t['records']} {name}" for name, t in tensors.items()]
+        parts.append(f"Bands ({summary['band_rule']}, given as a channel range, not as outliers) appear in "
+                     + ", ".join(banded) + " records" + _common_band(tensors) + ".")
     rope = summary["rope"]
     if rope:
         parts.append(
-            f"RoPE changes the outlier set by {rope['only_pre']} channels lost and {rope['only_post']} gained "
+            f"RoPE changes the set of flagged channels by {rope['only_pre']} lost and {rope['only_post']} gained "
             f"({rope['only_post_from_partner']} of them the rotation partner of a pre-RoPE outlier)"
             + _cv_change(rope) + ".")
     ok = [t for t in tensors.values() if t["median_thin_shell_cv"] is not None]
@@ -482,6 +509,17 @@ def _cv_change(rope: dict) -> str:
         text += (f" ({rope['median_outlier_cv_pre']:.2f} to {rope['median_outlier_cv_post']:.2f} on the "
                  "pre-RoPE outlier channels)")
     return text
+
+
+def band_label(band: list[int]) -> str:
+    """'ch 96-127 (band, 32 channels)' for the inclusive range [96, 127]."""
+    start, end = band
+    return f"ch {start}-{end} (band, {end - start + 1} channels)"
+
+
+def _common_band(tensors: dict) -> str:
+    top = [(name, t["top_bands"][0]) for name, t in tensors.items() if t["top_bands"]]
+    return "; most often " + ", ".join(f"{band_label(b)} in {name} ({k}x)" for name, (b, k) in top)
 
 
 def _common_channel(tensors: dict) -> str:

@@ -3,6 +3,9 @@
 Outlier channels are the classic KV-cache quantization hazard (KIVI, Liu et al. 2024, sec. 3;
 KVQuant, Hooper et al. 2024, sec. 3.1): a few key channels carry magnitudes many times the
 others, consistently across tokens, and RoPE mixes each such channel with its rotation partner.
+A run of at least ``BAND_MIN`` adjacent flagged channels is a band (in the rotate-half layout,
+adjacent channels have adjacent RoPE frequencies: a low-frequency band is many channels wide),
+not a set of isolated outliers.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import torch
 from torch import Tensor
 
 from kvc.errors import KvcError
+
+BAND_MIN = 4  # adjacent flagged channels that make a band rather than isolated outliers
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,15 @@ def channel_stats(X: Tensor) -> ChannelStats:
     kurtosis = centered.pow(4).mean(-2) / var.square()  # Pearson 1905 moment ratio beta_2
     mag = X.abs()
     cv = mag.std(-2, correction=0) / mag.mean(-2)  # coefficient of variation of |x| over tokens
-    median = rms.median(-1, keepdim=True).values
-    return ChannelStats(rms, mag.amax(-2), rms / median, kurtosis, cv)
+    return ChannelStats(rms, mag.amax(-2), rms / median(rms, keepdim=True), kurtosis, cv)
+
+
+def median(x: Tensor, keepdim: bool = False) -> Tensor:
+    """Median over the last dim: the mean of the two middle values for an even count.
+
+    (torch.median returns the lower of the two.)
+    """
+    return torch.quantile(x, 0.5, dim=-1, keepdim=keepdim)
 
 
 def outlier_mask(rms: Tensor, factor: float = 6.0, topk: int | None = None) -> Tensor:
@@ -58,7 +70,29 @@ def outlier_mask(rms: Tensor, factor: float = 6.0, topk: int | None = None) -> T
         return torch.zeros_like(rms, dtype=torch.bool).scatter_(-1, index, True)
     if factor <= 0:
         raise KvcError(f"--outlier-factor must be > 0, got {factor}")
-    return rms > factor * rms.median(-1, keepdim=True).values
+    return rms > factor * median(rms, keepdim=True)
+
+
+def band_mask(flags: Tensor, min_run: int = BAND_MIN) -> Tensor:
+    """Boolean [..., d]: the flagged channels of flags [..., d] that lie in a run of >= min_run adjacent ones."""
+    d = flags.shape[-1]
+    if d < min_run:
+        return torch.zeros_like(flags, dtype=torch.bool)
+    full = flags.unfold(-1, min_run, 1).all(-1).to(torch.uint8)  # [..., d - m + 1]: run of m starts at s
+    # channel c is in a band iff some all-flagged window starts in [c - m + 1, c]
+    padded = torch.nn.functional.pad(full, (min_run - 1, min_run - 1))
+    return padded.unfold(-1, min_run, 1).any(-1)
+
+
+def channel_runs(flags: list[bool]) -> list[list[int]]:
+    """[start, end] (inclusive) of each run of True in flags, in order."""
+    runs: list[list[int]] = []
+    for c, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        elif flag:
+            runs.append([c, c])
+    return runs
 
 
 def rope_partner(channels: Tensor, d: int, rotary_dims: int | None = None) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from .capture_format import CaptureMeta, tensor_key
 from .errors import KvcError
-from .rope import apply_rope
+from .rope import apply_rope, default_inv_freq
 
 SYNTH_ROPE_THETA = 10000.0
 
@@ -127,8 +127,7 @@ def synthesize(spec: SpikedSpec, dtype: torch.dtype = torch.float32):
 
 
 def _rope_meta(head_dim: int) -> dict:
-    # RoFormer eq. 15: theta_i = base^(-2i/d)
-    inv_freq = 1.0 / (SYNTH_ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = default_inv_freq(SYNTH_ROPE_THETA, head_dim)
     return {"style": "rotate_half", "theta": SYNTH_ROPE_THETA, "scaling": None,
             "inv_freq": inv_freq.tolist(), "attention_scaling": 1.0, "rotary_dims": head_dim,
             "per_layer": {}}

@@ -57,6 +57,31 @@ def test_json_report_finds_planted_outliers(run, tmp_path, synth):
     assert "reading" in stdout and "Keys before RoPE" in stdout
 
 
+def test_planted_band_is_one_band_and_isolated_outliers_stay_outliers(run, tmp_path, synth):
+    band = list(range(40, 48))
+    report, stdout = _report(run, tmp_path, synth("--outlier-channels", ",".join(map(str, [3, 17] + band)),
+                                                  "--outlier-scale", 12))
+    for rec in report["heads"]:
+        if rec["tensor"] in ("k_pre", "v"):
+            assert rec["outlier_channels"] == PLANTED and rec["bands"] == [[40, 47]], rec["tensor"]
+            assert len(rec["outlier_rms_ratio"]) == 2
+    summary = report["summary"]
+    assert summary["band_min"] == 4
+    for name in ("k_pre", "v"):
+        t = summary["tensors"][name]
+        assert t["records_with_bands"] == t["records_with_outliers"] == 4
+        assert t["top_bands"] == [[[40, 47], 4]] and t["top_outlier_channels"] == [[3, 4], [17, 4]]
+    assert all(row["v"]["records_with_bands"] == 2 for row in summary["per_layer"])
+    assert all(r["outliers_pre"] == PLANTED and r["bands_pre"] == [[40, 47]] for r in report["rope"])
+    assert summary["rope"]["bands_pre"] == 4
+    assert "most often ch 40-47 (band, 8 channels) in k_pre (4x)" in summary["reading"]
+    assert "Bands (runs of >= 4 adjacent flagged channels" in summary["reading"]
+    worst = [r for r in summary["worst_heads"] if r["tensor"] in ("k_pre", "v")]
+    assert worst and all(r["bands"] == [[40, 47]] for r in worst)
+    assert "ch 40-47 (band, 8" in stdout  # the heads table
+    assert "2+2b/" in stdout  # the per-layer table: 2 k_pre records with outliers, 2 of them with a band
+
+
 def test_json_report_recovers_the_planted_rank(run, tmp_path, synth):
     capture = synth()
     report, _ = _report(run, tmp_path, capture, "--per-seq")
@@ -137,11 +162,14 @@ def test_not_a_capture(run, tmp_path):
     assert code == 2 and "no such file" in err
 
 
-def test_nan_names_layer_and_head(run, tmp_path, synth):
-    path = synth()
+def _read(path):
+    """(tensors, metadata) of a safetensors file, to rewrite it."""
     with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+
+
+def test_nan_names_layer_and_head(run, tmp_path, synth):
+    tensors, meta = _read(synth())
     tensors["layers.1.v"][1, 1, 7, 5] = float("nan")
     tensors["layers.1.v"][0, 1, 9, 2] = float("inf")
     bad = tmp_path / "bad.safetensors"
@@ -185,3 +213,62 @@ def test_real_default_model_end_to_end(run, tmp_path):
     assert {(r["layer"], r["tensor"]) for r in heads} == {(layer, t) for layer in (0, 1) for t in ("k_pre", "k", "v")}
     assert all(r["skipped"] is None and r["rank"] >= 0 and (r["n"], r["d"]) == (256, 64) for r in heads)
     assert report["summary"]["reading"] and "Keys before RoPE" in stdout
+
+
+def _without_run_info(report: dict) -> dict:
+    return {**report, "summary": {k: v for k, v in report["summary"].items()
+                                  if k not in ("capture", "seconds", "created")}}
+
+
+def test_foreign_rope_without_inv_freq(run, tmp_path, synth):
+    """rope with theta and rotary_dims only (another writer): analyze and compress read it as kvc's own."""
+    capture = synth("--outlier-channels", "3,17")
+    tensors, meta = _read(capture)
+    rope = json.loads(meta["rope"])
+    assert rope["theta"] == 10000.0 and rope["rotary_dims"] == 64
+    foreign = tmp_path / "foreign.safetensors"
+    save_safetensors(foreign, tensors, {**meta, "rope": json.dumps({"theta": 10000.0, "rotary_dims": 64})})
+    ours, _ = _report(run, tmp_path, capture)
+    theirs, _ = _report(run, tmp_path, foreign)
+    assert _without_run_info(theirs) == _without_run_info(ours) and theirs["rope"]
+    results = []
+    for path in (capture, foreign):  # keys before RoPE: the decoded keys are rotated with the derived table
+        out = tmp_path / f"{path.stem}.json"
+        code, _, err = run("compress", path, "--method", "eoptshrinkq", "--json", out)
+        assert code == 0, err
+        results.append(json.loads(out.read_text())["heads"])
+    for a, b in zip(*results):
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9) for k in a if k not in ("layer", "head", "tensor"))
+    broken = tmp_path / "broken.safetensors"
+    save_safetensors(broken, tensors, {**meta, "rope": json.dumps({"rotary_dims": 64})})
+    code, _, err = run("analyze", broken)
+    assert code == 2 and "needs inv_freq, or theta and rotary_dims" in err
+
+
+def test_noise_only_layer_has_rank_zero(run, tmp_path, synth_capture):
+    """Layer 1 holds no spike in any head or tensor: rank 0 everywhere it is reported, exit 0."""
+    spiked, meta = _read(synth_capture(name="spiked.safetensors", seed=2))
+    noise, _ = _read(synth_capture(name="noise.safetensors", strengths=[], seed=3))
+    mixed = tmp_path / "mixed.safetensors"
+    save_safetensors(mixed, {**spiked, **{k: v for k, v in noise.items() if k.startswith("layers.1.")}}, meta)
+    for args in ((), ("--per-seq",), ("--block", 128)):
+        report, stdout = _report(run, tmp_path, mixed, "--plots", tmp_path / "plots", *args)
+        by_layer = {layer: [r for r in report["heads"] if r["layer"] == layer] for layer in (0, 1)}
+        assert all(r["rank"] == 0 and r["d_hat"] == [] and r["shrunk"] == [] and r["energy_lowrank"] == 0
+                   and r["skipped"] is None for r in by_layer[1]), args
+        assert all(r["rank"] >= 3 for r in by_layer[0] if r["tensor"] in ("k_pre", "v")), args
+        rows = {row["layer"]: row for row in report["summary"]["per_layer"]}
+        assert all(rows[1][t]["median_rank"] == 0 for t in ("k_pre", "k", "v"))
+        assert {r["rank_pre"] for r in report["rope"] if r["layer"] == 1} == {0}
+    noise_only = synth_capture(name="noise_only.safetensors", strengths=[])
+    report, stdout = _report(run, tmp_path, noise_only, "--plots", tmp_path / "plots")
+    assert {r["rank"] for r in report["heads"]} == {0}
+    assert report["summary"]["tensors"]["v"]["median_rank"] == 0
+    assert "Values are not low-rank in any of 2 layers: median rank 0, 0%" in report["summary"]["reading"]
+    for method in ("eoptshrinkq", "svdq"):  # rank 0: the residual quantizer alone
+        out = tmp_path / f"{method}.json"
+        code, _, err = run("compress", noise_only, "--method", method, "--block", 128, "--json", out)
+        assert code == 0, err
+        result = json.loads(out.read_text())
+        assert result["bits_per_entry_paper"] == 2.0 and 0 < result["summary"]["kv"]["mse_rel"] < 0.15

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 
-from kvc.channels import channel_stats, outlier_mask, rope_partner
+from kvc.channels import BAND_MIN, band_mask, channel_runs, channel_stats, median, outlier_mask, rope_partner
 from kvc.errors import KvcError
 from kvc.synth import SpikedSpec, synthesize
 
@@ -24,7 +25,7 @@ def test_gaussian_channel_statistics():
     # |x| of a zero-mean Gaussian is half-normal: CV = sqrt(pi/2 - 1)
     assert torch.allclose(st.magnitude_cv, torch.full_like(st.magnitude_cv, math.sqrt(math.pi / 2 - 1)), rtol=0.02)
     assert torch.allclose(st.max_abs, X.abs().amax(-2))
-    assert torch.allclose(st.rms_ratio.median(-1).values, torch.ones(3, dtype=F64))
+    assert torch.allclose(torch.quantile(st.rms_ratio, 0.5, dim=-1), torch.ones(3, dtype=F64))  # d = 8: even
 
 
 def test_heavy_tails_steady_magnitudes_and_constant_channels():
@@ -55,7 +56,8 @@ def test_topk_mode_and_bad_arguments():
     rms = torch.tensor([[1.0, 9.0, 2.0, 8.0], [4.0, 3.0, 2.0, 1.0]], dtype=F64)
     assert outlier_mask(rms, topk=2).tolist() == [[False, True, False, True], [True, True, False, False]]
     assert not outlier_mask(rms, topk=0).any()
-    assert outlier_mask(rms, factor=3.0).tolist() == [[False, True, False, True], [False] * 4]
+    # medians 5 and 2.5 (means of the two middle values): thresholds 7.5 and 3.75
+    assert outlier_mask(rms, factor=1.5).tolist() == [[False, True, False, True], [True, False, False, False]]
     with pytest.raises(KvcError):
         outlier_mask(rms, topk=5)
     with pytest.raises(KvcError):
@@ -86,3 +88,33 @@ def test_synth_planted_outliers_found_exactly(noise):
             mask = outlier_mask(rms) if noise == "white" else outlier_mask(rms, topk=len(planted))
             for head in range(3):
                 assert mask[head].nonzero().flatten().tolist() == planted, (layer, name, head)
+
+
+def test_median_is_the_true_median_for_even_counts():
+    # sorted [1, 1, 1, 2, 4, 8]: torch's lower median is 1, the median is (1 + 2) / 2 = 1.5
+    rms = torch.tensor([[8.0, 1.0, 2.0, 1.0, 4.0, 1.0], [3.0, 1.0, 2.0, 7.0, 5.0, 6.0]], dtype=F64)
+    assert rms.median(-1).values.tolist() == [1.0, 3.0]  # what the rule used to divide by
+    expected = [statistics.median(row) for row in rms.tolist()]
+    assert median(rms).tolist() == expected == [1.5, 4.0]
+    assert median(torch.tensor([5.0, 1.0, 3.0])).item() == 3.0  # odd count: the middle value
+    # channel 0 (rms 8) is 8x the lower median but 5.3x the median: not an outlier at factor 6
+    assert not outlier_mask(rms).any()
+    ratio = channel_stats(torch.diag_embed(rms).mT * math.sqrt(6)).rms_ratio  # a matrix with those channel RMS
+    assert torch.allclose(ratio, rms / torch.tensor([[1.5], [4.0]], dtype=F64))
+
+
+def test_bands_are_runs_of_adjacent_flagged_channels():
+    flags = torch.zeros(2, 3, 32, dtype=torch.bool)
+    flags[0, 0, [2, 10, 11, 12, 13, 20, 21, 22, 24]] = True  # run of 4 at 10-13; runs of 3 and 1 are not bands
+    flags[0, 1, 28:] = True  # a band touching the last channel
+    flags[1, 2, :] = True  # every channel
+    flags[1, 0, [0, 2, 4, 6, 8, 10]] = True  # alternating: no band
+    bands = band_mask(flags)
+    assert bands.shape == flags.shape and not (bands & ~flags).any()
+    assert channel_runs(bands[0, 0].tolist()) == [[10, 13]]
+    assert channel_runs(bands[0, 1].tolist()) == [[28, 31]]
+    assert channel_runs(bands[1, 2].tolist()) == [[0, 31]]
+    assert not bands[1, 0].any() and not bands[0, 2].any()
+    assert channel_runs((flags[0, 0] & ~bands[0, 0]).tolist()) == [[2, 2], [20, 22], [24, 24]]
+    assert BAND_MIN == 4 and channel_runs(band_mask(flags, min_run=3)[0, 0].tolist()) == [[10, 13], [20, 22]]
+    assert not band_mask(torch.ones(3, dtype=torch.bool)).any()  # fewer channels than a band

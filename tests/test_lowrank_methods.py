@@ -121,3 +121,20 @@ def test_impossible_options_fail(params):
     x = spiked(1, 128, 64, [])
     with pytest.raises(KvcError):
         build("eoptshrinkq", keys="post", **params).validate(layer_of(x, x))
+
+
+@pytest.mark.parametrize("method", ["eoptshrinkq", "svdq"])
+def test_rank_zero_layer_is_plain_residual_turboquant(method):
+    """A layer of pure noise: no block has a spike, so the codec is TurboQuant-mse of the blocks alone."""
+    n, d = 128, 64
+    x = spiked(2, 2 * n, d, [], seed=4)
+    enc = build(method, keys="post", block=n).encode(layer_of(x, x.clone()))
+    assert not enc.arrays["v.ranks"].any() and enc.arrays["v.weights"].numel() == 0
+    assert enc.arrays["v.u_codes"].numel() == enc.arrays["v.v_codes"].numel() == 0
+    assert enc.bits_paper == 2.0  # b + r (n + d) b_f / (n d) at r = 0
+    decoded = build(method, keys="post", block=n).decode(enc, layer_of(x, x.clone())).v
+    rotation = make_rotation("haar", d, enc.meta["v"]["seed"])
+    codebook = tq_codebook(d, 2)
+    plain = tq_mse_decode(*tq_mse_encode(x, 2, rotation, codebook), rotation, codebook)
+    assert torch.allclose(decoded, plain, rtol=0, atol=1e-6)
+    assert 0.05 < rel_mse(decoded, x) < 0.15  # 2-bit TurboQuant on white noise: ~0.12

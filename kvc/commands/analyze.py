@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from ..analyze import Options, Report, analyze_capture
+from ..analyze import Options, Report, analyze_capture, band_label
 from ..capture_format import KV_TENSORS, CaptureFile
 from ..console import err, out, progress_bar
 from ..errors import KvcError
@@ -82,6 +82,18 @@ def _tensors(cap: CaptureFile, layers: list[int], spec: str | None) -> list[str]
     return list(dict.fromkeys(names))
 
 
+def _outlier_cell(cell: dict) -> str:
+    """'3' records with outliers, '3+2b' when 2 records also hold a band."""
+    bands = cell["records_with_bands"]
+    return f"{cell['records_with_outliers']}" + (f"+{bands}b" if bands else "")
+
+
+def _flagged(record: dict) -> str:
+    """'3,17, ch 40-47 (band, 8 channels)': isolated outlier channels, then bands; '-' for none."""
+    parts = [",".join(map(str, record["outlier_channels"]))] if record["outlier_channels"] else []
+    return ", ".join(parts + [band_label(b) for b in record["bands"]]) or "-"
+
+
 def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -91,7 +103,7 @@ def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
     console.print(f"[bold]kvc analyze[/bold] {s['capture']} ({s['model']}): {len(s['layers'])} layers, "
                   f"{s['mode']}, n x d = {s['n']} x {s['d']}, {s['rank_rule']} rule, {s['seconds']:.1f} s")
     table = Table(title="per layer (medians over heads): rank, energy share rho of the low-rank part, "
-                        "predicted bits/entry saved; records with outlier channels")
+                        "predicted bits/entry saved; records with outlier channels (+Nb: with a band)")
     table.add_column("layer", justify="right")
     for name in tensors:
         table.add_column(f"{name}\nrank  rho   bits", justify="right", no_wrap=True)
@@ -102,7 +114,7 @@ def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
             c = row[name]
             cells.append(f"{_fmt(c['median_rank'], 'g'):>4} {_fmt(c['median_energy_lowrank'], '.0%'):>4} "
                          f"{_fmt(c['median_predicted_bit_saving'], '+.2f'):>6}")
-        cells.append("/".join(str(row[name]["records_with_outliers"]) for name in tensors))
+        cells.append("/".join(_outlier_cell(row[name]) for name in tensors))
         table.add_row(*cells)
     console.print(table)
     worst = Table(title="heads with the least to gain (lowest predicted bit saving)")
@@ -114,7 +126,7 @@ def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
         values = {"layer": str(r["layer"]), "head": str(r["head"]), "tensor": r["tensor"], "seq": str(r["seq"]),
                   "block": str(r["block"]), "rank": str(r["rank"]), "rho": _fmt(r["energy_lowrank"], ".0%"),
                   "bits": _fmt(r["predicted_bit_saving"], "+.2f"), "max RMS/med": _fmt(r["max_rms_ratio"], ".1f"),
-                  "outliers": ",".join(map(str, r["outlier_channels"])) or "-"}
+                  "outliers": _flagged(r)}
         worst.add_row(*(values[c] for c in cols))
     console.print(worst)
     console.print(Panel(s["reading"], title="reading", expand=False))
