@@ -88,7 +88,7 @@ def main() -> None:
                      f"{'yes' if wall < TARGET_S else 'no'} |")
     lines += [
         "",
-        "The batched LAPACK calls on these small matrices already run on one thread (`kvc.rmt.small_lapack`); "
+        "The batched LAPACK calls on these small matrices already run on one thread (`kvc.analysis.rmt.small_lapack`); "
         "the remaining gap between default threads and `OMP_NUM_THREADS=1` is OpenMP barrier cost in the "
         "element-wise ops while other processes share the cores. On a shared machine, set `OMP_NUM_THREADS=1`.",
         "",

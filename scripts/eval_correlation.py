@@ -2,7 +2,7 @@
 
 Usage: python scripts/eval_correlation.py [--contexts 512] [--windows 4] [--continuation 128]
        python scripts/eval_correlation.py --from-json docs/eval_correlation.json   (re-render only)
-Runs ``kvc.evaluate`` (perplexity only, with the compress engine's metrics measured on the very
+Runs ``kvc.eval.evaluate`` (perplexity only, with the compress engine's metrics measured on the very
 prefills whose cache is compressed) for a grid of methods and bit widths on the default model, then
 the Spearman rank correlation of mse_rel (K, V), attn_out_rel and attn_kl with the perplexity delta
 and the next-token KL, over all methods and over the quantizers alone. Writes
@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from kvc import evaluate as ev
-from kvc.compress.base import Evictor, build, get
-from kvc.compress.composite import Composite
-from kvc.corpus import load_corpus
+from kvc.eval import evaluate as ev
+from kvc.compression.protocol import Evictor, build, get
+from kvc.compression.composite import Composite
+from kvc.model.text import load_corpus
 from kvc.errors import KvcError
-from kvc.models import load_model, resolve_model
+from kvc.model.load import load_model, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["turboquant --bits 1", "turboquant --bits 2", "turboquant --bits 3", "turboquant --bits 4",
@@ -42,7 +42,7 @@ TARGETS = [("ppl delta", "delta_rel"), ("next-token KL", "kl")]
 
 def parse(spec: str):
     """'turboquant --bits 2' -> a compressor (through the CLI's own option parser)."""
-    from kvc.commands.compress import parse_method_args
+    from kvc.cli.commands.compress import parse_method_args
 
     name, *rest = shlex.split(spec)
     params, _ = parse_method_args(get(name), rest, [])
@@ -78,7 +78,7 @@ def render(report: dict) -> str:
         f"Made by `python scripts/eval_correlation.py` ({report['date']}, {report['seconds'] / 60:.0f} min on CPU). "
         f"Default model, contexts {settings['contexts']} tokens x {settings['windows']} windows of the CPython docs, "
         f"{settings['continuation']} continuation tokens scored per window with the method's compressed cache "
-        "(`kvc.evaluate`). The proxies are `kvc compress`'s metrics (compress engine), measured on the very "
+        "(`kvc.eval.evaluate`). The proxies are `kvc compress`'s metrics (compress engine), measured on the very "
         "prefills whose cache is compressed, averaged over layers and heads.",
         "",
         "| method | bits/entry | K mse_rel | V mse_rel | attn_out_rel | attn_kl | ppl delta | next-token KL | top-1 agree |",

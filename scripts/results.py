@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvc.capture_format import CaptureFile  # noqa: E402
+from kvc.io.capture import CaptureFile  # noqa: E402
 from kvc.cli import main  # noqa: E402
-from kvc.commands.sweep import METRICS, VIEWS, view_points  # noqa: E402
-from kvc.fileio import write_text  # noqa: E402
+from kvc.cli.commands.sweep import METRICS, VIEWS, view_points  # noqa: E402
+from kvc.io.safetensors import write_text  # noqa: E402
 
 METHODS = "eoptshrinkq,svdq,turboquant,kivi,kvquant"
 BITS = "1,1.5,2,2.5,3,4"

@@ -22,9 +22,9 @@ def run(capsys):
 
 @pytest.fixture
 def synth_capture(tmp_path):
-    """make(**spec) -> path of a synthetic capture written with kvc.synth."""
-    from kvc.fileio import save_safetensors
-    from kvc.synth import SpikedSpec, synthesize
+    """make(**spec) -> path of a synthetic capture written with kvc.model.synth."""
+    from kvc.io.safetensors import save_safetensors
+    from kvc.model.synth import SpikedSpec, synthesize
 
     def _make(name="synth.safetensors", **spec):
         tensors, meta = synthesize(SpikedSpec(**spec))
@@ -38,7 +38,7 @@ def synth_capture(tmp_path):
 @pytest.fixture(scope="session")
 def default_model():
     """(model, tokenizer) of the real default model, SmolLM2-135M-Instruct, float32 on CPU."""
-    from kvc.models import load_model, resolve_model
+    from kvc.model.load import load_model, resolve_model
 
     torch.manual_seed(0)
     return load_model(resolve_model(None), dtype="float32", device="cpu")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kvc import analyze
-from kvc.fileio import save_safetensors
+from kvc.analysis import report as analyze
+from kvc.io.safetensors import save_safetensors
 
 PLANTED = [3, 17]
 REQUIRED = ("layer", "head", "tensor", "seq", "block", "n", "d", "rank", "bulk_edge", "sigma", "bbp_threshold",
@@ -139,7 +139,7 @@ def test_plots_are_written(run, tmp_path, synth):
 
 def test_rope_comparison_finds_rotation_partners(synth):
     """Planted k_pre outliers 3 and 17 spread onto their RoPE partners 35 and 49 after rotation."""
-    from kvc.capture_format import CaptureFile
+    from kvc.io.capture import CaptureFile
 
     cap = CaptureFile(synth("--outlier-channels", "3,17"))
     options = analyze.Options(outlier_factor=4.0)

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from kvc.budget import (FP16, budget, compression_from_json, compression_rule, geometry_from_dims,
-                        geometry_from_model, sequence_bytes, sliding_layers)
+from kvc.ci.budget import FP16, budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, sequence_bytes, sliding_layers
 
 OPT_30B = {"model_type": "opt", "num_hidden_layers": 48, "hidden_size": 7168, "num_attention_heads": 56,
            "ffn_dim": 28672, "vocab_size": 50272}

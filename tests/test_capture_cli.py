@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvc.capture import capture
-from kvc.capture_format import FORMAT, CaptureFile, CaptureMeta
-from kvc.corpus import load_corpus, token_windows
+from kvc.model.capture import capture
+from kvc.io.capture import FORMAT, CaptureFile, CaptureMeta
+from kvc.model.text import load_corpus, token_windows
 from kvc.rope import apply_rope
 
 
@@ -149,7 +149,7 @@ def test_foreign_truncated_and_versioned_files(run, synth_capture, tmp_path):
     _one_line_exit_2(run("info", text), "not a readable")
     _one_line_exit_2(run("info", tmp_path / "missing.safetensors"), "no such file")
 
-    from kvc.fileio import save_safetensors
+    from kvc.io.safetensors import save_safetensors
     from safetensors.torch import load_file
     from safetensors import safe_open
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from kvc.capture import capture
-from kvc.capture_format import CaptureFile
+from kvc.model.capture import capture
+from kvc.io.capture import CaptureFile
 from kvc.rope import apply_rope
 
 SEQS, TOKENS = 2, 24

@@ -1,4 +1,4 @@
-"""Per-channel statistics and outlier channels (kvc.channels), batched over heads."""
+"""Per-channel statistics and outlier channels (kvc.analysis.channels), batched over heads."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 
-from kvc.channels import BAND_MIN, band_mask, channel_runs, channel_stats, median, outlier_mask, rope_partner
+from kvc.analysis.channels import BAND_MIN, band_mask, channel_runs, channel_stats, median, outlier_mask, rope_partner
 from kvc.errors import KvcError
-from kvc.synth import SpikedSpec, synthesize
+from kvc.model.synth import SpikedSpec, synthesize
 
 F64 = torch.float64
 

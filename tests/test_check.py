@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvc.budget import geometry_from_dims, measured_compression, sequence_bytes
-from kvc.check import (SCHEMA, Policy, budget_check, evaluate, limit_checks, memory_checks, parse_policy,
-                       peak_memory)
+from kvc.ci.budget import geometry_from_dims, measured_compression, sequence_bytes
+from kvc.ci.check import SCHEMA, Policy, budget_check, evaluate, limit_checks, memory_checks, parse_policy, peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ import struct
 import pytest
 import torch
 
-from kvc.capture_format import CaptureFile
-from kvc.compress import base
-from kvc.compress.base import Evictor, TensorCompressor, available, option
-from kvc.compress.engine import CompressedFile
-from kvc.compress.metrics import mse_rel
-from kvc.commands.sweep import bit_saving, pareto_front
+from kvc.io.capture import CaptureFile
+from kvc.compression import protocol as base
+from kvc.compression.protocol import Evictor, TensorCompressor, available, option
+from kvc.compression.engine import CompressedFile
+from kvc.metrics.fidelity import mse_rel
+from kvc.cli.commands.sweep import bit_saving, pareto_front
 
 METHODS = sorted(available())
 SMALL = dict(num_layers=2, num_kv_heads=2, num_heads=4, head_dim=64, seq_len=512)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from kvc import evaluate as ev
-from kvc.compress.base import Compressor, Decoded, Encoded, Evictor, LayerKV, build
-from kvc.corpus import load_corpus
+from kvc.eval import evaluate as ev
+from kvc.compression.protocol import Compressor, Decoded, Encoded, Evictor, LayerKV, build
+from kvc.model.text import load_corpus
 
 TINY = ev.Settings(contexts=(128,), windows=1, continuation=16, retrieval=False)
 NEEDLES = ev.Settings(contexts=(160,), windows=1, continuation=8, depths=(0.25, 0.5, 0.75), needles=3)
@@ -115,7 +115,7 @@ def test_cli_bits_agree_with_compress(run, tmp_path, default_model):
 def test_command_defaults_are_the_library_defaults():
     import inspect
 
-    from kvc.commands import eval as command
+    from kvc.cli.commands import eval as command
 
     params = inspect.signature(command.command).parameters
     value = {name: params[name].default.default for name in

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvc.compress.base import LayerKV, build
-from kvc.compress.eviction import keep_count
+from kvc.compression.protocol import LayerKV, build
+from kvc.compression.eviction import keep_count
 from kvc.errors import KvcError
 from kvc.rope import apply_rope
 

@@ -19,11 +19,11 @@ import torch
 import transformers
 
 from kvc.attention import AttentionSpec
-from kvc.capture_format import CaptureFile
-from kvc.compress.metrics import attention_output, layer_metrics
-from kvc.corpus import Corpus
-from kvc.evaluate import Settings, continuation_logprobs, evaluate, prefill, uncompressed_cache
-from kvc.compress.base import build
+from kvc.io.capture import CaptureFile
+from kvc.metrics.fidelity import attention_output, layer_metrics
+from kvc.model.text import Corpus
+from kvc.eval.evaluate import Settings, continuation_logprobs, evaluate, prefill, uncompressed_cache
+from kvc.compression.protocol import build
 
 TOKENS, SEQS, WINDOW = 24, 2, 8  # contexts three times the sliding window
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -257,9 +257,9 @@ def test_eval_uncompressed_cache_is_the_models_own(name, saved):
 
 
 def test_position_limits_checked_before_the_forward_pass(run, saved, text_file, monkeypatch):
-    import kvc.capture
+    import kvc.model.capture
 
-    monkeypatch.setattr(kvc.capture, "capture", lambda *a, **k: pytest.fail("capture ran"))
+    monkeypatch.setattr(kvc.model.capture, "capture", lambda *a, **k: pytest.fail("capture ran"))
     code, _, err = run("capture", "--model", saved("bert"), "--text", text_file, "--seq-len", 65)
     assert code == 2 and "64 positions" in err and "max_position_embeddings" in err
     code, _, err = run("capture", "--model", saved("llama"), "--text", text_file, "--seq-len", 100000)
@@ -267,9 +267,9 @@ def test_position_limits_checked_before_the_forward_pass(run, saved, text_file, 
 
 
 def test_eval_refuses_an_encoder_before_loading_it(run, saved, monkeypatch):
-    import kvc.commands.capture
+    import kvc.cli.commands.capture
 
-    monkeypatch.setattr(kvc.commands.capture, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(kvc.cli.commands.capture, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run("eval", "--model", saved("bert"), "--method", "fp16", "--contexts", "32")
     assert code == 2 and "encoder" in err and len(err.strip().splitlines()) == 1
     code, _, err = run("eval", "--model", saved("llama"), "--method", "fp16", "--contexts", "1024")

@@ -141,7 +141,7 @@ def test_tq_rotated_mode(backend, seed, kind, d, bits):
 
 
 def test_tq_outlier_split_through_the_public_functions(backend, seed):
-    """2.5 bits at d = 128 as kvc.compress.methods.turboquant does it: channel split (torch), then
+    """2.5 bits at d = 128 as kvc.compression.methods.turboquant does it: channel split (torch), then
     one call per piece (strided views) through the public seam; reassembled output as the reference."""
     be, device = backend
     gen = _gen(seed)
@@ -266,7 +266,7 @@ def test_minmax_bad_input_fails_like_the_reference(backend):
 @pytest.mark.model
 def test_real_capture(backend, seed, run, tmp_path):
     """TurboQuant (fused and Haar) and KIVI on K and V of the real default model (or $KVC_GPU_TEST_CAPTURE)."""
-    from kvc.capture_format import CaptureFile
+    from kvc.io.capture import CaptureFile
 
     be, device = backend
     path = os.environ.get("KVC_GPU_TEST_CAPTURE")
@@ -404,8 +404,8 @@ def test_bench_runs_on_the_gpu(run, tmp_path):
 def test_eoptshrink_batched_on_cuda_matches_cpu(seed):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from kvc.rmt import eoptshrink
-    from kvc.synth import SpikedSpec, spiked_block
+    from kvc.analysis.rmt import eoptshrink
+    from kvc.model.synth import SpikedSpec, spiked_block
 
     spec = SpikedSpec(num_kv_heads=4, num_seqs=3, head_dim=64, seq_len=128, strengths=[6.0, 4.0, 3.0], seed=seed)
     X = spiked_block(spec, _gen(seed))  # [3, 4, 128, 64]: every block and head at once

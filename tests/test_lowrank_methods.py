@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from kvc.compress.base import LayerKV, build
-from kvc.compress.lowrank import paper_bits
+from kvc.compression.protocol import LayerKV, build
+from kvc.compression.lowrank import paper_bits
 from kvc.errors import KvcError
 from kvc.quant.rotation import make_rotation
 from kvc.quant.turboquant import tq_codebook, tq_mse_decode, tq_mse_encode
-from kvc.rmt import eoptshrink, predicted_bit_saving
+from kvc.analysis.rmt import eoptshrink, predicted_bit_saving
 from kvc.rope import apply_rope
-from kvc.synth import SpikedSpec, spiked_block
+from kvc.model.synth import SpikedSpec, spiked_block
 
 
 def spiked(heads: int, n: int, d: int, strengths: list[float], seed: int = 0) -> torch.Tensor:

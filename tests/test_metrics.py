@@ -1,12 +1,12 @@
-"""kvc.compress.metrics: closed-form cases and an explicit per-query-head reference."""
+"""kvc.metrics.fidelity: closed-form cases and an explicit per-query-head reference."""
 
 import math
 
 import pytest
 import torch
 
-from kvc.compress import metrics
-from kvc.compress.metrics import layer_metrics
+from kvc.metrics import fidelity as metrics
+from kvc.metrics.fidelity import layer_metrics
 
 S, H, G, T, D = 2, 2, 3, 24, 8
 

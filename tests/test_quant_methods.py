@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from kvc.compress.base import LayerKV, TensorCompressor, available, build, rotate_keys
-from kvc.compress.methods.kivi import quantized_tokens
-from kvc.compress.methods.kvquant import paper_bits
+from kvc.compression.protocol import LayerKV, TensorCompressor, available, build, rotate_keys
+from kvc.compression.methods.kivi import quantized_tokens
+from kvc.compression.methods.kvquant import paper_bits
 from kvc.errors import KvcError, MethodFailure
-from kvc.synth import _rope_meta
+from kvc.model.synth import _rope_meta
 
 S, H, HQ, T, D = 1, 2, 4, 96, 64
 N, ROWS = S * H * T * D, S * H * T

@@ -1,4 +1,4 @@
-"""Oracle tests for kvc.rmt (spec sections 1.4, 1.5, 2, 8.1-8.5). Fixed seeds, batched draws."""
+"""Oracle tests for kvc.analysis.rmt (spec sections 1.4, 1.5, 2, 8.1-8.5). Fixed seeds, batched draws."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import optimize
 
-from kvc import rmt
+from kvc.analysis import rmt
 
 F64 = torch.float64
 

@@ -11,7 +11,7 @@ kernel cannot run (no GPU or no cupy, a CPU tensor, an unsupported shape, a fail
     out = gpu.tq_value_packed(w, packed, bits, shape, norms, rotation, codebook)     # w V_hat
     packed, scale, zero = gpu.minmax_quantize_packed(x, bits, group)          # KIVI / int + pack
     x_hat = gpu.minmax_dequantize_packed(packed, bits, shape, scale, zero)
-    shrinkage = gpu.eoptshrink_batched(blocks, device="cuda")                 # kvc.rmt on the GPU
+    shrinkage = gpu.eoptshrink_batched(blocks, device="cuda")                 # kvc.analysis.rmt on the GPU
 
 ``gpu.available()`` says whether the kernels can run; ``gpu.require(device)`` raises the one-line
 KvcError of ``--device cuda`` without a GPU or without cupy.

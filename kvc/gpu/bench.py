@@ -10,7 +10,7 @@ read once and its output written once), so ``% copy`` is the fraction of the cop
 Input: the K and V of every layer of a capture, stacked into one float32 tensor [2L, S, H, T, D]
 (one launch over all layers); without a capture, a synthetic spiked capture of ``layers`` layers x
 ``tokens`` tokens (default 30 x 8192, 3 KV heads of dimension 64: the shape of the default model
-SmolLM2-135M at 8k context), drawn with kvc.synth.spiked_block.
+SmolLM2-135M at 8k context), drawn with kvc.model.synth.spiked_block.
 
 Before timing, each kernel passes its self-check on the device (kvc.gpu.selfcheck); a kernel that
 fails is reported and not timed. The parity column compares the benchmark's own outputs: codes
@@ -119,7 +119,7 @@ class BenchResult:
 def load_data(o: BenchOptions, device: torch.device) -> tuple[torch.Tensor, str]:
     """(X [2L, S, H, T, D] float32 on device: K then V of every layer, description)."""
     if o.capture is not None:
-        from ..capture_format import CaptureFile
+        from ..io.capture import CaptureFile
 
         cap = CaptureFile(o.capture)
         layers = cap.layers[: o.layers]
@@ -128,7 +128,7 @@ def load_data(o: BenchOptions, device: torch.device) -> tuple[torch.Tensor, str]
         m = cap.meta
         return torch.stack(parts), (f"{o.capture} ({m.model}; {len(layers)} layers x {m.num_seqs} x "
                                     f"{m.seq_len} tokens, {m.num_kv_heads} KV heads, d = {m.head_dim})")
-    from ..synth import SpikedSpec, spiked_block
+    from ..model.synth import SpikedSpec, spiked_block
 
     spec = SpikedSpec(num_layers=o.layers, num_kv_heads=o.kv_heads, num_heads=o.kv_heads * o.q_per_kv,
                       head_dim=o.head_dim, seq_len=o.tokens, num_seqs=o.seqs, seed=o.seed, rope=False)
@@ -185,7 +185,7 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 
 def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> BenchResult:
-    from ..models import resolve_device
+    from ..model.load import resolve_device
     from ..quant.rotation import make_rotation
     from ..quant.turboquant import tq_codebook
     from . import ops, selfcheck

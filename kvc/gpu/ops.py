@@ -145,7 +145,7 @@ def reference_tq_mse_decode_packed(packed: Tensor, bits: int, shape, norms: Tens
 def reference_tq_score_packed(q: Tensor, packed: Tensor, bits: int, shape, norms: Tensor,
                               rotation: Rotation, codebook: Tensor) -> Tensor:
     """q K_hat^T [S, H_q, Tq, T] (float32) with K_hat decoded from the packed keys [S, H_kv, T, D];
-    query head h * G + g reads KV head h (kvc.compress.metrics.grouped)."""
+    query head h * G + g reads KV head h (kvc.metrics.fidelity.grouped)."""
     S, H, T, D = shape
     k_hat = reference_tq_mse_decode_packed(packed, bits, shape, norms, rotation, codebook)
     qg = q.to(torch.float32).reshape(S, H, -1, q.shape[-2], D)
@@ -466,12 +466,12 @@ def minmax_dequantize_packed(packed: Tensor, bits: int, shape, scale: Tensor, ze
 
 
 def eoptshrink_batched(X: Tensor, device: torch.device | str | None = None, **kwargs):
-    """kvc.rmt.eoptshrink for every block and head of a layer at once, X [..., n, d], on ``device``.
+    """kvc.analysis.rmt.eoptshrink for every block and head of a layer at once, X [..., n, d], on ``device``.
 
-    No kernel of its own: kvc.rmt is batched torch (Gram by one batched matmul, torch.linalg.eigh on
+    No kernel of its own: kvc.analysis.rmt is batched torch (Gram by one batched matmul, torch.linalg.eigh on
     the whole batch, the D-transform on [..., r, L] tensors, no Python loop per head), so on a CUDA
     tensor it already runs as batched cuBLAS/cuSOLVER calls. This only moves X to the device.
     """
-    from ..rmt import eoptshrink
+    from ..analysis.rmt import eoptshrink
 
     return eoptshrink(X if device is None else X.to(device), **kwargs)

@@ -263,8 +263,8 @@ __all__ = ["KERNEL_OPTIONS", "KERNEL_FILES", "available", "require", "missing", 
 
 
 def require_device(device: str) -> torch.device:
-    """``--device`` resolved (kvc.models.resolve_device), with cupy required for a CUDA device."""
-    from ..models import resolve_device
+    """``--device`` resolved (kvc.model.load.resolve_device), with cupy required for a CUDA device."""
+    from ..model.load import resolve_device
 
     resolved = resolve_device(device)
     require(resolved)

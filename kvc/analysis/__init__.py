@@ -1,0 +1,1 @@
+"""Spectral analysis of captures: random-matrix numerics, channels, the report, its plots."""

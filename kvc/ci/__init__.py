@@ -1,0 +1,1 @@
+"""CI gates: memory budgets and policy checks."""

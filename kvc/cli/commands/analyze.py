@@ -1,0 +1,132 @@
+"""``kvc analyze``: per-head spectra with random-matrix theory, outlier channels, pre- vs post-RoPE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from ...analysis.report import Options, Report, analyze_capture, band_label
+from ...io.capture import KV_TENSORS, CaptureFile
+from ..console import err, out, progress_bar
+from ...errors import KvcError
+from ...io.safetensors import check_writable, emit_json
+from ...model.load import resolve_device
+
+NAME = "analyze"
+
+
+def command(
+    capture: Path = typer.Argument(..., help="A kvc capture file (from `kvc capture` or `kvc synth`)."),
+    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
+    tensors: Optional[str] = typer.Option(None, "--tensors", help="Comma list of k_pre, k, v (default: those in the file)."),
+    block: Optional[int] = typer.Option(None, "--block", help="Analyze blocks of N consecutive tokens of each sequence (eOptShrinkQ uses 128)."),
+    per_seq: bool = typer.Option(False, "--per-seq", help="One matrix per sequence instead of pooling the sequences."),
+    rank_rule: str = typer.Option("eoptshrinkq", "--rank-rule", help="eoptshrinkq | matlab (eOptShrink v5, 1.1 edge factor)."),
+    outlier_factor: float = typer.Option(6.0, "--outlier-factor", help="Outlier channel: RMS above this many times the median channel RMS."),
+    outlier_topk: Optional[int] = typer.Option(None, "--outlier-topk", help="Flag the K channels of largest RMS instead."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the full report as JSON to this file ('-': stdout)."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG figures into this directory."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Spectra, rank, shrinkage and outlier channels of every (layer, KV head) of a capture."""
+    if rank_rule not in ("eoptshrinkq", "matlab"):
+        raise KvcError(f"--rank-rule must be eoptshrinkq or matlab, not {rank_rule!r}")
+    if block is not None and block < 1:
+        raise KvcError("--block must be >= 1")
+    torch_device = resolve_device(device)
+    cap = CaptureFile(capture)
+    chosen_layers = cap.select_layers(layers)
+    chosen = _tensors(cap, chosen_layers, tensors)
+    if json_path not in (None, "-"):
+        check_writable(Path(json_path), force)
+    if plots:
+        from ...analysis import plots as analyze_plots  # matplotlib only when asked for
+
+        plot_paths = [plots / name for name in analyze_plots.PLOT_FILES]
+        for path in plot_paths:
+            check_writable(path, force)
+    options = Options(rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
+                      per_seq=per_seq, block=block)
+    with progress_bar() as bar:
+        task = bar.add_task("analyzing", total=len(chosen_layers))
+        report = analyze_capture(cap, chosen_layers, chosen, options, torch_device,
+                                 progress=lambda: bar.advance(task))
+    console = err if json_path == "-" else out
+    print_summary(console, report, chosen)
+    emit_json(json_path or None, report.to_json(), force, indent=None)
+    if json_path not in (None, "", "-"):
+        console.print(f"wrote {json_path}")
+    if plots:
+        analyze_plots.write_all(report, cap, chosen, plot_paths, force)
+        console.print(f"wrote {', '.join(str(p) for p in plot_paths)}")
+
+
+def _tensors(cap: CaptureFile, layers: list[int], spec: str | None) -> list[str]:
+    held = [name for name in KV_TENSORS if all(cap.has(layer, name) for layer in layers)]
+    if spec is None:
+        return sorted(held, key=("k_pre", "k", "v").index)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if s not in KV_TENSORS]
+    if unknown or not names:
+        raise KvcError(f"--tensors {spec!r}: choose from k_pre, k, v")
+    absent = [s for s in names if s not in held]
+    if absent:
+        raise KvcError(f"{cap.path} lacks {', '.join(absent)} in some of the chosen layers "
+                       f"(held everywhere: {', '.join(held) or 'nothing'})")
+    return list(dict.fromkeys(names))
+
+
+def _outlier_cell(cell: dict) -> str:
+    """'3' records with outliers, '3+2b' when 2 records also hold a band."""
+    bands = cell["records_with_bands"]
+    return f"{cell['records_with_outliers']}" + (f"+{bands}b" if bands else "")
+
+
+def _flagged(record: dict) -> str:
+    """'3,17, ch 40-47 (band, 8 channels)': isolated outlier channels, then bands; '-' for none."""
+    parts = [",".join(map(str, record["outlier_channels"]))] if record["outlier_channels"] else []
+    return ", ".join(parts + [band_label(b) for b in record["bands"]]) or "-"
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
+    s = report.summary
+    console.print(f"[bold]kvc analyze[/bold] {s['capture']} ({s['model']}): {len(s['layers'])} layers, "
+                  f"{s['mode']}, n x d = {s['n']} x {s['d']}, {s['rank_rule']} rule, {s['seconds']:.1f} s")
+    table = Table(title="per layer (medians over heads): rank, energy share rho of the low-rank part, "
+                        "predicted bits/entry saved; records with outlier channels (+Nb: with a band)")
+    table.add_column("layer", justify="right")
+    for name in tensors:
+        table.add_column(f"{name}\nrank  rho   bits", justify="right", no_wrap=True)
+    table.add_column("outliers\n" + "/".join(tensors), justify="right", no_wrap=True)
+    for row in s["per_layer"]:
+        cells = [str(row["layer"])]
+        for name in tensors:
+            c = row[name]
+            cells.append(f"{_fmt(c['median_rank'], 'g'):>4} {_fmt(c['median_energy_lowrank'], '.0%'):>4} "
+                         f"{_fmt(c['median_predicted_bit_saving'], '+.2f'):>6}")
+        cells.append("/".join(_outlier_cell(row[name]) for name in tensors))
+        table.add_row(*cells)
+    console.print(table)
+    worst = Table(title="heads with the least to gain (lowest predicted bit saving)")
+    cols = ["layer", "head", "tensor"] + (["seq"] if s["mode"] != "pooled" else []) + \
+        (["block"] if s["mode"].startswith("block") else []) + ["rank", "rho", "bits", "max RMS/med", "outliers"]
+    for col in cols:
+        worst.add_column(col, justify="left" if col in ("tensor", "outliers") else "right")
+    for r in s["worst_heads"]:
+        values = {"layer": str(r["layer"]), "head": str(r["head"]), "tensor": r["tensor"], "seq": str(r["seq"]),
+                  "block": str(r["block"]), "rank": str(r["rank"]), "rho": _fmt(r["energy_lowrank"], ".0%"),
+                  "bits": _fmt(r["predicted_bit_saving"], "+.2f"), "max RMS/med": _fmt(r["max_rms_ratio"], ".1f"),
+                  "outliers": _flagged(r)}
+        worst.add_row(*(values[c] for c in cols))
+    console.print(worst)
+    console.print(Panel(s["reading"], title="reading", expand=False))

@@ -1,0 +1,104 @@
+"""``kvc budget``: KV-cache memory across context lengths, fp16 against compressed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ...ci.budget import budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, parse_contexts, sliding_layers
+from ..console import human_bytes, out
+from ...errors import KvcError
+from ...io.safetensors import check_writable, write_json
+
+NAME = "budget"
+
+
+def command(
+    model: str = typer.Option(None, "--model", "-m", help="Hub id, HF directory, config.json or GGUF file (default: the default model)."),
+    layers: int = typer.Option(None, "--layers", help="Explicit geometry: number of layers."),
+    kv_heads: int = typer.Option(None, "--kv-heads", help="Explicit geometry: KV heads per layer (GQA)."),
+    head_dim: int = typer.Option(None, "--head-dim", help="Explicit geometry: head dimension."),
+    sliding_window: int = typer.Option(None, "--sliding-window", help="Explicit geometry: window of the sliding layers."),
+    sliding: str = typer.Option(None, "--sliding-layers", help="Which layers slide: all (default), '0-4,6' or pattern:N (every N-th layer full)."),
+    context: str = typer.Option("1024,4k,32k,128k", "--context", help="Context lengths, comma-separated (k = 1024)."),
+    batch: int = typer.Option(1, "--batch", help="Sequences held at once."),
+    method: str = typer.Option(None, "--method", help="Compressed form by nominal rule: fp16, fp8, int, kivi, turboquant, eoptshrinkq."),
+    bits: float = typer.Option(None, "--bits", help="Bit width of --method."),
+    group_size: int = typer.Option(32, "--group-size", help="Group size of int and kivi (one fp16 scale and zero per group)."),
+    from_json: Path = typer.Option(None, "--from-json", help="Take the measured bits per entry from kvc compress --json output."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the budget as JSON to FILE ('-' for stdout only)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file."),
+) -> None:
+    """KV-cache bytes per token, per sequence and per batch across context lengths."""
+    if from_json is not None and (method is not None or bits is not None):
+        raise KvcError("pass either --from-json or --method/--bits, not both")
+    if bits is not None and method is None:
+        raise KvcError("--bits needs --method")
+    explicit = (layers, kv_heads, head_dim)
+    if any(v is not None for v in explicit):
+        if model is not None:
+            raise KvcError("pass either --model or --layers/--kv-heads/--head-dim, not both")
+        if any(v is None for v in explicit):
+            raise KvcError("an explicit geometry needs all of --layers, --kv-heads and --head-dim")
+        if sliding is not None and sliding_window is None:
+            raise KvcError("--sliding-layers needs --sliding-window")
+        mask = sliding_layers(sliding, layers) if sliding is not None else None
+        geometry = geometry_from_dims(layers, kv_heads, head_dim, sliding_window, mask)
+    elif sliding_window is not None or sliding is not None:
+        raise KvcError("--sliding-window/--sliding-layers go with --layers/--kv-heads/--head-dim; "
+                       "a model's own config gives its windows")
+    else:
+        geometry = geometry_from_model(model)
+    compression = None
+    if from_json is not None:
+        compression = compression_from_json(from_json)
+    elif method is not None:
+        compression = compression_rule(method, bits, geometry.key_dim, geometry.value_dim, group_size)
+    if json_path is not None and str(json_path) != "-":
+        check_writable(json_path, force)
+    report = budget(geometry, parse_contexts(context), batch, compression)
+    if str(json_path) == "-":
+        out.print_json(json.dumps(report))
+        return
+    out.print(_table(report))
+    if json_path is not None:
+        write_json(json_path, report, force=force)
+        out.print(f"wrote {json_path}")
+
+
+def _table(report: dict) -> Table:
+    geo, comp, batch = report["geometry"], report["compressed"], report["batch"]
+    heads = sorted(set(geo["kv_heads"]))
+    windows = [w for w in geo["windows"] if w is not None]
+    title = (f"KV cache of {geo['name']}: {geo['num_layers']} layers x "
+             f"{'/'.join(map(str, heads))} KV heads x head_dim {geo['key_dim']}"
+             + (f"/{geo['value_dim']}" if geo["value_dim"] != geo["key_dim"] else "")
+             + (f", {len(windows)} layers capped at {max(windows)} tokens" if windows else "")
+             + f", batch {batch}")
+    caption = (f"Per token before window caps: fp16 {human_bytes(report['fp16']['bytes_per_token'])}"
+               + (f"; {comp['method']} {human_bytes(comp['bytes_per_token'])} (K {comp['k_bits']:.3g} + "
+                  f"V {comp['v_bits']:.3g} bits per entry"
+                  + (f", last {comp['fp16_tokens']} tokens in fp16" if comp["fp16_tokens"] else "")
+                  + ("" if comp["source"] == "rule" else f", measured in {comp['source']}") + ")"
+                  if comp else "")
+               + ". KB/MB/GB = 10^3/10^6/10^9 bytes.")
+    table = Table(title=title, caption=caption)
+    table.add_column("context", justify="right")
+    table.add_column("fp16 /token", justify="right")
+    table.add_column("fp16 /seq", justify="right")
+    table.add_column(f"fp16 x{batch}", justify="right")
+    if comp:
+        table.add_column(f"{comp['method']} /seq", justify="right")
+        table.add_column(f"{comp['method']} x{batch}", justify="right")
+        table.add_column("saving", justify="right")
+    for row in report["contexts"]:
+        fp16, small = row["fp16"], row["compressed"]
+        cells = [f"{row['context']:,}", human_bytes(fp16["per_token"]), human_bytes(fp16["per_sequence"]),
+                 human_bytes(fp16["total"])]
+        if small:
+            cells += [human_bytes(small["per_sequence"]), human_bytes(small["total"]), f"{row['ratio']:.2f}x"]
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,91 @@
+"""``kvc check``: gate kvc results on a policy (limits, KV budget, physical memory, baseline)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ...ci import check as lib
+from ...ci.budget import geometry_from_model
+from ..console import err, out
+from ...errors import KvcError
+from ...io.safetensors import check_writable, write_json, write_text
+
+NAME = "check"
+
+
+def command(
+    results: Optional[List[Path]] = typer.Argument(None, metavar="RESULTS.json", help="kvc compress --json files (or kvc check --json reports); none: run the policy's \\[run] table."),
+    policy_path: Path = typer.Option(..., "--policy", help="Policy file (TOML): limits, budget, memory and baseline tolerances, run."),
+    baseline_path: Optional[Path] = typer.Option(None, "--baseline", help="A kvc check --json report to compare against."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per check)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table for a pull-request comment."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (usable as a --baseline)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output files."),
+) -> int:
+    """Check results against a policy: exit 0 pass, 1 regression, 2 usage error."""
+    start = time.perf_counter()
+    policy = lib.load_policy(policy_path)
+    baseline = lib.parse_baseline(_read_json(baseline_path, "baseline "), str(baseline_path)) if baseline_path else None
+    for path in (junit, markdown, json_path):
+        if path is not None:
+            check_writable(path, force)
+    geometry = None  # resolved before a long run, so a bad model fails fast
+    if policy.budget is not None:
+        model = policy.budget.model or (policy.run.model if policy.run else None)
+        geometry = geometry_from_model(model)
+    if results:
+        loaded = [r for path in results for r in lib.parse_results(_read_json(path), str(path))]
+    elif policy.run is not None:
+        with tempfile.TemporaryDirectory(prefix="kvc-check-") as workdir, err.status("") as status:
+            loaded = [lib.run_policy(policy.run, Path(workdir), status.update)]
+    else:
+        raise KvcError(f"nothing to evaluate: give kvc results files or a [run] table in {policy_path}")
+    checks = lib.evaluate(loaded, policy, baseline, geometry)
+    if not checks:
+        raise KvcError(f"{policy_path} checks nothing on these results: give limits, a [budget], a "
+                       "--baseline, or results with physical memory figures")
+    out.print(_table(checks))
+    for line in filter(None, map(lib.memory_line, loaded)):
+        out.print(escape(line))
+    if json_path is not None:
+        write_json(json_path, lib.report(loaded, checks, str(policy_path)), force=force)
+    if junit is not None:
+        write_text(junit, lib.render_junit(checks, time.perf_counter() - start), force=force)
+    if markdown is not None:
+        write_text(markdown, lib.render_markdown(loaded, checks), force=force)
+    failed = sum(not c.passed for c in checks)
+    out.print(f"[bold red]FAIL[/]: {failed} of {len(checks)} checks failed" if failed
+              else f"[bold green]PASS[/]: {len(checks)} checks")
+    return 1 if failed else 0
+
+
+def _read_json(path: Path, role: str = "") -> object:
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise KvcError(f"{role}{path}: cannot read it ({error.strerror})") from error
+    except ValueError as error:
+        raise KvcError(f"{role}{path}: not valid JSON ({error})") from error
+
+
+def _table(checks: list[lib.Check]) -> Table:
+    """One row per check; the result column only when several results are checked."""
+    labels = list(dict.fromkeys(c.result for c in checks))
+    table = Table(title="kvc check" + (f": {labels[0]}" if len(labels) == 1 else ""))
+    columns = (("result", "left"),) * (len(labels) > 1) + (
+        ("check", "left"), ("value", "right"), ("expected", "left"), ("status", "center"), ("detail", "left"))
+    for column, justify in columns:
+        table.add_column(column, justify=justify)
+    for c in checks:
+        cells = [escape(c.name), lib.format_value(c), escape(c.expected),
+                 "[green]pass[/]" if c.passed else "[bold red]FAIL[/]", escape(c.detail)]
+        table.add_row(*([escape(c.result)] if len(labels) > 1 else []), *cells)
+    return table

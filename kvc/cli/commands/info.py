@@ -1,0 +1,64 @@
+"""``kvc info``: metadata and tensor table of any kvc file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ...io.capture import FORMAT, CaptureMeta
+from ..console import human_bytes, out
+from ...errors import KvcError
+from ...io.safetensors import open_safetensors
+
+
+def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """Metadata and {tensor: (shape, dtype)} of a kvc safetensors file, checked to be one of ours."""
+    handle, meta, keys = open_safetensors(path)
+    shapes = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in keys}
+    if not str(meta.get("format", "")).startswith("kvc-"):
+        raise KvcError(f"{path} is a safetensors file but not a kvc file (no 'format: kvc-*' metadata)")
+    if meta["format"] == FORMAT:
+        CaptureMeta.from_strings(meta, str(path))  # checks the version and the required keys
+    return meta, shapes
+
+
+NAME = "info"
+
+
+def command(path: Path = typer.Argument(..., help="A kvc file (capture or compressed)."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Print the metadata and the tensor table of a kvc file."""
+    meta, shapes = read_kvc_header(path)
+    if as_json:
+        out.print_json(json.dumps({"metadata": meta, "tensors": {
+            k: {"shape": s, "dtype": d} for k, (s, d) in shapes.items()}}))
+        return
+    table = Table(title=f"{path}: metadata", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key in sorted(meta):
+        value = meta[key]
+        table.add_row(key, value if len(value) <= 400 else value[:400] + " ...")
+    out.print(table)
+    tensors = Table(title="tensors")
+    for col in ("name", "shape", "dtype", "size"):
+        tensors.add_column(col, justify="right" if col == "size" else "left")
+    item = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    total = 0
+    for name in sorted(shapes, key=_natural):
+        shape, dtype = shapes[name]
+        size = item.get(dtype, 0)
+        for s in shape:
+            size *= s
+        total += size
+        tensors.add_row(name, "x".join(map(str, shape)) or "scalar", dtype, human_bytes(size))
+    tensors.add_row("total", "", "", human_bytes(total), style="bold")
+    out.print(tensors)
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]

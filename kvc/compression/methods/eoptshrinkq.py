@@ -1,0 +1,19 @@
+"""eOptShrinkQ (Su, arXiv:2605.02905): eOptShrink low-rank part + TurboQuant-mse residual (spec 1)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ...analysis.rmt import Shrinkage
+from ..lowrank import LowRankQuant
+
+
+class EOptShrinkQ(LowRankQuant):
+    """Blocks of --block tokens: eOptShrinkQ rank, Frobenius-optimal shrunk singular values phi."""
+
+    name = "eoptshrinkq"
+    summary = "eOptShrink low-rank (shrunk, 4-bit factors) + TurboQuant-mse residual"
+    paper = "Su, eOptShrinkQ: Near-Lossless KV Cache Compression, arXiv:2605.02905"
+
+    def weights(self, shrinkage: Shrinkage) -> Tensor:
+        return shrinkage.phi  # phi = d_hat sqrt(a1 a2), eOptShrinkQ Alg. 3 (spec 1.5)

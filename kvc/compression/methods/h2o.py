@@ -1,0 +1,39 @@
+"""H2O (Zhang et al., NeurIPS 2023, arXiv:2306.14048): heavy hitters + recent tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ...errors import KvcError
+from ..protocol import LayerKV, option
+from ..eviction import BudgetEvictor, attention_mass, grouped_queries, recent, topk_keep
+
+
+class H2O(BudgetEvictor):
+    """Keep the recent window plus the tokens with the largest accumulated causal attention.
+
+    One-shot (prefill) form, as in KVCache-Factory: scores sum the softmax rows of all captured
+    queries; ``--recent`` is the share of the budget given to the most recent tokens (the original
+    scripts' heavy_ratio 0.1 + recent_ratio 0.1 is ``--budget 0.2 --recent 0.5``).
+    """
+
+    name = "h2o"
+    summary = "eviction: heavy hitters by accumulated attention + recent window"
+    paper = "Zhang et al., H2O: Heavy-Hitter Oracle, arXiv:2306.14048"
+
+    @dataclass
+    class Options(BudgetEvictor.Options):
+        recent: float = option(0.5, "share of the budget kept as the most recent tokens")
+
+    def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
+        if not 0 <= self.options.recent <= 1:
+            raise KvcError(f"{self.name}: --recent must lie in [0, 1], got {self.options.recent}")
+
+    def select(self, layer: LayerKV) -> Tensor:
+        count = self.count(layer)
+        scores = attention_mass(grouped_queries(layer), layer.k, layer.q_positions, layer.attention)
+        window = recent(layer.shape[2], round(self.options.recent * count), scores.device)
+        return topk_keep(scores.masked_fill(window, float("inf")), count)  # H2O sec. 3.2: heavy + recent

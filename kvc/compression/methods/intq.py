@@ -1,0 +1,68 @@
+"""int-B baseline: uniform B-bit integers per token (over the channels) or per channel (over tokens).
+
+Asymmetric (default): min/max with fp16 scale and zero point per vector, 2^B levels (as KIVI with one
+group per vector). ``--symmetric``: absmax scale only, 2^B - 1 levels around an exact zero (B >= 2).
+A vector is one token's D channels (``--axis token``) or one channel's T tokens (``--axis channel``)
+of one sequence and head. Bits per entry: B + 32/L (asymmetric) or B + 16/L (symmetric).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...errors import KvcError
+from ...quant.options import int_option
+from ...quant.packing import check_code_bits, pack_codes, unpack_codes
+from ...quant.uniform import minmax_dequantize, minmax_quantize, symmetric_dequantize, symmetric_quantize
+from ..protocol import LayerKV, TensorCompressor, option
+
+
+class IntQuant(TensorCompressor):
+    name = "int"
+    summary = "uniform B-bit integers per token or per channel, asymmetric (min/max) or symmetric"
+    paper = "baseline (round-to-nearest integer quantization)"
+
+    @dataclass
+    class Options(TensorCompressor.Options):
+        bits: int = option(4, "bits per entry, 1..8 (2..8 with --symmetric)")
+        axis: str = option("token", "one scale per token (over channels) or per channel (over tokens)",
+                           ("token", "channel"))
+        symmetric: bool = option(False, "symmetric absmax scale, no zero point")
+
+    def _check(self) -> int:
+        o = self.options
+        if o.axis not in ("token", "channel"):
+            raise KvcError(f"int --axis must be token or channel, got {o.axis!r}")
+        return int_option("int", "bits", o.bits, 2 if o.symmetric else 1, 8)
+
+    def validate(self, layer: LayerKV) -> None:
+        self._check()
+
+    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+                      ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
+        bits = self._check()
+        o = self.options
+        xv = x.transpose(-1, -2) if o.axis == "channel" else x
+        if o.symmetric:
+            codes, scale = symmetric_quantize(xv, bits)
+            arrays = {"codes": pack_codes(codes, bits), "scale": scale}
+        else:
+            codes, scale, zero = minmax_quantize(xv, bits)
+            arrays = {"codes": pack_codes(codes, bits), "scale": scale, "zero": zero}
+        check_code_bits(f"int{bits}", [arrays["codes"]], x.numel(), bits)
+        return arrays, {"bits": bits, "axis": o.axis, "symmetric": bool(o.symmetric)}, None
+
+    def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,
+                      shape: tuple[int, ...]) -> Tensor:
+        S, H, T, D = shape
+        vshape = (S, H, D, T) if meta["axis"] == "channel" else (S, H, T, D)
+        codes = unpack_codes(arrays["codes"], meta["bits"], vshape)
+        if meta["symmetric"]:
+            xv = symmetric_dequantize(codes, arrays["scale"], meta["bits"])
+        else:
+            xv = minmax_dequantize(codes, arrays["scale"], arrays["zero"])
+        return xv.transpose(-1, -2) if meta["axis"] == "channel" else xv

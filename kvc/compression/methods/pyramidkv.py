@@ -1,0 +1,42 @@
+"""PyramidKV (Cai et al. 2024, arXiv:2406.02069): SnapKV scoring with budgets decreasing with depth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import KvcError
+from ..protocol import LayerKV, option
+from .snapkv import SnapKV
+
+
+class PyramidKV(SnapKV):
+    """SnapKV with a linear per-layer budget; ``--budget`` is the average over the layers.
+
+    KVCache-Factory's integer rule, with C the average budget, w the window, L layers:
+    min = (C - w) // beta, max = 2(C - w) - min, layer l keeps max - l * ((max - min) // (L - 1)) + w.
+    Falls back to SnapKV's budget C when max > T - w (the pyramid would not fit) or L = 1.
+    """
+
+    name = "pyramidkv"
+    summary = "eviction: SnapKV votes with a pyramid of per-layer budgets"
+    paper = "Cai et al., PyramidKV: Dynamic KV Cache Compression, arXiv:2406.02069"
+
+    @dataclass
+    class Options(SnapKV.Options):
+        beta: int = option(20, "pyramid steepness: the last layer keeps (C - w) / beta + w")
+
+    def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
+        if self.options.beta < 1:
+            raise KvcError(f"{self.name}: --beta must be >= 1, got {self.options.beta}")
+        if not 0 <= layer.layer < layer.num_layers:
+            raise KvcError(f"{self.name}: layer {layer.layer} outside 0..{layer.num_layers - 1}")
+
+    def count(self, layer: LayerKV) -> int:
+        C, T, L = super().count(layer), layer.shape[2], layer.num_layers
+        window = min(self.options.window, C)
+        lo = (C - window) // self.options.beta  # PyramidKV sec. 3.3 / KVCache-Factory pyramidkv_utils
+        hi = 2 * (C - window) - lo
+        if L == 1 or hi > T - window:
+            return C
+        return hi - layer.layer * ((hi - lo) // (L - 1)) + window

@@ -1,0 +1,49 @@
+"""SnapKV (Li et al. 2024, arXiv:2404.14469): votes of an observation window of the last queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...errors import KvcError
+from ..protocol import LayerKV, option
+from ..eviction import BudgetEvictor, attention_mass, avg_pool, grouped_queries, topk_keep
+
+
+class SnapKV(BudgetEvictor):
+    """Keep the observation window (last ``--window`` tokens) plus the top keys by its pooled attention.
+
+    Scores: causal attention of the window's queries summed over the window, averaged over the query
+    group (kvpress), average-pooled with ``--kernel`` over the tokens before the window. When the
+    budget is smaller than the window, the window shrinks to the budget.
+    """
+
+    name = "snapkv"
+    summary = "eviction: observation-window attention votes, pooled"
+    paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, arXiv:2404.14469"
+
+    @dataclass
+    class Options(BudgetEvictor.Options):
+        window: int = option(64, "observation window: the last queries that vote, kept themselves")
+        kernel: int = option(5, "average-pooling kernel over the votes (odd)")
+
+    def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
+        if self.options.window < 1:
+            raise KvcError(f"{self.name}: --window must be >= 1, got {self.options.window}")
+        if self.options.kernel < 1 or self.options.kernel % 2 == 0:
+            raise KvcError(f"{self.name}: --kernel must be a positive odd number, got {self.options.kernel}")
+
+    def select(self, layer: LayerKV) -> Tensor:
+        """keep [S, H, T]: the last min(window, count) tokens + the top rest by pooled window votes."""
+        T, count = layer.shape[2], self.count(layer)
+        window = min(self.options.window, count)
+        observing = layer.q_positions >= T - window
+        if not bool(observing.any()):
+            raise KvcError(f"{self.name}: the capture has no queries in the last {window} positions")
+        q = grouped_queries(layer)[..., observing.to(layer.q.device), :]
+        votes = attention_mass(q, layer.k, layer.q_positions[observing], layer.attention)[..., : T - window]
+        prefix = topk_keep(avg_pool(votes, self.options.kernel), count - window)  # SnapKV Alg. 1
+        return torch.cat([prefix, prefix.new_ones(*prefix.shape[:-1], window)], dim=-1)

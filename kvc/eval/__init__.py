@@ -1,0 +1,1 @@
+"""A method's compressed cache inside the model: perplexity and needle retrieval."""

@@ -1,0 +1,1 @@
+"""File formats: the capture and compressed safetensors files, atomic writes."""

@@ -1,0 +1,158 @@
+"""Atomic file output and a streaming safetensors writer.
+
+Every file kvc writes goes to a temporary file beside the target and is renamed into place only
+when complete, so a crash never leaves a half-written file under the target name. An existing
+target is only replaced when the caller passes ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from ..errors import KvcError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def check_writable(path: Path, force: bool) -> None:
+    """Refuse to overwrite an existing file without --force; make sure the folder exists."""
+    if path.exists() and not force:
+        raise KvcError(f"{path} already exists; pass --force to overwrite it")
+    if path.is_dir():
+        raise KvcError(f"{path} is a directory, not a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
+    path = Path(path)
+    check_writable(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp_path.chmod(0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str, force: bool = False) -> None:
+    with atomic_path(path, force) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj, force: bool = False) -> None:
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", force)
+
+
+def emit_json(path: str | None, obj, force: bool = False, indent: int | None = 2) -> None:
+    """``--json PATH``: '-' prints ``obj`` on stdout (the tables went to stderr), a path writes it
+    atomically, None does nothing."""
+    if path == "-":
+        sys.stdout.write(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+    elif path is not None:
+        write_json(path, obj, force)
+
+
+def save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], force=False):
+    """Write a whole safetensors file atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, force) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file whose tensor shapes are known in advance, one slice at a time.
+
+    The header is laid out first (safetensors format: u64 header length, JSON header, data), the
+    file is sized, and each ``write(name, start, rows)`` puts rows [start, start+len) of a tensor's
+    first dimension at their final offset. Use as a context manager: the file appears under its
+    name only when the block exits without error.
+    """
+
+    def __init__(self, path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str], force: bool = False):
+        self.path = Path(path)
+        self.force = force
+        header: dict = {"__metadata__": dict(metadata)}
+        self.offsets: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name in sorted(specs):
+            dtype, shape = specs[name]
+            nbytes = _numel(shape) * _itemsize(dtype)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self.offsets[name] = (offset, dtype, tuple(shape))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.header = len(blob).to_bytes(8, "little") + blob
+        self.data_bytes = offset
+        self._ctx = None
+        self._file = None
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        self._ctx = atomic_path(self.path, self.force)
+        tmp = self._ctx.__enter__()
+        self._file = open(tmp, "r+b")
+        self._file.write(self.header)
+        self._file.truncate(len(self.header) + self.data_bytes)
+        return self
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        offset, dtype, shape = self.offsets[name]
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:] or start + rows.shape[0] > shape[0]:
+            raise ValueError(f"slice {tuple(rows.shape)} {rows.dtype} does not fit {name} {shape} {dtype}")
+        row_bytes = _numel(shape[1:]) * _itemsize(dtype)
+        self._file.seek(len(self.header) + offset + start * row_bytes)
+        self._file.write(rows.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+    def __exit__(self, exc_type, exc, tb):
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def open_safetensors(path: Path):
+    """(handle, metadata, tensor names) of a safetensors file; a missing, foreign or truncated file
+    is a KvcError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise KvcError(f"{path}: no such file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        return handle, handle.metadata() or {}, set(handle.keys())
+    except Exception as err:  # safetensors raises its own error types for foreign/truncated files
+        raise KvcError(f"{path} is not a readable safetensors file ({err})") from err

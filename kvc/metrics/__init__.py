@@ -1,0 +1,1 @@
+"""Fidelity of a compressed KV cache: tensor and attention metrics."""
