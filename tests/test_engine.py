@@ -188,15 +188,23 @@ def test_pareto_and_bit_saving():
 
 def test_sweep_writes_json_and_plots(run, synth_capture, tmp_path):
     capture = synth_capture(num_layers=1, num_kv_heads=1, num_heads=2, head_dim=64, seq_len=256)
-    methods = [m for m in ("eoptshrinkq", "turboquant", "fp16") if m in METHODS]
+    methods = ["eoptshrinkq", "turboquant", "fp16"]
+    assert set(methods) <= set(METHODS)
     out_dir = tmp_path / "sweep"
     code, out, err = run("sweep", capture, "--methods", ",".join(methods), "--bits", "2,3",
                          "--out-dir", out_dir, "--device", "cpu", "--query-stride", "4")
     assert code == 0, err
     report = json.loads((out_dir / "sweep.json").read_text())
     assert (out_dir / "pareto_mse_rel.png").stat().st_size > 0
-    if "fp16" in methods:
-        assert any(s["method"] == "fp16" for s in report["skipped"]) and "fp16 has no --bits" in err
-    if {"eoptshrinkq", "turboquant"} <= set(methods):
-        assert set(report["savings"]["eoptshrinkq_vs_turboquant"]) == {"k_pre", "k", "v"}
-        assert "saving" in out or "no equal-mse point" in out
+    assert any(s["method"] == "fp16" for s in report["skipped"]) and "fp16 has no --bits" in err
+    savings = report["savings"]["eoptshrinkq_vs_turboquant"]
+    assert set(savings) == {"k_pre", "k", "v"}
+    printed = " ".join(out.split())
+    for rows in savings.values():
+        for row in rows:
+            if row["saving"] is None:
+                assert row["outside"] in ("lower", "higher")
+            else:
+                assert row["saving"] == pytest.approx(row["reference_bits_per_entry"] - row["bits_per_entry"])
+                assert f"saving {row['saving']:+.3f} bits per entry" in printed
+    assert savings["k_pre"][0]["saving"] > 0  # spiked keys: eoptshrinkq's low-rank part pays at 2 bits
