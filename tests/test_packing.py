@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -48,16 +49,16 @@ def test_signs():
 
 
 def test_bad_input_fails_loudly():
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="^codes out of range for 2-bit packing$"):
         pack_codes(torch.tensor([4]), 2)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="^codes out of range for 2-bit packing$"):
         pack_codes(torch.tensor([-1]), 2)
     for bits in (0, 9, 2.0, True):
-        with pytest.raises(KvcError):
+        with pytest.raises(KvcError, match=rf"^bit width must be an integer in 1\.\.8, got {re.escape(str(bits))}$"):
             pack_codes(torch.tensor([0]), bits)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="^pack_codes needs an integer tensor$"):
         pack_codes(torch.tensor([0.5]), 2)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape("packed buffer must be 1-D uint8 of 4 bytes, got (3,) torch.uint8")):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 2, (16,))  # 16 codes * 2 bits = 4 bytes
 
 

@@ -54,7 +54,7 @@ def test_orthogonal_sketch_structure():
         blk = s[a:b]
         assert torch.allclose(blk @ blk.T, 16 * torch.eye(b - a, dtype=torch.float64), atol=1e-10)
     assert torch.equal(s, qjl_sketch(16, 40, 0, orthogonal=True, dtype=torch.float64))
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="^sketch dimension must be a positive integer, got 0$"):
         qjl_sketch(16, 0, 0)
 
 
