@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -153,11 +155,15 @@ def test_bits_are_kept_fraction_times_16_plus_indices(method):
     assert (dec.v[~dec.keep] == 0).all()
 
 
-@pytest.mark.parametrize("method,params", [
-    ("h2o", {"budget": 0.0}), ("snapkv", {"budget": 1.5}), ("snapkv", {"kernel": 4}),
-    ("streamingllm", {"sinks": -1}), ("pyramidkv", {"beta": 0}), ("gvote", {"nucleus": 0.0}),
-    ("gvote", {"samples": 0}),
+@pytest.mark.parametrize("method,params,message", [
+    ("h2o", {"budget": 0.0}, "h2o: --budget must lie in (0, 1], got 0.0"),
+    ("snapkv", {"budget": 1.5}, "snapkv: --budget must lie in (0, 1], got 1.5"),
+    ("snapkv", {"kernel": 4}, "snapkv: --kernel must be a positive odd number, got 4"),
+    ("streamingllm", {"sinks": -1}, "streamingllm: --sinks and --window must be >= 0"),
+    ("pyramidkv", {"beta": 0}, "pyramidkv: --beta must be >= 1, got 0"),
+    ("gvote", {"nucleus": 0.0}, "gvote: --nucleus must lie in (0, 1], got 0.0"),
+    ("gvote", {"samples": 0}, "gvote: --samples must be >= 1, got 0"),
 ])
-def test_impossible_options_fail(method, params):
-    with pytest.raises(KvcError):
+def test_impossible_options_fail(method, params, message):
+    with pytest.raises(KvcError, match=f"^{re.escape(message)}$"):
         build(method, **params).validate(random_layer())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -81,8 +82,12 @@ def test_disk_cache(tmp_path, monkeypatch):
 
 
 def test_bad_codebook_requests():
-    for d, b in [(1, 2), (128, 0), (128, 9), (128, 2.0), (True, 2)]:
-        with pytest.raises(KvcError):
+    for d, b, message in [(1, 2, "codebook dimension must be an integer >= 2, got 1"),
+                          (128, 0, "codebook bit width must be an integer in 1..8, got 0"),
+                          (128, 9, "codebook bit width must be an integer in 1..8, got 9"),
+                          (128, 2.0, "codebook bit width must be an integer in 1..8, got 2.0"),
+                          (True, 2, "codebook dimension must be an integer >= 2, got True")]:
+        with pytest.raises(KvcError, match=f"^{re.escape(message)}$"):
             beta_codebook(d, b)
 
 
@@ -100,11 +105,12 @@ def test_fit_codebook_recovers_clusters_and_weights():
     # 1-bit Lloyd on a symmetric uniform sample: +-1/2 of the half range
     u = torch.linspace(-1, 1, 10001)
     assert torch.allclose(fit_codebook(u, 1).float(), torch.tensor([-0.5, 0.5]), atol=1e-3)
-    with pytest.raises(KvcError):
+    bad_input = "^fit_codebook needs non-empty samples and matching non-negative weights with a positive sum$"
+    with pytest.raises(KvcError, match=bad_input):
         fit_codebook(torch.tensor([]), 2)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=bad_input):
         fit_codebook(x, 2, -w)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="^fit_codebook samples contain NaN or inf$"):
         fit_codebook(torch.tensor([0.0, float("nan")]), 1)
 
 
