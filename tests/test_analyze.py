@@ -50,6 +50,7 @@ def test_json_report_finds_planted_outliers(run, tmp_path, synth):
         assert rec["skipped"] is None and len(rec["channel_kurtosis"]) == 64
         if rec["tensor"] in ("k_pre", "v"):  # synth scales these channels of k_pre and v
             assert rec["outlier_channels"] == PLANTED
+    assert sorted(rec["tensor"] for rec in heads) == sorted(["k_pre", "k", "v"] * 4)
     summary = report["summary"]
     assert summary["tensors"]["v"]["records_with_outliers"] == 4
     assert summary["tensors"]["v"]["top_outlier_channels"] == [[3, 4], [17, 4]]
@@ -61,6 +62,7 @@ def test_planted_band_is_one_band_and_isolated_outliers_stay_outliers(run, tmp_p
     band = list(range(40, 48))
     report, stdout = _report(run, tmp_path, synth("--outlier-channels", ",".join(map(str, [3, 17] + band)),
                                                   "--outlier-scale", 12))
+    assert sorted(rec["tensor"] for rec in report["heads"]) == sorted(["k_pre", "k", "v"] * 4)
     for rec in report["heads"]:
         if rec["tensor"] in ("k_pre", "v"):
             assert rec["outlier_channels"] == PLANTED and rec["bands"] == [[40, 47]], rec["tensor"]
@@ -85,6 +87,7 @@ def test_planted_band_is_one_band_and_isolated_outliers_stay_outliers(run, tmp_p
 def test_json_report_recovers_the_planted_rank(run, tmp_path, synth):
     capture = synth()
     report, _ = _report(run, tmp_path, capture, "--per-seq")
+    assert sorted(rec["tensor"] for rec in report["heads"]) == sorted(["k_pre", "k", "v"] * 8)  # x 2 seqs
     for rec in report["heads"]:
         if rec["tensor"] in ("k_pre", "v"):  # rank 3 per sequence; bulk edge between y_3 and y_4
             assert rec["rank"] == 3 and rec["outlier_channels"] == []

@@ -128,8 +128,12 @@ def test_cuda_without_gpu(run, tmp_path):
 
 
 def test_bad_options(run, tmp_path):
-    _one_line_exit_2(run("capture", "--batch-size", "0", "-o", tmp_path / "o"), "--batch-size")
-    _one_line_exit_2(run("capture", "--dtype", "int3", "-m", str(tmp_path / "nope"), "-o", tmp_path / "o"))
+    _one_line_exit_2(run("capture", "--batch-size", "0", "-o", tmp_path / "o"), "--batch-size must be >= 1")
+    model_dir = tmp_path / "config-only"  # a config and no weights: --dtype is refused before any load
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    _one_line_exit_2(run("capture", "--dtype", "int3", "-m", model_dir, "-o", tmp_path / "o"),
+                     "--dtype must be one of auto, float32, bfloat16, float16, not 'int3'")
 
 
 def test_foreign_truncated_and_versioned_files(run, synth_capture, tmp_path):

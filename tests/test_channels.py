@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 import pytest
@@ -58,9 +59,9 @@ def test_topk_mode_and_bad_arguments():
     assert not outlier_mask(rms, topk=0).any()
     # medians 5 and 2.5 (means of the two middle values): thresholds 7.5 and 3.75
     assert outlier_mask(rms, factor=1.5).tolist() == [[False, True, False, True], [True, False, False, False]]
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape("--outlier-topk must lie in 0..4, got 5")):
         outlier_mask(rms, topk=5)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape("--outlier-factor must be > 0, got 0")):
         outlier_mask(rms, factor=0)
 
 

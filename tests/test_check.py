@@ -287,12 +287,14 @@ def test_reports_are_results_too(run, tmp_path):
 
 
 def test_peak_memory_sees_tensor_allocations():
+    try:  # the system, not the code under test, decides whether the high-water mark can be reset
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("no writable /proc/self/clear_refs on this system")
     with peak_memory(torch.device("cpu")) as peak:
         block = torch.ones(16_000_000)  # 64 MB: tracemalloc would not see it
         block += 1
     del block
-    if peak.method is None:
-        pytest.skip("no /proc/self/clear_refs on this system")
     assert peak.method == "rss_high_water_mark" and 60e6 < peak.bytes < 200e6
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -116,10 +117,14 @@ def test_eoptshrinkq_beats_turboquant_by_the_predicted_margin():
     assert mse < tq[3]  # 2-bit residual + factors (~2.33 bpe) beats plain 3-bit TurboQuant
 
 
-@pytest.mark.parametrize("params", [{"bits": 0}, {"factor_bits": 9}, {"block": 2}, {"block": 0}])
-def test_impossible_options_fail(params):
+@pytest.mark.parametrize("params,message", [
+    ({"bits": 0}, "--bits must be an integer in 1..8, got 0"),
+    ({"factor_bits": 9}, "--factor-bits must be an integer in 1..8, got 9"),
+    ({"block": 2}, "--block 2 at head_dim 64: min(n, d) = 2: the eoptshrinkq rank rule needs at least 3"),
+    ({"block": 0}, "--block must be >= 1, got 0")])
+def test_impossible_options_fail(params, message):
     x = spiked(1, 128, 64, [])
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape(message)):
         build("eoptshrinkq", keys="post", **params).validate(layer_of(x, x))
 
 

@@ -73,7 +73,7 @@ def test_index_dtype_and_seed_array():
 def test_check_code_bits():
     codes = pack_codes(torch.zeros(100, dtype=torch.long), 3)
     check_code_bits("x", [codes], 100, 3)
-    with pytest.raises(MethodFailure):
+    with pytest.raises(MethodFailure, match=r"^x: codes take 3\.0400 bits per entry, asked for 2$"):
         check_code_bits("x", [codes], 100, 2)
-    with pytest.raises(MethodFailure):
+    with pytest.raises(MethodFailure, match=r"^x: codes take 3\.0400 bits per entry, asked for 4$"):
         check_code_bits("x", [codes], 100, 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -52,16 +53,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
-def test_registry_and_options():
+@pytest.mark.parametrize("name", QUANT_METHODS)
+def test_registry_and_options(name):
     methods = available()
-    for name in QUANT_METHODS:
-        cls = methods[name]
-        assert issubclass(cls, TensorCompressor) and cls.summary and cls.paper
-        assert issubclass(cls.Options, TensorCompressor.Options)
-        for f in dataclasses.fields(cls.Options):
-            assert f.metadata.get("help"), (name, f.name)
-    assert build("kvquant").options.keys == "pre"
-    assert all(build(n).options.keys == "post" for n in QUANT_METHODS if n != "kvquant")
+    assert name in methods, sorted(methods)
+    cls = methods[name]
+    assert issubclass(cls, TensorCompressor) and cls.summary and cls.paper
+    assert issubclass(cls.Options, TensorCompressor.Options)
+    for f in dataclasses.fields(cls.Options):
+        assert f.metadata.get("help"), (name, f.name)
+    assert build(name).options.keys == ("pre" if name == "kvquant" else "post")
 
 
 # ------------------------------------------------------------------ turboquant
@@ -114,10 +115,16 @@ def test_turboquant_deterministic_under_seed(layer):
     assert a.arrays["k.p0.seed"].dtype == torch.int64 and a.arrays["k.p0.seed"].dim() == 0
 
 
-@pytest.mark.parametrize("opts", [dict(bits=0), dict(bits=5), dict(bits=4.5), dict(bits=0.5),
-                                  dict(bits=2.3), dict(variant="bad"), dict(rotation="dct")])
-def test_turboquant_bad_options(layer, opts):
-    with pytest.raises(KvcError):
+@pytest.mark.parametrize("opts,message", [
+    (dict(bits=0), "--bits must be between 1 and 4, got 0"),
+    (dict(bits=5), "--bits must be between 1 and 4, got 5"),
+    (dict(bits=4.5), "--bits must be between 1 and 4, got 4.5"),
+    (dict(bits=0.5), "--bits must be between 1 and 4, got 0.5"),
+    (dict(bits=2.3), "2.3 bits at d = 64 would need 19.2 channels at 3 bits"),
+    (dict(variant="bad"), "--variant must be one of mse, prod, got 'bad'"),
+    (dict(rotation="dct"), "--rotation must be one of haar, hadamard, got 'dct'")])
+def test_turboquant_bad_options(layer, opts, message):
+    with pytest.raises(KvcError, match=re.escape(message)):
         _run("turboquant", layer, **opts)
 
 
@@ -150,11 +157,15 @@ def test_kivi_2_gs32_r128_at_32k_is_3_05():
     assert enc.nbits() / (2 * x.numel()) == pytest.approx(3.05, abs=0.001)
 
 
-@pytest.mark.parametrize("opts,error", [(dict(group_size=128), KvcError), (dict(group_size=48), KvcError),
-                                        (dict(residual=128), MethodFailure), (dict(bits=0), KvcError),
-                                        (dict(residual=-1), KvcError), (dict(group_size=0), KvcError)])
-def test_kivi_bad_options(layer, opts, error):
-    with pytest.raises(error):
+@pytest.mark.parametrize("opts,error,message", [
+    (dict(group_size=128), KvcError, "--group-size 128 must divide the head dimension 64"),
+    (dict(group_size=48), KvcError, "--group-size 48 must divide the head dimension 64"),
+    (dict(residual=128), MethodFailure, "96 tokens leave no full group of 32 keys outside the fp16 window of 128"),
+    (dict(bits=0), KvcError, "--bits must be an integer in 1..8, got 0"),
+    (dict(residual=-1), KvcError, "--residual must be an integer >= 0, got -1"),
+    (dict(group_size=0), KvcError, "--group-size must be an integer >= 1, got 0")])
+def test_kivi_bad_options(layer, opts, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         _run("kivi", layer, **opts)
 
 
@@ -180,10 +191,14 @@ def test_qjl_round_trip_and_bits(layer, opts):
     assert _rel(dec.v, layer.v) < 0.2  # 2-bit min/max of Gaussian groups of 32: ~0.16
 
 
-@pytest.mark.parametrize("opts", [dict(sketch_dim=0), dict(group_size=128), dict(value_bits=9),
-                                  dict(outliers=64), dict(residual=96)])
-def test_qjl_bad_options(layer, opts):
-    with pytest.raises(KvcError):
+@pytest.mark.parametrize("opts,error,message", [
+    (dict(sketch_dim=0), KvcError, "--sketch-dim must be an integer >= 1, got 0"),
+    (dict(group_size=128), KvcError, "--group-size 128 must divide the head dimension 64"),
+    (dict(value_bits=9), KvcError, "--value-bits must be an integer in 1..8, got 9"),
+    (dict(outliers=64), KvcError, "--outliers 64 must be smaller than the head dimension 64"),
+    (dict(residual=96), MethodFailure, "no token of 96 is outside the fp16 window")])
+def test_qjl_bad_options(layer, opts, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         _run("qjl", layer, **opts)
 
 
@@ -230,15 +245,19 @@ def test_kvquant_fisher_proxy_changes_the_codebook(layer):
     assert a.shape == b.shape == (8,) and not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("opts", [dict(bits=0), dict(outlier_frac=0.6), dict(fisher="grad"), dict(keys="mid")])
-def test_kvquant_bad_options(layer, opts):
-    with pytest.raises(KvcError):
+@pytest.mark.parametrize("opts,message", [
+    (dict(bits=0), "--bits must be an integer in 1..8, got 0"),
+    (dict(outlier_frac=0.6), "--outlier-frac must be in [0, 0.5), got 0.6"),
+    (dict(fisher="grad"), "--fisher must be one of query, uniform, got 'grad'"),
+    (dict(keys="mid"), "--keys must be one of pre, post, got 'mid'")])
+def test_kvquant_bad_options(layer, opts, message):
+    with pytest.raises(KvcError, match=re.escape(message)):
         _run("kvquant", layer, **opts)
 
 
 def test_kvquant_needs_k_pre_for_pre(layer):
     no_pre = dataclasses.replace(layer, k_pre=None)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape("--keys pre needs k_pre, which this capture lacks")):
         build("kvquant").encode(no_pre)
 
 
@@ -255,9 +274,13 @@ def test_int_round_trip_and_bits(layer, opts, scale_count, params):
     assert _rel(dec.v, layer.v) < {2: 0.7, 3: 0.06, 4: 0.02, 8: 1e-4}[B]  # 2-bit symmetric: 3 levels
 
 
-@pytest.mark.parametrize("opts", [dict(bits=0), dict(bits=9), dict(bits=1, symmetric=True), dict(axis="head")])
-def test_int_bad_options(layer, opts):
-    with pytest.raises(KvcError):
+@pytest.mark.parametrize("opts,message", [
+    (dict(bits=0), "--bits must be an integer in 1..8, got 0"),
+    (dict(bits=9), "--bits must be an integer in 1..8, got 9"),
+    (dict(bits=1, symmetric=True), "--bits must be an integer in 2..8, got 1"),
+    (dict(axis="head"), "--axis must be one of token, channel, got 'head'")])
+def test_int_bad_options(layer, opts, message):
+    with pytest.raises(KvcError, match=re.escape(message)):
         _run("int", layer, **opts)
 
 
@@ -266,7 +289,7 @@ def test_fp8_round_trip_and_bits(layer, fmt, max_rel):
     _, enc, dec = _run("fp8", layer, format=fmt)
     assert enc.nbits() == 2 * (8 * N + 16 * S * H)
     assert _rel(dec.k, layer.k) < max_rel and _rel(dec.v, layer.v) < max_rel
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape("--format must be one of e4m3, e5m2, got 'e3m4'")):
         build("fp8", format="e3m4")
 
 

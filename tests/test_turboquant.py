@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import scipy.linalg
@@ -106,9 +107,9 @@ def test_zero_rows_and_norm_overflow():
     rot = make_rotation("haar", 16, 0)
     codes, norms = tq_mse_encode(x, 2, rot)
     assert torch.equal(tq_mse_decode(codes, norms, rot, tq_codebook(16, 2)), x)
-    with pytest.raises(MethodFailure):
+    with pytest.raises(MethodFailure, match=re.escape("row norm is NaN/Inf or exceeds the float16 range")):
         tq_mse_encode(torch.full((1, 16), 1e5), 2, rot)
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match=re.escape("codebook has 8 entries, expected 2**2")):
         tq_mse_encode(torch.randn(1, 16), 2, rot, tq_codebook(16, 3))
 
 
@@ -139,9 +140,9 @@ def test_fwht_matches_sylvester_hadamard():
     assert torch.allclose(fwht(x), x @ h, atol=1e-12)
     p = make_rotation("hadamard", 32, 1, dtype=torch.float64).dense()
     assert torch.allclose(p.abs(), torch.full((32, 32), 1 / math.sqrt(32), dtype=torch.float64))
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="needs a power-of-two length, got 12"):
         fwht(torch.randn(3, 12))
-    with pytest.raises(KvcError):
+    with pytest.raises(KvcError, match="unknown rotation 'dct'; valid: haar, hadamard"):
         make_rotation("dct", 8, 0)
 
 
