@@ -72,7 +72,8 @@ print(json.dumps({"kernels_dir": str(d.resolve()), "purelib": sysconfig.get_path
 """
 
 
-def test_wheel_installed_in_a_fresh_venv_finds_its_kernels(tmp_path):
+def test_wheel_installed_in_a_fresh_venv_finds_its_kernels(tmp_path, monkeypatch):
+    monkeypatch.delenv(sources.ENV_KERNELS_DIR, raising=False)  # compare with the repository's kernels/
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KVC_KERNELS_DIR", "PYTHONHOME")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     src = tmp_path / "src"  # a copy, so the build writes no build/ or egg-info into the repository
