@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU kernel benchmark: the same as ``kvc bench`` (one implementation, kvc/gpu/bench.py).
+"""GPU kernel benchmark: the same as ``kvc bench`` (one implementation: kvc/gpu/bench.py).
 
     python benchmarks/gpu_bench.py                         # synthetic 30 layers x 8k tokens, 2 bits
     python benchmarks/gpu_bench.py capture.safetensors --bits 3 --markdown

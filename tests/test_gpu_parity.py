@@ -8,7 +8,7 @@ Every parity test runs on two backends:
   tensors. It runs here, without a GPU: it checks the kernels' indexing, bit layout, butterfly
   order and float operations, and every wrapper of kvc.gpu.ops, against the CPU torch reference.
 
-The kernel entry points (``ops.*_kernel``) are called directly, so a failed self-check cannot hide a
+The kernel entry points (``kernels.*_kernel``) are called directly, so a failed self-check cannot hide a
 kernel behind the torch fallback. Inputs are fresh random draws each run (the seed is in every
 failure message); outputs are poisoned (NaN, 0xA5) before each launch; NaN never compares equal.
 """
@@ -23,9 +23,12 @@ import warnings
 
 import pytest
 import torch
+from rich.console import Console
 
+from kvc.cli.commands.bench import print_report
 from kvc.errors import KvcError, MethodFailure
-from kvc.gpu import ops, runtime, selfcheck
+from kvc.gpu import kernels, ops, runtime, selfcheck
+from kvc.gpu.bench import BenchResult, Row
 from kvc.gpu.selfcheck import compare_close, compare_equal, compare_tq_encode, sample_rows
 from kvc.quant.packing import pack_codes, unpack_codes
 from kvc.quant.rotation import make_rotation
@@ -53,7 +56,7 @@ def emulator():
 @pytest.fixture(params=["emulator", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request, monkeypatch):
     """(backend, device) with poisoned outputs; no self-check may fail during the test."""
-    monkeypatch.setenv(ops.ENV_POISON, "1")
+    monkeypatch.setenv(kernels.ENV_POISON, "1")
     selfcheck.reset()
     if request.param == "cuda":
         if not torch.cuda.is_available():
@@ -92,20 +95,20 @@ def test_tq_fused_encode_decode(backend, seed, d, bits):
     rot = make_rotation("hadamard", d, seed)
     cb = tq_codebook(d, bits)
     x = sample_rows((2, 3, 7, d), gen, device) * float(torch.rand(1, generator=gen) * 10 + 0.1)
-    want = ops.reference_tq_mse_encode_packed(x, bits, rot, cb)
+    want = kernels.reference_tq_mse_encode_packed(x, bits, rot, cb)
     norm32 = torch.linalg.vector_norm(x, dim=-1)
     # given the reference's norms: bit-identical codes and norms
-    got = ops.tq_encode_kernel(be, x, bits, rot, cb, "fused", norm_in=norm32, poison=True)
+    got = kernels.tq_encode_kernel(be, x, bits, rot, cb, "fused", norm_in=norm32, poison=True)
     assert compare_tq_encode(x, bits, rot, cb, got, want, strict=True) is None, f"seed {seed}"
     # the kernel's own norms: identical except ties at a decision boundary (a float32 reduction order)
-    got = ops.tq_encode_kernel(be, x, bits, rot, cb, "fused", poison=True)
+    got = kernels.tq_encode_kernel(be, x, bits, rot, cb, "fused", poison=True)
     problem = compare_tq_encode(x, bits, rot, cb, got, want, strict=False)
     assert problem is None, f"seed {seed}: {problem}"
     # decode of the reference codes: float tolerance (and NaN-free)
     packed, norms = want
     cb32 = cb.to(torch.float32)
-    x_ref = ops.reference_tq_mse_decode_packed(packed, bits, x.shape, norms, rot, cb32)
-    x_got = ops.tq_decode_kernel(be, packed, bits, x.shape, norms, rot, cb32, "fused", poison=True)
+    x_ref = kernels.reference_tq_mse_decode_packed(packed, bits, x.shape, norms, rot, cb32)
+    x_got = kernels.tq_decode_kernel(be, packed, bits, x.shape, norms, rot, cb32, "fused", poison=True)
     atol = 8 * EPS32 * norms.to(torch.float32)[..., None]
     assert compare_close("decoded", x_got, x_ref, atol) is None, f"seed {seed}"
 
@@ -117,9 +120,9 @@ def test_tq_fused_decode_is_bit_exact(backend, seed, d):
     rot = make_rotation("hadamard", d, seed)
     cb32 = tq_codebook(d, 3).to(torch.float32)
     x = sample_rows((3, 2, 9, d), _gen(seed), device)
-    packed, norms = ops.reference_tq_mse_encode_packed(x, 3, rot, cb32)
-    x_ref = ops.reference_tq_mse_decode_packed(packed, 3, x.shape, norms, rot, cb32)
-    x_got = ops.tq_decode_kernel(be, packed, 3, x.shape, norms, rot, cb32, "fused", poison=True)
+    packed, norms = kernels.reference_tq_mse_encode_packed(x, 3, rot, cb32)
+    x_ref = kernels.reference_tq_mse_decode_packed(packed, 3, x.shape, norms, rot, cb32)
+    x_got = kernels.tq_decode_kernel(be, packed, 3, x.shape, norms, rot, cb32, "fused", poison=True)
     assert compare_equal("decoded", x_got, x_ref) is None, f"seed {seed}"
 
 
@@ -129,15 +132,15 @@ def test_tq_rotated_mode(backend, seed, kind, d, bits):
     kernel: the same torch ops up to the rotation, so the codes are bit-identical."""
     be, device = backend
     rot = make_rotation(kind, d, seed)
-    assert ops.tq_plan(d, bits, rot) == "rotated"
+    assert kernels.tq_plan(d, bits, rot) == "rotated"
     cb = tq_codebook(d, bits)
     x = sample_rows((2, 2, 9, d), _gen(seed), device)
-    want = ops.reference_tq_mse_encode_packed(x, bits, rot, cb)
-    got = ops.tq_encode_kernel(be, x, bits, rot, cb, "rotated", poison=True)
+    want = kernels.reference_tq_mse_encode_packed(x, bits, rot, cb)
+    got = kernels.tq_encode_kernel(be, x, bits, rot, cb, "rotated", poison=True)
     assert compare_tq_encode(x, bits, rot, cb, got, want, strict=True) is None, f"seed {seed}"
     cb32 = cb.to(torch.float32)
-    x_ref = ops.reference_tq_mse_decode_packed(*want[:1], bits, x.shape, want[1], rot, cb32)
-    x_got = ops.tq_decode_kernel(be, want[0], bits, x.shape, want[1], rot, cb32, "rotated", poison=True)
+    x_ref = kernels.reference_tq_mse_decode_packed(*want[:1], bits, x.shape, want[1], rot, cb32)
+    x_got = kernels.tq_decode_kernel(be, want[0], bits, x.shape, want[1], rot, cb32, "rotated", poison=True)
     assert compare_equal("decoded", x_got, x_ref) is None, f"seed {seed}"
 
 
@@ -161,11 +164,11 @@ def test_tq_outlier_split_through_the_public_functions(backend, seed):
         packed, norms = ops.tq_mse_encode_packed(piece, b, rot, cb)
         if hasattr(be, "launches"):
             assert len(be.launches) > launches, "the public function did not use the kernel"
-        want = ops.reference_tq_mse_encode_packed(piece, b, rot, cb)
+        want = kernels.reference_tq_mse_encode_packed(piece, b, rot, cb)
         assert compare_tq_encode(piece, b, rot, cb, (packed, norms), want, strict=False) is None, f"seed {seed}"
         cb32 = cb.to(torch.float32)
         decoded.append(ops.tq_mse_decode_packed(want[0], b, piece.shape, want[1], rot, cb32))
-        decoded_ref.append(ops.reference_tq_mse_decode_packed(want[0], b, piece.shape, want[1], rot, cb32))
+        decoded_ref.append(kernels.reference_tq_mse_decode_packed(want[0], b, piece.shape, want[1], rot, cb32))
     full = torch.empty_like(x).scatter(-1, perm, torch.cat(decoded, -1))
     full_ref = torch.empty_like(x).scatter(-1, perm, torch.cat(decoded_ref, -1))
     assert compare_close("reassembled", full, full_ref, 8 * EPS32 * x.norm(dim=-1, keepdim=True)) is None
@@ -179,9 +182,9 @@ def test_tq_bad_norm_fails_like_the_reference(backend):
     x[1, 2, 3] = float("inf")
     x = x.to(device)
     with pytest.raises(MethodFailure, match="float16 range"):
-        ops.reference_tq_mse_encode_packed(x, 2, rot, cb)
+        kernels.reference_tq_mse_encode_packed(x, 2, rot, cb)
     with pytest.raises(MethodFailure, match="float16 range"):
-        ops.tq_encode_kernel(be, x, 2, rot, cb, "fused")
+        kernels.tq_encode_kernel(be, x, 2, rot, cb, "fused")
 
 
 # ----------------------------------------------------------------------------- scoring from packed codes
@@ -194,7 +197,7 @@ def _attention_case(seed, device, d, bits, kind="hadamard", Tq=3, T=133):
     S, H, G = 2, 2, 3
     shape = (S, H, T, d)
     k = sample_rows(shape, gen, device)
-    packed, norms = ops.reference_tq_mse_encode_packed(k, bits, rot, cb32)
+    packed, norms = kernels.reference_tq_mse_encode_packed(k, bits, rot, cb32)
     q = torch.randn(S, H * G, Tq, d, generator=gen).to(device)
     w = torch.softmax(torch.randn(S, H * G, Tq, T, generator=gen) * 2, dim=-1).to(device)
     return rot, cb32, shape, packed, norms, q, w
@@ -204,8 +207,8 @@ def _attention_case(seed, device, d, bits, kind="hadamard", Tq=3, T=133):
 def test_tq_score_from_packed_keys(backend, seed, d, bits):
     be, device = backend
     rot, cb32, shape, packed, norms, q, _ = _attention_case(seed, device, d, bits, Tq=7)
-    want = ops.reference_tq_score_packed(q, packed, bits, shape, norms, rot, cb32)
-    got = ops.tq_score_kernel(be, q, packed, bits, shape, norms, rot, cb32, poison=True)
+    want = kernels.reference_tq_score_packed(q, packed, bits, shape, norms, rot, cb32)
+    got = kernels.tq_score_kernel(be, q, packed, bits, shape, norms, rot, cb32, poison=True)
     G = q.shape[1] // shape[1]
     scale = q.norm(dim=-1, keepdim=True) * norms.float().repeat_interleave(G, 1)[:, :, None]
     assert compare_close("logits", got, want, 1e-5 * scale) is None, f"seed {seed}"
@@ -215,8 +218,8 @@ def test_tq_score_from_packed_keys(backend, seed, d, bits):
 def test_tq_value_from_packed_values(backend, seed, d, bits, kind):
     be, device = backend
     rot, cb32, shape, packed, norms, _, w = _attention_case(seed, device, d, bits, kind)
-    want = ops.reference_tq_value_packed(w, packed, bits, shape, norms, rot, cb32)
-    got = ops.tq_value_kernel(be, w, packed, bits, shape, norms, rot, cb32, poison=True)
+    want = kernels.reference_tq_value_packed(w, packed, bits, shape, norms, rot, cb32)
+    got = kernels.tq_value_kernel(be, w, packed, bits, shape, norms, rot, cb32, poison=True)
     G = w.shape[1] // shape[1]
     scale = (w * norms.float().repeat_interleave(G, 1)[:, :, None, :]).sum(-1, keepdim=True)
     assert compare_close("attention output", got, want, 1e-5 * scale) is None, f"seed {seed}"
@@ -241,13 +244,13 @@ def _minmax_input(layout: str, g: int, gen, device):
 def test_minmax_quantize_bit_identical(backend, seed, bits, layout):
     be, device = backend
     x, g = _minmax_input(layout, 32 if bits != 3 else 8, _gen(seed), device)
-    want = ops.reference_minmax_quantize_packed(x, bits, g)
-    got = ops.minmax_quantize_kernel(be, x, bits, g, poison=True)
+    want = kernels.reference_minmax_quantize_packed(x, bits, g)
+    got = kernels.minmax_quantize_kernel(be, x, bits, g, poison=True)
     for name, a, b in zip(("packed codes", "scale", "zero"), got, want):
         assert compare_equal(name, a, b) is None, f"seed {seed}"
     shape = tuple(x.shape)
-    x_ref = ops.reference_minmax_dequantize_packed(want[0], bits, shape, want[1], want[2])
-    x_got = ops.minmax_dequantize_kernel(be, want[0], bits, shape, want[1], want[2], poison=True)
+    x_ref = kernels.reference_minmax_dequantize_packed(want[0], bits, shape, want[1], want[2])
+    x_got = kernels.minmax_dequantize_kernel(be, want[0], bits, shape, want[1], want[2], poison=True)
     assert compare_equal("dequantized", x_got, x_ref) is None, f"seed {seed}"
 
 
@@ -256,7 +259,7 @@ def test_minmax_bad_input_fails_like_the_reference(backend):
     x = torch.randn(2, 4, 64)
     x[1, 2, 3] = float("nan")
     x = x.to(device)
-    for fn in (ops.reference_minmax_quantize_packed, lambda *a: ops.minmax_quantize_kernel(be, *a)):
+    for fn in (kernels.reference_minmax_quantize_packed, lambda *a: kernels.minmax_quantize_kernel(be, *a)):
         with pytest.raises(MethodFailure, match="float16 range"):
             fn(x, 2, 32)
 
@@ -284,18 +287,18 @@ def test_real_capture(backend, seed, run, tmp_path):
             for bits, kind in ((2, "hadamard"), (3, "haar")):
                 rot = make_rotation(kind, d, seed)
                 cb = tq_codebook(d, bits)
-                mode = ops.tq_plan(d, bits, rot)
-                want = ops.reference_tq_mse_encode_packed(x, bits, rot, cb)
-                got = ops.tq_encode_kernel(be, x, bits, rot, cb, mode, poison=True)
+                mode = kernels.tq_plan(d, bits, rot)
+                want = kernels.reference_tq_mse_encode_packed(x, bits, rot, cb)
+                got = kernels.tq_encode_kernel(be, x, bits, rot, cb, mode, poison=True)
                 problem = compare_tq_encode(x, bits, rot, cb, got, want, strict=mode == "rotated")
                 assert problem is None, f"layer {layer} {name} {kind}: {problem}"
-                x_got = ops.tq_decode_kernel(be, want[0], bits, x.shape, want[1], rot, cb.float(), mode, poison=True)
-                x_ref = ops.reference_tq_mse_decode_packed(want[0], bits, x.shape, want[1], rot, cb.float())
+                x_got = kernels.tq_decode_kernel(be, want[0], bits, x.shape, want[1], rot, cb.float(), mode, poison=True)
+                x_ref = kernels.reference_tq_mse_decode_packed(want[0], bits, x.shape, want[1], rot, cb.float())
                 assert compare_close("decoded", x_got, x_ref, 8 * EPS32 * want[1].float()[..., None]) is None
             n = (x.shape[-2] // 32) * 32
             for view in (x[..., :n, :].transpose(-1, -2), x):
-                want = ops.reference_minmax_quantize_packed(view, 2, 32)
-                got = ops.minmax_quantize_kernel(be, view, 2, 32, poison=True)
+                want = kernels.reference_minmax_quantize_packed(view, 2, 32)
+                got = kernels.minmax_quantize_kernel(be, view, 2, 32, poison=True)
                 for what, a, b in zip(("codes", "scale", "zero"), got, want):
                     assert compare_equal(what, a, b) is None, f"layer {layer} {name}"
 
@@ -310,13 +313,13 @@ def test_cpu_path_is_the_reference_itself(seed):
     rot = make_rotation("hadamard", 64, seed)
     assert runtime.backend_for(x) is None
     packed, norms = ops.tq_mse_encode_packed(x, 2, rot)
-    ref = ops.reference_tq_mse_encode_packed(x, 2, rot)
+    ref = kernels.reference_tq_mse_encode_packed(x, 2, rot)
     assert torch.equal(packed, ref[0]) and torch.equal(norms, ref[1])
     codes, scale, zero = ops.minmax_quantize_packed(x, 2, 32)
-    assert all(torch.equal(a, b) for a, b in zip((codes, scale, zero), ops.reference_minmax_quantize_packed(x, 2, 32)))
+    assert all(torch.equal(a, b) for a, b in zip((codes, scale, zero), kernels.reference_minmax_quantize_packed(x, 2, 32)))
     x64 = x.double()  # float64 stays on the reference everywhere
-    assert ops.tq_plan(64, 2, rot) == "fused"
-    assert torch.equal(ops.tq_mse_encode_packed(x64, 2, rot)[0], ops.reference_tq_mse_encode_packed(x64, 2, rot)[0])
+    assert kernels.tq_plan(64, 2, rot) == "fused"
+    assert torch.equal(ops.tq_mse_encode_packed(x64, 2, rot)[0], kernels.reference_tq_mse_encode_packed(x64, 2, rot)[0])
 
 
 def test_public_functions_use_the_kernel_after_a_passing_self_check(emulator, seed):
@@ -327,8 +330,8 @@ def test_public_functions_use_the_kernel_after_a_passing_self_check(emulator, se
         before = len(emulator.launches)
         packed, norms = ops.tq_mse_encode_packed(x, 2, rot)
         ops.minmax_quantize_packed(x, 2, 32)
-    kernels = [k for k, *_ in emulator.launches[before:]]
-    assert "tq_encode" in kernels and "minmax_quantize" in kernels
+    launched = [k for k, *_ in emulator.launches[before:]]
+    assert "tq_encode" in launched and "minmax_quantize" in launched
     assert all(v is None for v in selfcheck.results().values())
 
 
@@ -348,7 +351,7 @@ def test_failed_self_check_warns_once_and_falls_back(seed):
     selfcheck.reset()
     x = torch.randn(2, 2, 9, 64, generator=_gen(seed))
     rot = make_rotation("hadamard", 64, seed)
-    want = ops.reference_tq_mse_encode_packed(x, 2, rot)
+    want = kernels.reference_tq_mse_encode_packed(x, 2, rot)
     with runtime.use_backend(_BrokenBackend()):
         with pytest.warns(RuntimeWarning, match="tq_encode kernel disagrees with the torch reference"):
             packed, norms = ops.tq_mse_encode_packed(x, 2, rot)
@@ -391,6 +394,22 @@ def test_bench_on_the_cpu_is_one_line_exit_2(run):
     assert "--device must be cuda or cuda:N, not 'cpu'" in err, err
 
 
+def test_bench_report_tables():
+    """kvc bench's report (rows, % copy, speedup, goals) from a result, in both formats."""
+    result = BenchResult(device="GPU (cuda:0)", date="2026-01-01", versions={"torch": "t", "cupy": "c"},
+                         data="synthetic", shape=[2, 1, 1, 1000, 64], copy_gbs=1000.0,
+                         rows=[Row("tq encode (2b hadamard)", 10**9, kernel_ms=1.25, torch_ms=10.0, parity="ok"),
+                               Row("tq decode (2b hadamard)", 10**9, torch_ms=2.0, note="self-check failed: x")])
+    for markdown in (True, False):
+        console = Console(record=True, width=400)
+        print_report(result, console, markdown=markdown)
+        text = console.export_text()
+        assert "800" in text and "80%" in text and "8.0x" in text and "self-check failed: x" in text
+        assert "encode at 80% of copy bandwidth (goal >= 60%), 8.0x the torch reference (goal >= 5x): met" in text
+        if markdown:  # kernel 1 GB in 1.25 ms = 800 GB/s = 80% of copy; torch 100 GB/s
+            assert "| tq encode (2b hadamard) | 1000.0 | 800 | 80% | 100 | 8.0x | ok | 1.250 | 10.000 |" in text
+
+
 @pytest.mark.gpu
 def test_bench_runs_on_the_gpu(run, tmp_path):
     if runtime.missing():
@@ -407,7 +426,8 @@ def test_bench_runs_on_the_gpu(run, tmp_path):
 
 
 @pytest.mark.gpu
-def test_eoptshrink_batched_on_cuda_matches_cpu(seed):
+def test_eoptshrink_on_cuda_matches_cpu(seed):
+    """kvc.analysis.rmt is batched torch: on a CUDA tensor it runs every block and head at once on the GPU."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from kvc.analysis.rmt import eoptshrink
@@ -416,7 +436,7 @@ def test_eoptshrink_batched_on_cuda_matches_cpu(seed):
     spec = SpikedSpec(num_kv_heads=4, num_seqs=3, head_dim=64, seq_len=128, strengths=[6.0, 4.0, 3.0], seed=seed)
     X = spiked_block(spec, _gen(seed))  # [3, 4, 128, 64]: every block and head at once
     cpu = eoptshrink(X)
-    gpu = ops.eoptshrink_batched(X, device="cuda")
+    gpu = eoptshrink(X.to("cuda"))
     assert torch.equal(cpu.rank, gpu.rank.cpu()), f"seed {seed}"
     assert torch.allclose(gpu.phi.cpu(), cpu.phi, rtol=1e-9, atol=1e-9 * float(cpu.phi.abs().max()))
     lr_cpu, lr_gpu = cpu.lowrank(), gpu.lowrank().cpu()
@@ -427,7 +447,7 @@ def test_scalar_division_semantics_are_detected():
     """The host reproduces torch's `tensor / python_scalar` (true division on CPU; a reciprocal
     multiplication in torch's CUDA kernels)."""
     for s in (math.sqrt(128), math.sqrt(64), 3, 15, 255):
-        value, mode = ops.scalar_div(torch.device("cpu"), s)
+        value, mode = kernels.scalar_div(torch.device("cpu"), s)
         x = torch.randn(1000)
         want = x / s
         got = x / value if mode else x * value

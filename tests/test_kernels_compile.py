@@ -1,7 +1,7 @@
 """Every kernel in kernels/*.cu compiles: nvcc -ptx for sm_80 and sm_90 (CI has nvcc, no GPU).
 
 One nvcc invocation per architecture (all sources at once), the two in parallel, with the options the
-kernels are loaded with at run time (kvc.gpu.runtime.KERNEL_OPTIONS). Where libnvrtc is found
+kernels are loaded with at run time (kvc.gpu.sources.KERNEL_OPTIONS). Where libnvrtc is found
 (a CUDA toolkit, or the nvidia-cuda-nvrtc pip package that cupy uses), the sources are also compiled
 with NVRTC exactly as cupy.RawModule does at run time (common header inlined).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kvc.gpu.runtime import KERNEL_FILES, KERNEL_OPTIONS, kernel_source, kernels_dir
+from kvc.gpu.sources import KERNEL_FILES, KERNEL_OPTIONS, kernel_source, kernels_dir
 
 ARCHS = ("sm_80", "sm_90")
 SOURCES = sorted(kernels_dir().glob("*.cu"))

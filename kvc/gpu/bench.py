@@ -2,7 +2,7 @@
 
 One process, one device, side by side: the device's copy bandwidth (a device-to-device
 ``cudaMemcpyAsync`` through cupy), then for each operation the kernel and its torch reference
-(kvc.gpu.ops.reference_*) on the same input, timed with CUDA events (median of ``repeats`` runs
+(kvc.gpu.kernels.reference_*) on the same input, timed with CUDA events (median of ``repeats`` runs
 after ``warmup`` runs). Throughput counts the bytes an operation must move at least (its input
 read once and its output written once), so ``% copy`` is the fraction of the copy roofline
 (copy: 2 bytes moved per byte copied).
@@ -29,6 +29,14 @@ from typing import Any, Callable
 import torch
 
 from ..errors import KvcError
+from ..io.capture import CaptureFile
+from ..model.load import resolve_device
+from ..model.synth import SpikedSpec, spiked_block
+from ..quant.packing import unpack_codes
+from ..quant.rotation import KINDS, make_rotation
+from ..quant.turboquant import tq_codebook
+from . import kernels, selfcheck
+from .runtime import active_backend, require
 
 ENCODE_COPY_GOAL = 0.60
 ENCODE_TORCH_GOAL = 5.0
@@ -53,8 +61,6 @@ class BenchOptions:
     attention: bool = True
 
     def validate(self) -> None:
-        from ..quant.rotation import KINDS
-
         for name in ("layers", "tokens", "kv_heads", "head_dim", "q_per_kv", "seqs", "repeats", "group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -119,8 +125,6 @@ class BenchResult:
 def load_data(o: BenchOptions, device: torch.device) -> tuple[torch.Tensor, str]:
     """(X [2L, S, H, T, D] float32 on device: K then V of every layer, description)."""
     if o.capture is not None:
-        from ..io.capture import CaptureFile
-
         cap = CaptureFile(o.capture)
         layers = cap.layers[: o.layers]
         parts = [cap.tensor(layer, "k", torch.float32, device) for layer in layers]
@@ -128,8 +132,6 @@ def load_data(o: BenchOptions, device: torch.device) -> tuple[torch.Tensor, str]
         m = cap.meta
         return torch.stack(parts), (f"{o.capture} ({m.model}; {len(layers)} layers x {m.num_seqs} x "
                                     f"{m.seq_len} tokens, {m.num_kv_heads} KV heads, d = {m.head_dim})")
-    from ..model.synth import SpikedSpec, spiked_block
-
     spec = SpikedSpec(num_layers=o.layers, num_kv_heads=o.kv_heads, num_heads=o.kv_heads * o.q_per_kv,
                       head_dim=o.head_dim, seq_len=o.tokens, num_seqs=o.seqs, seed=o.seed, rope=False)
     spec.validate()
@@ -185,12 +187,6 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 
 def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> BenchResult:
-    from ..model.load import resolve_device
-    from ..quant.rotation import make_rotation
-    from ..quant.turboquant import tq_codebook
-    from . import ops, selfcheck
-    from .runtime import active_backend, require
-
     o.validate()
     require(o.device)
     device = resolve_device(o.device)
@@ -215,7 +211,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> B
     rot = make_rotation(o.rotation, D, o.seed * 7919 + 1, device)
     cb = tq_codebook(D, o.bits)
     cb32 = cb.to(torch.float32)
-    mode = ops.tq_plan(D, o.bits, rot)
+    mode = kernels.tq_plan(D, o.bits, rot)
     tag = f"{o.bits}b {o.rotation}{'' if mode == 'fused' else '+torch'}"
 
     def measure(row: Row, family: str, key: tuple, kernel: Callable[[], Any], reference: Callable[[], Any]):
@@ -228,45 +224,46 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> B
         log(f"{row.op}: kernel {row.kernel_ms} ms, torch {row.torch_ms} ms")
 
     # TurboQuant-mse encode and decode over every row of every layer
-    packed_ref, norms_ref = ops.reference_tq_mse_encode_packed(X, o.bits, rot, cb)
-    packed, norms = (ops.tq_encode_kernel(be, X, o.bits, rot, cb, mode) if mode else (packed_ref, norms_ref))
+    packed_ref, norms_ref = kernels.reference_tq_mse_encode_packed(X, o.bits, rot, cb)
+    packed, norms = (kernels.tq_encode_kernel(be, X, o.bits, rot, cb, mode) if mode else (packed_ref, norms_ref))
     row = Row(f"tq encode ({tag})", _nbytes(X, packed_ref, norms_ref),
               parity=_code_parity(packed, packed_ref, norms, norms_ref, o.bits, X.shape))
-    measure(row, "tq_encode", (D, o.bits, mode), lambda: ops.tq_encode_kernel(be, X, o.bits, rot, cb, mode),
-            lambda: ops.reference_tq_mse_encode_packed(X, o.bits, rot, cb))
+    measure(row, "tq_encode", (D, o.bits, mode), lambda: kernels.tq_encode_kernel(be, X, o.bits, rot, cb, mode),
+            lambda: kernels.reference_tq_mse_encode_packed(X, o.bits, rot, cb))
     shape = tuple(X.shape)
-    want = ops.reference_tq_mse_decode_packed(packed_ref, o.bits, shape, norms_ref, rot, cb32)
-    got = ops.tq_decode_kernel(be, packed_ref, o.bits, shape, norms_ref, rot, cb32, mode)
+    want = kernels.reference_tq_mse_decode_packed(packed_ref, o.bits, shape, norms_ref, rot, cb32)
+    got = kernels.tq_decode_kernel(be, packed_ref, o.bits, shape, norms_ref, rot, cb32, mode)
     row = Row(f"tq decode ({tag})", _nbytes(packed_ref, norms_ref, want), parity=_value_parity(got, want))
     del got, want
     measure(row, "tq_decode", (D, o.bits, mode),
-            lambda: ops.tq_decode_kernel(be, packed_ref, o.bits, shape, norms_ref, rot, cb32, mode),
-            lambda: ops.reference_tq_mse_decode_packed(packed_ref, o.bits, shape, norms_ref, rot, cb32))
+            lambda: kernels.tq_decode_kernel(be, packed_ref, o.bits, shape, norms_ref, rot, cb32, mode),
+            lambda: kernels.reference_tq_mse_decode_packed(packed_ref, o.bits, shape, norms_ref, rot, cb32))
 
     # KIVI: values per token (groups of G channels), keys per channel (groups of G tokens)
     g = o.group_size
     for name, view, layout in ((f"v/token g{g}", X, "rows"), (f"k/channel g{g}", X.transpose(-1, -2), "cols")):
-        plan = ops.minmax_plan(view, o.bits, g)
+        plan = kernels.minmax_plan(view, o.bits, g)
         if plan is None:
             result.rows.append(Row(f"kivi encode {name}", 0, note="configuration not supported"))
             continue
-        p_ref, s_ref, z_ref = ops.reference_minmax_quantize_packed(view, o.bits, g)
-        p, s, z = ops.minmax_quantize_kernel(be, view, o.bits, g)
+        p_ref, s_ref, z_ref = kernels.reference_minmax_quantize_packed(view, o.bits, g)
+        p, s, z = kernels.minmax_quantize_kernel(be, view, o.bits, g)
         same = all(torch.equal(a, b) for a, b in ((p, p_ref), (s, s_ref), (z, z_ref)))
         row = Row(f"kivi encode {name} {o.bits}b", _nbytes(view, p_ref, s_ref, z_ref),
                   parity="bit-identical" if same else "DIFFERS")
         measure(row, "minmax_quantize", (o.bits, g, plan[2], layout),
-                lambda v=view: ops.minmax_quantize_kernel(be, v, o.bits, g),
-                lambda v=view: ops.reference_minmax_quantize_packed(v, o.bits, g))
+                lambda v=view: kernels.minmax_quantize_kernel(be, v, o.bits, g),
+                lambda v=view: kernels.reference_minmax_quantize_packed(v, o.bits, g))
         if layout == "rows":
-            want = ops.reference_minmax_dequantize_packed(p_ref, o.bits, shape, s_ref, z_ref)
-            got = ops.minmax_dequantize_kernel(be, p_ref, o.bits, shape, s_ref, z_ref)
+            want = kernels.reference_minmax_dequantize_packed(p_ref, o.bits, shape, s_ref, z_ref)
+            got = kernels.minmax_dequantize_kernel(be, p_ref, o.bits, shape, s_ref, z_ref)
             row = Row(f"kivi decode {name} {o.bits}b", _nbytes(p_ref, s_ref, z_ref, want),
                       parity="bit-identical" if torch.equal(got, want) else _value_parity(got, want))
             del got, want
             measure(row, "minmax_dequantize", (o.bits,),
-                    lambda p=p_ref, s=s_ref, z=z_ref: ops.minmax_dequantize_kernel(be, p, o.bits, shape, s, z),
-                    lambda p=p_ref, s=s_ref, z=z_ref: ops.reference_minmax_dequantize_packed(p, o.bits, shape, s, z))
+                    lambda p=p_ref, s=s_ref, z=z_ref: kernels.minmax_dequantize_kernel(be, p, o.bits, shape, s, z),
+                    lambda p=p_ref, s=s_ref, z=z_ref: kernels.reference_minmax_dequantize_packed(p, o.bits, shape,
+                                                                                                  s, z))
         del p, s, z, p_ref, s_ref, z_ref
 
     if o.attention:  # decode-time attention from the packed keys and values: one query per head
@@ -278,28 +275,26 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> B
         gen = torch.Generator().manual_seed(o.seed + 1)
         q = torch.randn(L * S, H * o.q_per_kv, 1, D, generator=gen).to(device)
         w = torch.softmax(torch.randn(L * S, H * o.q_per_kv, 1, T, generator=gen), dim=-1).to(device)
-        if ops.attention_plan("score", kv_shape, o.bits, rot):
-            want = ops.reference_tq_score_packed(q, k_packed, o.bits, kv_shape, k_norms, rot, cb32)
-            got = ops.tq_score_kernel(be, q, k_packed, o.bits, kv_shape, k_norms, rot, cb32)
+        if kernels.attention_plan("score", kv_shape, o.bits, rot):
+            want = kernels.reference_tq_score_packed(q, k_packed, o.bits, kv_shape, k_norms, rot, cb32)
+            got = kernels.tq_score_kernel(be, q, k_packed, o.bits, kv_shape, k_norms, rot, cb32)
             row = Row(f"score q.k from packed ({o.q_per_kv} q/head)",
                       _nbytes(k_packed, k_norms, q, want), parity=_value_parity(got, want))
             measure(row, "tq_score", (D, o.bits),
-                    lambda: ops.tq_score_kernel(be, q, k_packed, o.bits, kv_shape, k_norms, rot, cb32),
-                    lambda: ops.reference_tq_score_packed(q, k_packed, o.bits, kv_shape, k_norms, rot, cb32))
-        if ops.attention_plan("value", kv_shape, o.bits, rot):
-            want = ops.reference_tq_value_packed(w, v_packed, o.bits, kv_shape, v_norms, rot, cb32)
-            got = ops.tq_value_kernel(be, w, v_packed, o.bits, kv_shape, v_norms, rot, cb32)
+                    lambda: kernels.tq_score_kernel(be, q, k_packed, o.bits, kv_shape, k_norms, rot, cb32),
+                    lambda: kernels.reference_tq_score_packed(q, k_packed, o.bits, kv_shape, k_norms, rot, cb32))
+        if kernels.attention_plan("value", kv_shape, o.bits, rot):
+            want = kernels.reference_tq_value_packed(w, v_packed, o.bits, kv_shape, v_norms, rot, cb32)
+            got = kernels.tq_value_kernel(be, w, v_packed, o.bits, kv_shape, v_norms, rot, cb32)
             row = Row(f"value w.v from packed ({o.q_per_kv} q/head)",
                       _nbytes(v_packed, v_norms, w, want), parity=_value_parity(got, want))
             measure(row, "tq_value", (D, o.bits),
-                    lambda: ops.tq_value_kernel(be, w, v_packed, o.bits, kv_shape, v_norms, rot, cb32),
-                    lambda: ops.reference_tq_value_packed(w, v_packed, o.bits, kv_shape, v_norms, rot, cb32))
+                    lambda: kernels.tq_value_kernel(be, w, v_packed, o.bits, kv_shape, v_norms, rot, cb32),
+                    lambda: kernels.reference_tq_value_packed(w, v_packed, o.bits, kv_shape, v_norms, rot, cb32))
     return result
 
 
 def _code_parity(packed, packed_ref, norms, norms_ref, bits, shape) -> str:
-    from ..quant.packing import unpack_codes
-
     if torch.equal(packed, packed_ref) and torch.equal(norms, norms_ref):
         return "bit-identical"
     flips = int((unpack_codes(packed, bits, shape) != unpack_codes(packed_ref, bits, shape)).sum())
@@ -314,56 +309,3 @@ def _value_parity(got: torch.Tensor, want: torch.Tensor) -> str:
         return "NaN"
     scale = float(want.abs().max()) or 1.0
     return f"rel. diff {float((got - want).abs().max()) / scale:.1e}"
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def table_rows(result: BenchResult, with_ms: bool = False) -> list[list[str]]:
-    copy_mb = 2 * math.prod(result.shape) * 4 / 1e6
-    rows = [["copy (cupy memcpy of X)", f"{copy_mb:.1f}", f"{result.copy_gbs:.0f}", "100%", "-", "-", ""]
-            + (["-", "-"] if with_ms else [])]
-    for r in result.rows:
-        k, t = r.gbs(r.kernel_ms), r.gbs(r.torch_ms)
-        row = [r.op, f"{r.bytes / 1e6:.1f}", _fmt(k, ".0f"),
-               "-" if k is None else f"{100 * k / result.copy_gbs:.0f}%", _fmt(t, ".0f"),
-               "-" if r.kernel_ms is None or r.torch_ms is None else f"{r.torch_ms / r.kernel_ms:.1f}x",
-               r.note or r.parity]
-        rows.append(row + ([_fmt(r.kernel_ms, ".3f"), _fmt(r.torch_ms, ".3f")] if with_ms else []))
-    return rows
-
-
-HEADERS = ["operation", "MB moved", "kernel GB/s", "% copy", "torch GB/s", "speedup", "parity / note"]
-
-
-def print_report(result: BenchResult, console, markdown: bool = False) -> None:
-    from rich.table import Table
-
-    rows = table_rows(result, with_ms=markdown)
-    goals = result.goals()
-    head = (f"{result.device}, {result.date}; torch {result.versions['torch']}, cupy {result.versions['cupy']}\n"
-            f"data: {result.data}, X = {result.shape} float32")
-    if markdown:
-        headers = HEADERS + ["kernel ms", "torch ms"]
-        lines = [head.replace("\n", "  \n"), "", "| " + " | ".join(headers) + " |",
-                 "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-        console.print("\n".join(lines), markup=False, highlight=False)
-    else:
-        table = Table(title="kvc bench", caption=head)
-        for h in HEADERS:
-            table.add_column(h, justify="left" if h in ("operation", "parity / note") else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    if goals["met"] is None:
-        console.print("goals: encode not measured")
-    else:
-        console.print(f"goals: encode at {100 * goals['encode_copy_fraction']:.0f}% of copy bandwidth (goal "
-                      f">= {100 * ENCODE_COPY_GOAL:.0f}%), {goals['encode_speedup']:.1f}x the torch reference "
-                      f"(goal >= {ENCODE_TORCH_GOAL:.0f}x): {'met' if goals['met'] else 'NOT met'}",
-                      markup=False, highlight=False)

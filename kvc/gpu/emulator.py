@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..errors import KvcError
-from .runtime import KERNEL_FILES, Backend, kernels_dir
+from .runtime import Backend
+from .sources import KERNEL_FILES, kernels_dir
 
 EMULATOR_FLAGS = ("-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-Wno-unknown-pragmas",
                   "-shared", "-fPIC")

@@ -1,289 +1,63 @@
-"""Thin wrappers over the kernels of ``kernels/*.cu``; each one equals a torch reference expression.
+"""The public seam of the GPU kernels: each function equals a torch reference expression.
 
-Every public function has the arguments of its reference (the ``reference_*`` function of the same
-name below, built from kvc.quant) and returns the same arrays. It runs the kernel when
+Every function has the arguments of its reference (``kvc.gpu.kernels.reference_*`` of the same name,
+built from kvc.quant) and returns the same arrays. It runs the kernel when
 
 1. a backend takes the tensor's device (``x.is_cuda and kvc.gpu.available()``; or the CPU emulator
    inside ``use_backend``), and
-2. the configuration is one the kernel handles (see each ``*_plan``), and
+2. the configuration is one the kernel handles (see each ``*_plan`` in :mod:`kvc.gpu.kernels`), and
 3. the kernel passed its self-check against the reference on that device (:mod:`kvc.gpu.selfcheck`,
    run once per device and configuration; on disagreement it warns once and the reference is used);
 
 otherwise it runs the reference itself. So a method may call these unconditionally: on the CPU
 path it gets exactly what it got before (the reference expressions are the ones the methods use).
-
-Bit-for-bit: codes, packed bytes, scales and zero points are the reference's bits wherever the
-computation is deterministic. The one exception is the per-row norm of TurboQuant, a float32
-reduction whose summation order differs from torch's (torch's own CPU and CUDA results differ
-too): an entry whose rotated value lies within a few ulp of a decision boundary can get the
-neighbouring code. Given the same norms (``norm_in``), the codes are bit-identical. Decoded values
-follow the same float operations as torch and agree to float tolerance (in practice exactly).
-
-Output poisoning: with ``KVC_GPU_POISON=1`` (tests, self-checks) outputs are filled with NaN / 0xA5
-before each launch, so an entry a kernel forgets to write cannot pass as a right answer.
+How close the kernels' outputs are to the reference's: :mod:`kvc.gpu.kernels`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import MethodFailure
-from ..quant.packing import pack_codes, packed_nbytes, unpack_codes
+from ..quant.packing import packed_nbytes
 from ..quant.rotation import Rotation
-from ..quant.fp16 import row_norms_fp16
-from ..quant.turboquant import tq_codebook, tq_mse_decode, tq_mse_encode
-from ..quant.uniform import minmax_dequantize, minmax_quantize
-from .runtime import Backend, backend_for, cdiv, f32, i32, i64, is_pow2, ptr
-
-ENV_POISON = "KVC_GPU_POISON"
-FUSED_MAX_D = 256  # in-kernel Hadamard: a row stays in one warp (D / 8 lanes)
-ROTATED_MAX_D = 2048  # quantize/pack of pre-rotated rows: D / 8 <= 256 threads
-SCORE_KT, SCORE_QC, VALUE_QV = 64, 16, 4  # must match tq_attention.cu
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def poison_enabled() -> bool:
-    return os.environ.get(ENV_POISON, "0") not in ("", "0")
-
-
-def _empty(shape, dtype: torch.dtype, device, poison: bool) -> Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if poison:
-        if dtype.is_floating_point:
-            t.fill_(float("nan"))
-        else:
-            t.fill_(0xA5 if dtype == torch.uint8 else -0x5A5A)
-    return t
-
-
-@functools.lru_cache(maxsize=None)
-def _div_semantics_cached(device: str, scalar: float | int) -> tuple[float, int] | None:
-    gen = torch.Generator().manual_seed(1234)
-    x = torch.cat([torch.randn(8192, generator=gen), torch.rand(8192, generator=gen) * 3 - 1.5,
-                   torch.arange(-64, 65, dtype=torch.float32) / 7])
-    got = (x.to(device) / scalar).cpu().numpy()
-    xn = x.numpy()
-    s32 = np.float32(scalar)
-    candidates = ((float(s32), 1, xn / s32),  # true division by the float32 scalar
-                  (float(np.float32(1.0) / s32), 0, xn * (np.float32(1.0) / s32)),  # float reciprocal
-                  (float(np.float32(1.0 / float(scalar))), 0, xn * np.float32(1.0 / float(scalar))))  # double
-    for value, mode, want in candidates:
-        if np.array_equal(want, got):
-            return value, mode
-    return None
-
-
-def scalar_div(device: torch.device, scalar: float | int) -> tuple[float, int] | None:
-    """How torch computes ``float32_tensor / scalar`` on ``device``: (s, 1) = true division by s,
-    (r, 0) = multiplication by the reciprocal r (torch's CUDA kernels do this for CPU scalars; how
-    r is rounded changed between torch versions). None when neither matches (kernel not used)."""
-    return _div_semantics_cached(str(device), scalar)
-
-
-def _rows(t: Tensor, d: int, vector_align: bool) -> Tensor:
-    """t [..., d] as a 2-D [n, d] view with unit column stride (copy only when impossible);
-    with ``vector_align`` the rows also allow float4 access (16-byte aligned)."""
-    try:
-        rows = t.view(-1, d)
-    except RuntimeError:
-        rows = t.contiguous().view(-1, d)
-    if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < d):
-        rows = rows.contiguous()
-    if vector_align and (rows.data_ptr() % 16 or (rows.shape[0] > 1 and rows.stride(0) % 4)):
-        rows = rows.contiguous() if not rows.is_contiguous() else rows.clone()
-    return rows
-
-
-def _ld(rows: Tensor) -> int:
-    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
-
-
-def _aligned_bytes(packed: Tensor, bits: int) -> Tensor:
-    """The packed buffer, copied if its start is not aligned for `bits`-byte loads."""
-    return packed.clone() if packed.data_ptr() % 4 else packed
-
-
-def midpoints(codebook: Tensor, device, dtype=torch.float32) -> Tensor:
-    """Decision midpoints exactly as kvc.quant.lloyd_max.nearest_codes forms them."""
-    cb = codebook.to(device=device, dtype=dtype)
-    return ((cb[:-1] + cb[1:]) / 2).contiguous()
-
-
-def _verified(be: Backend, device, family: str, key: tuple) -> bool:
-    from .selfcheck import verified
-
-    return verified(be, device, family, key)
-
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def reference_tq_mse_encode_packed(x: Tensor, bits: int, rotation: Rotation, codebook: Tensor | None = None
-                                   ) -> tuple[Tensor, Tensor]:
-    """pack_codes(codes, bits), norms for (codes, norms) = tq_mse_encode(x, bits, rotation, codebook)."""
-    codes, norms = tq_mse_encode(x, bits, rotation, codebook)
-    return pack_codes(codes, bits), norms
-
-
-def reference_tq_mse_decode_packed(packed: Tensor, bits: int, shape, norms: Tensor, rotation: Rotation,
-                                   codebook: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """tq_mse_decode(unpack_codes(packed, bits, shape), norms, rotation, codebook, dtype)."""
-    return tq_mse_decode(unpack_codes(packed, bits, shape), norms, rotation, codebook, dtype)
-
-
-def reference_tq_score_packed(q: Tensor, packed: Tensor, bits: int, shape, norms: Tensor,
-                              rotation: Rotation, codebook: Tensor) -> Tensor:
-    """q K_hat^T [S, H_q, Tq, T] (float32) with K_hat decoded from the packed keys [S, H_kv, T, D];
-    query head h * G + g reads KV head h (kvc.metrics.fidelity.grouped)."""
-    S, H, T, D = shape
-    k_hat = reference_tq_mse_decode_packed(packed, bits, shape, norms, rotation, codebook)
-    qg = q.to(torch.float32).reshape(S, H, -1, q.shape[-2], D)
-    return (qg @ k_hat[:, :, None].mT).reshape(S, q.shape[1], q.shape[2], T)
-
-
-def reference_tq_value_packed(w: Tensor, packed: Tensor, bits: int, shape, norms: Tensor,
-                              rotation: Rotation, codebook: Tensor) -> Tensor:
-    """w V_hat [S, H_q, Tq, D] for attention weights w [S, H_q, Tq, T] and packed values [S, H_kv, T, D]."""
-    S, H, T, D = shape
-    v_hat = reference_tq_mse_decode_packed(packed, bits, shape, norms, rotation, codebook)
-    wg = w.to(torch.float32).reshape(S, H, -1, w.shape[-2], T)
-    return (wg @ v_hat[:, :, None]).reshape(S, w.shape[1], w.shape[2], D)
-
-
-def reference_minmax_quantize_packed(x: Tensor, bits: int, group: int | None = None
-                                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """pack_codes(codes, bits), scale, zero for (codes, scale, zero) = minmax_quantize(x, bits, group)."""
-    codes, scale, zero = minmax_quantize(x, bits, group)
-    return pack_codes(codes, bits), scale, zero
-
-
-def reference_minmax_dequantize_packed(packed: Tensor, bits: int, shape, scale: Tensor, zero: Tensor,
-                                       dtype: torch.dtype = torch.float32) -> Tensor:
-    """minmax_dequantize(unpack_codes(packed, bits, shape), scale, zero, dtype)."""
-    return minmax_dequantize(unpack_codes(packed, bits, shape), scale, zero, dtype)
+from ..quant.turboquant import tq_codebook
+from .kernels import (FLOATS, SCORE_QC, VALUE_QV, attention_plan, minmax_dequantize_kernel, minmax_plan,
+                      minmax_quantize_kernel, packed_ok, poison_enabled, reference_minmax_dequantize_packed,
+                      reference_minmax_quantize_packed, reference_tq_mse_decode_packed,
+                      reference_tq_mse_encode_packed, reference_tq_score_packed, reference_tq_value_packed,
+                      tq_decode_kernel, tq_encode_kernel, tq_plan, tq_score_kernel, tq_value_kernel)
+from .runtime import backend_for, cdiv
+from .selfcheck import verified
 
 
 # ----------------------------------------------------------------------------- TurboQuant encode / decode
 
 
-def tq_plan(d: int, bits: int, rotation: Rotation) -> str | None:
-    """'fused' (randomized Hadamard in the kernel), 'rotated' (torch rotates, the kernel quantizes and
-    packs) or None (torch only)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4 or rotation.d != d:
-        return None
-    if rotation.kind == "hadamard" and rotation.mix is None and is_pow2(d) and 8 <= d <= FUSED_MAX_D:
-        return "fused"
-    if d % 8 == 0 and 8 <= d <= ROTATED_MAX_D:
-        return "rotated"
-    return None
-
-
-def _hadamard_scale(device, d: int) -> tuple[float, int] | None:
-    return scalar_div(device, math.sqrt(d))  # kvc.quant.rotation.fwht: x / math.sqrt(p)
-
-
-def tq_encode_kernel(be: Backend, x: Tensor, bits: int, rotation: Rotation, codebook: Tensor, mode: str,
-                     norm_in: Tensor | None = None, poison: bool = False) -> tuple[Tensor, Tensor]:
-    """The kernel path of :func:`tq_mse_encode_packed` (no fallback, no self-check)."""
-    device, d = x.device, x.shape[-1]
-    lead = x.shape[:-1]
-    n = math.prod(lead)
-    mids = midpoints(codebook, device)
-    if mode == "fused":
-        scale = _hadamard_scale(device, d)
-        if scale is None:
-            raise MethodFailure(f"cannot reproduce torch's division by sqrt({d}) on {device}")
-        rows = _rows(x.to(torch.float32), d, vector_align=True)
-        signs = rotation.to(device, torch.float32).signs.contiguous()
-        norms16 = _empty(n, torch.float16, device, poison)
-    else:  # the reference's own steps up to the rotation (tq_mse_encode), then quantize + pack
-        scale, signs = (1.0, 0), None
-        xw = x.to(torch.float32)
-        norms16 = row_norms_fp16(xw).reshape(-1)
-        norms = torch.linalg.vector_norm(xw, dim=-1, keepdim=True)
-        unit = xw / torch.where(norms > 0, norms, torch.ones_like(norms))
-        rows = _rows(rotation.to(device, torch.float32).apply(unit), d, vector_align=True)
-    if norm_in is not None:
-        norm_in = norm_in.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
-    packed = _empty(packed_nbytes(n * d, bits), torch.uint8, device, poison)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    tpr = d // 8
-    per_block = max(1, be.block_threads // tpr)
-    be.launch("tq_encode", (cdiv(n, per_block),), per_block * tpr,
-              [ptr(rows), i64(_ld(rows)), i64(n), i32(d), i32(bits), i32(mode == "fused"), ptr(signs),
-               f32(scale[0]), i32(scale[1]), ptr(mids), ptr(norm_in), ptr(packed), ptr(norms16), ptr(flag)],
-              device)
-    if mode == "fused" and int(flag.item()):
-        raise MethodFailure("row norm is NaN/Inf or exceeds the float16 range (65504)")
-    return packed, norms16.reshape(lead)
-
-
 def tq_mse_encode_packed(x: Tensor, bits: int, rotation: Rotation, codebook: Tensor | None = None
                          ) -> tuple[Tensor, Tensor]:
-    """= :func:`reference_tq_mse_encode_packed`: (packed codes uint8, norms float16 [...])."""
+    """= :func:`kvc.gpu.kernels.reference_tq_mse_encode_packed`: (packed codes uint8, norms float16 [...])."""
     be = backend_for(x)
-    if be is not None and x.dtype in _FLOATS and x.numel() and x.dim() >= 1:
+    if be is not None and x.dtype in FLOATS and x.numel() and x.dim() >= 1:
         d = x.shape[-1]
         cb = tq_codebook(d, bits) if codebook is None else codebook
         mode = tq_plan(d, bits, rotation)
-        if mode is not None and cb.numel() == 1 << bits and _verified(be, x.device, "tq_encode", (d, bits, mode)):
+        if mode is not None and cb.numel() == 1 << bits and verified(be, x.device, "tq_encode", (d, bits, mode)):
             return tq_encode_kernel(be, x, bits, rotation, cb, mode, poison=poison_enabled())
     return reference_tq_mse_encode_packed(x, bits, rotation, codebook)
 
 
-def tq_decode_kernel(be: Backend, packed: Tensor, bits: int, shape, norms: Tensor, rotation: Rotation,
-                     codebook: Tensor, mode: str, poison: bool = False) -> Tensor:
-    """The kernel path of :func:`tq_mse_decode_packed`."""
-    device = packed.device
-    d = shape[-1]
-    n = math.prod(shape[:-1])
-    cb = codebook.to(device=device, dtype=torch.float32).contiguous()
-    norms16 = norms.reshape(-1).contiguous()
-    out = _empty((n, d), torch.float32, device, poison)
-    fused = mode == "fused"
-    scale = _hadamard_scale(device, d) if fused else (1.0, 0)
-    if scale is None:
-        raise MethodFailure(f"cannot reproduce torch's division by sqrt({d}) on {device}")
-    signs = rotation.to(device, torch.float32).signs.contiguous() if fused else None
-    tpr = d // 8
-    per_block = max(1, be.block_threads // tpr)
-    be.launch("tq_decode", (cdiv(n, per_block),), per_block * tpr,
-              [ptr(_aligned_bytes(packed, bits)), i64(n), i32(d), i32(bits), ptr(cb), i32(fused), ptr(signs),
-               f32(scale[0]), i32(scale[1]), ptr(norms16 if fused else None), ptr(out), i64(d)], device)
-    out = out.reshape(tuple(shape))
-    if fused:
-        return out
-    # the reference's remaining steps (tq_mse_decode): Pi^T y, times the float16 norm
-    return rotation.to(device, torch.float32).invert(out) * norms.to(torch.float32)[..., None]
-
-
-def _packed_ok(packed: Tensor, bits: int, shape, norms: Tensor) -> bool:
-    n = math.prod(shape)
-    return (packed.dtype == torch.uint8 and packed.dim() == 1 and packed.is_contiguous()
-            and packed.numel() == packed_nbytes(n, bits) and norms.dtype == torch.float16
-            and norms.numel() == n // shape[-1] and norms.device == packed.device and n > 0)
-
-
 def tq_mse_decode_packed(packed: Tensor, bits: int, shape, norms: Tensor, rotation: Rotation,
                          codebook: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """= :func:`reference_tq_mse_decode_packed`: x_hat [shape] in ``dtype``."""
+    """= :func:`kvc.gpu.kernels.reference_tq_mse_decode_packed`: x_hat [shape] in ``dtype``."""
     shape = tuple(shape)
     be = backend_for(packed)
-    if be is not None and dtype == torch.float32 and len(shape) >= 1 and _packed_ok(packed, bits, shape, norms):
+    if be is not None and dtype == torch.float32 and len(shape) >= 1 and packed_ok(packed, bits, shape, norms):
         mode = tq_plan(shape[-1], bits, rotation)
         if (mode is not None and codebook.numel() == 1 << bits
-                and _verified(be, packed.device, "tq_decode", (shape[-1], bits, mode))):
+                and verified(be, packed.device, "tq_decode", (shape[-1], bits, mode))):
             return tq_decode_kernel(be, packed, bits, shape, norms, rotation, codebook, mode, poison_enabled())
     return reference_tq_mse_decode_packed(packed, bits, shape, norms, rotation, codebook, dtype)
 
@@ -291,80 +65,34 @@ def tq_mse_decode_packed(packed: Tensor, bits: int, shape, norms: Tensor, rotati
 # ----------------------------------------------------------------------------- scoring from packed codes
 
 
-def attention_plan(kind: str, shape, bits: int, rotation: Rotation) -> bool:
-    S, H, T, D = shape
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4 or rotation.d != D:
-        return False
-    if D % 8 or D > 256 or S * H > 65535:
-        return False
-    return is_pow2(D) if kind == "score" else True  # score reduces with warp shuffles (D/8 lanes | 32)
-
-
-def tq_score_kernel(be: Backend, q: Tensor, packed: Tensor, bits: int, shape, norms: Tensor,
-                    rotation: Rotation, codebook: Tensor, poison: bool = False) -> Tensor:
-    S, H, T, D = shape
-    device = packed.device
-    Hq, Tq = q.shape[1], q.shape[2]
-    nq = (Hq // H) * Tq
-    q_rot = rotation.to(device, torch.float32).apply(q.to(torch.float32).reshape(S, H, nq, D)).contiguous()
-    cb = codebook.to(device=device, dtype=torch.float32).contiguous()
-    out = _empty((S * H, nq, T), torch.float32, device, poison)
-    tpr = D // 8
-    be.launch("tq_score", (cdiv(T, SCORE_KT), S * H, cdiv(nq, SCORE_QC)), (be.block_threads // tpr) * tpr,
-              [ptr(q_rot), i32(nq), ptr(_aligned_bytes(packed, bits)), ptr(norms.reshape(-1).contiguous()),
-               ptr(cb), i32(D), i32(bits), i64(T), ptr(out)], device)
-    return out.reshape(S, Hq, Tq, T)
-
-
 def tq_score_packed(q: Tensor, packed: Tensor, bits: int, shape, norms: Tensor, rotation: Rotation,
                     codebook: Tensor) -> Tensor:
-    """= :func:`reference_tq_score_packed`: logits <q, k_hat> [S, H_q, Tq, T] without forming K_hat
-    (queries rotated once; the kernel reads the packed codes and norms only)."""
+    """= :func:`kvc.gpu.kernels.reference_tq_score_packed`: logits <q, k_hat> [S, H_q, Tq, T] without
+    forming K_hat (queries rotated once; the kernel reads the packed codes and norms only)."""
     shape = tuple(shape)
     be = backend_for(packed)
-    if (be is not None and len(shape) == 4 and q.dim() == 4 and q.dtype in _FLOATS and q.device == packed.device
+    if (be is not None and len(shape) == 4 and q.dim() == 4 and q.dtype in FLOATS and q.device == packed.device
             and q.shape[0] == shape[0] and q.shape[-1] == shape[-1] and q.shape[1] % shape[1] == 0
             and q.shape[2] > 0 and cdiv(q.shape[1] // shape[1] * q.shape[2], SCORE_QC) <= 65535
-            and _packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
+            and packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
             and attention_plan("score", shape, bits, rotation)
-            and _verified(be, packed.device, "tq_score", (shape[-1], bits))):
+            and verified(be, packed.device, "tq_score", (shape[-1], bits))):
         return tq_score_kernel(be, q, packed, bits, shape, norms, rotation, codebook, poison_enabled())
     return reference_tq_score_packed(q, packed, bits, shape, norms, rotation, codebook)
 
 
-def tq_value_kernel(be: Backend, w: Tensor, packed: Tensor, bits: int, shape, norms: Tensor,
-                    rotation: Rotation, codebook: Tensor, poison: bool = False) -> Tensor:
-    S, H, T, D = shape
-    device = packed.device
-    Hq, Tq = w.shape[1], w.shape[2]
-    nq = (Hq // H) * Tq
-    wg = w.to(torch.float32).reshape(S * H, nq, T).contiguous()
-    cb = codebook.to(device=device, dtype=torch.float32).contiguous()
-    zblocks = S * H * cdiv(nq, VALUE_QV)
-    chunks = max(1, min(cdiv(T, 64), cdiv(1024, zblocks)))
-    keys_per_chunk = cdiv(T, chunks)
-    chunks = cdiv(T, keys_per_chunk)
-    partial = _empty((S * H, chunks, nq, D), torch.float32, device, poison)
-    tpr = D // 8
-    be.launch("tq_value", (chunks, S * H, cdiv(nq, VALUE_QV)), (min(be.block_threads, 256) // tpr) * tpr,
-              [ptr(wg), i32(nq), ptr(_aligned_bytes(packed, bits)), ptr(norms.reshape(-1).contiguous()),
-               ptr(cb), i32(D), i32(bits), i64(T), i32(keys_per_chunk), ptr(partial)], device)
-    acc = partial.sum(dim=1).reshape(S, H, nq, D)
-    return rotation.to(device, torch.float32).invert(acc).reshape(S, Hq, Tq, D)
-
-
 def tq_value_packed(w: Tensor, packed: Tensor, bits: int, shape, norms: Tensor, rotation: Rotation,
                     codebook: Tensor) -> Tensor:
-    """= :func:`reference_tq_value_packed`: w V_hat [S, H_q, Tq, D], accumulated in the rotated
-    domain from the packed values; Pi^T applied once per query row."""
+    """= :func:`kvc.gpu.kernels.reference_tq_value_packed`: w V_hat [S, H_q, Tq, D], accumulated in
+    the rotated domain from the packed values; Pi^T applied once per query row."""
     shape = tuple(shape)
     be = backend_for(packed)
-    if (be is not None and len(shape) == 4 and w.dim() == 4 and w.dtype in _FLOATS and w.device == packed.device
+    if (be is not None and len(shape) == 4 and w.dim() == 4 and w.dtype in FLOATS and w.device == packed.device
             and w.shape[0] == shape[0] and w.shape[-1] == shape[2] and w.shape[1] % shape[1] == 0
             and w.shape[2] > 0 and cdiv(w.shape[1] // shape[1] * w.shape[2], VALUE_QV) <= 65535
-            and _packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
+            and packed_ok(packed, bits, shape, norms) and codebook.numel() == 1 << bits
             and attention_plan("value", shape, bits, rotation)
-            and _verified(be, packed.device, "tq_value", (shape[-1], bits))):
+            and verified(be, packed.device, "tq_value", (shape[-1], bits))):
         return tq_value_kernel(be, w, packed, bits, shape, norms, rotation, codebook, poison_enabled())
     return reference_tq_value_packed(w, packed, bits, shape, norms, rotation, codebook)
 
@@ -372,83 +100,23 @@ def tq_value_packed(w: Tensor, packed: Tensor, bits: int, shape, norms: Tensor, 
 # ----------------------------------------------------------------------------- min/max groups (KIVI, int)
 
 
-def minmax_plan(x: Tensor, bits: int, group: int | None) -> tuple[Tensor, int, int] | None:
-    """(x as a float32 [B, R, L] view, G, word_mode) or None when the kernel does not take it."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        return None
-    if x.dtype not in _FLOATS or x.dim() < 1 or x.numel() == 0:
-        return None
-    L = x.shape[-1]
-    g = L if group is None else group
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or g > L or L % g or (g * bits) % 8:
-        return None
-    xf = x.to(torch.float32)
-    xf = xf.reshape(1, 1, L) if xf.dim() == 1 else xf
-    try:
-        xv = xf.view(-1, xf.shape[-2], L)
-    except RuntimeError:
-        xv = xf.contiguous().view(-1, xf.shape[-2], L)
-    return xv, g, int((g * bits) % 32 == 0)
-
-
-def minmax_quantize_kernel(be: Backend, x: Tensor, bits: int, group: int | None, poison: bool = False
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = minmax_plan(x, bits, group)
-    if plan is None:
-        raise ValueError("minmax_quantize_kernel: configuration not supported by the kernel")
-    xv, g, word_mode = plan
-    device = x.device
-    levels = (1 << bits) - 1
-    div = scalar_div(device, levels)  # kvc.quant.uniform.minmax_quantize: (max - zero) / levels
-    if div is None:
-        raise MethodFailure(f"cannot reproduce torch's division by {levels} on {device}")
-    B, R, L = xv.shape
-    sb, sr, sl = xv.stride()
-    ng = L // g
-    out_shape = (*x.shape[:-1], ng)
-    packed = _empty(packed_nbytes(B * R * L, bits), torch.uint8, device, poison)
-    scale = _empty(out_shape, torch.float16, device, poison)
-    zero = _empty(out_shape, torch.float16, device, poison)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    total = B * R * ng
-    be.launch("minmax_quantize", (cdiv(total, be.block_threads),), be.block_threads,
-              [ptr(xv), i64(B), i64(R), i64(L), i64(sb), i64(sr), i64(sl), i32(g), i32(bits),
-               i32(sr == 1 and sl != 1), f32(div[0]), i32(div[1]), i32(word_mode), ptr(packed), ptr(scale),
-               ptr(zero), ptr(flag)], device)
-    if int(flag.item()):
-        raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
-    return packed, scale, zero
-
-
 def minmax_quantize_packed(x: Tensor, bits: int, group: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """= :func:`reference_minmax_quantize_packed`: (packed codes, scale float16, zero float16)."""
+    """= :func:`kvc.gpu.kernels.reference_minmax_quantize_packed`: (packed codes, scale float16, zero
+    float16)."""
     be = backend_for(x)
     if be is not None:
         plan = minmax_plan(x, bits, group)
         if plan is not None:
             xv, g, word_mode = plan
             layout = "cols" if xv.stride(1) == 1 and xv.stride(2) != 1 else "rows"
-            if _verified(be, x.device, "minmax_quantize", (bits, g, word_mode, layout)):
+            if verified(be, x.device, "minmax_quantize", (bits, g, word_mode, layout)):
                 return minmax_quantize_kernel(be, x, bits, group, poison_enabled())
     return reference_minmax_quantize_packed(x, bits, group)
 
 
-def minmax_dequantize_kernel(be: Backend, packed: Tensor, bits: int, shape, scale: Tensor, zero: Tensor,
-                             poison: bool = False) -> Tensor:
-    device = packed.device
-    n = math.prod(shape)
-    g = shape[-1] // scale.shape[-1]
-    out = _empty(tuple(shape), torch.float32, device, poison)
-    blocks = min(cdiv(n, be.block_threads), 65535 * 4)
-    be.launch("minmax_dequantize", (blocks,), be.block_threads,
-              [ptr(packed), i64(n), i32(g), i32(bits), ptr(scale.contiguous()), ptr(zero.contiguous()), ptr(out)],
-              device)
-    return out
-
-
 def minmax_dequantize_packed(packed: Tensor, bits: int, shape, scale: Tensor, zero: Tensor,
                              dtype: torch.dtype = torch.float32) -> Tensor:
-    """= :func:`reference_minmax_dequantize_packed`: x_hat [shape] in ``dtype``."""
+    """= :func:`kvc.gpu.kernels.reference_minmax_dequantize_packed`: x_hat [shape] in ``dtype``."""
     shape = tuple(shape)
     be = backend_for(packed)
     if (be is not None and dtype == torch.float32 and len(shape) >= 1 and 1 <= bits <= 8
@@ -457,21 +125,10 @@ def minmax_dequantize_packed(packed: Tensor, bits: int, shape, scale: Tensor, ze
             and scale.dtype == torch.float16 and zero.dtype == torch.float16
             and scale.shape == zero.shape and scale.shape[:-1] == shape[:-1] and scale.shape[-1] > 0
             and shape[-1] % scale.shape[-1] == 0 and scale.device == packed.device == zero.device
-            and _verified(be, packed.device, "minmax_dequantize", (bits,))):
+            and verified(be, packed.device, "minmax_dequantize", (bits,))):
         return minmax_dequantize_kernel(be, packed, bits, shape, scale, zero, poison_enabled())
     return reference_minmax_dequantize_packed(packed, bits, shape, scale, zero, dtype)
 
 
-# ----------------------------------------------------------------------------- eOptShrink
-
-
-def eoptshrink_batched(X: Tensor, device: torch.device | str | None = None, **kwargs):
-    """kvc.analysis.rmt.eoptshrink for every block and head of a layer at once, X [..., n, d], on ``device``.
-
-    No kernel of its own: kvc.analysis.rmt is batched torch (Gram by one batched matmul, torch.linalg.eigh on
-    the whole batch, the D-transform on [..., r, L] tensors, no Python loop per head), so on a CUDA
-    tensor it already runs as batched cuBLAS/cuSOLVER calls. This only moves X to the device.
-    """
-    from ..analysis.rmt import eoptshrink
-
-    return eoptshrink(X if device is None else X.to(device), **kwargs)
+__all__ = ["tq_mse_encode_packed", "tq_mse_decode_packed", "tq_score_packed", "tq_value_packed",
+           "minmax_quantize_packed", "minmax_dequantize_packed"]

@@ -1,4 +1,4 @@
-"""Loading and launching the CUDA kernels of ``kernels/*.cu``; availability and the ``--device cuda`` check.
+"""Loading and launching the CUDA kernels (sources: :mod:`kvc.gpu.sources`); availability and ``--device cuda``.
 
 Kernels are launched through a *backend*:
 
@@ -18,46 +18,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import threading
 import warnings
-from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import KvcError
+from ..model.load import resolve_device
+from .sources import ENV_KERNELS_DIR, KERNEL_FILES, KERNEL_OPTIONS, kernel_source, kernels_dir
 
-KERNEL_OPTIONS = ("--fmad=false",)
-"""NVRTC/nvcc options of every kernel (the compile test uses the same): no FMA contraction, so that
-the float operations written in the kernels are exactly the ones the torch reference performs."""
-
-KERNEL_FILES = {
-    "tq_encode": "turboquant", "tq_decode": "turboquant",
-    "tq_score": "tq_attention", "tq_value": "tq_attention",
-    "minmax_quantize": "minmax", "minmax_dequantize": "minmax",
-}
-COMMON_HEADER = "kvc_common.cuh"
 ENV_DISABLE = "KVC_GPU_KERNELS"  # "0": never use the kernels (torch path everywhere)
-ENV_KERNELS_DIR = "KVC_KERNELS_DIR"  # where kernels/*.cu live (default: the repository's kernels/)
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"' + re.escape(COMMON_HEADER) + r'"\s*$', re.M)
-
-
-def kernels_dir() -> Path:
-    """The directory holding the kernel sources (``$KVC_KERNELS_DIR`` or the repository's ``kernels/``)."""
-    env = os.environ.get(ENV_KERNELS_DIR)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "kernels"
-
-
-def kernel_source(name: str) -> str:
-    """Source of ``kernels/{name}.cu`` with the common header inlined (so that a compile cache keyed
-    on the source text sees header changes too)."""
-    directory = kernels_dir()
-    path = directory / f"{name}.cu"
-    if not path.is_file():
-        raise KvcError(f"kernel source {path} is missing (set {ENV_KERNELS_DIR} to the kernels/ directory)")
-    header = (directory / COMMON_HEADER).read_text()
-    return _INCLUDE.sub(lambda _: header, path.read_text())
 
 
 # ----------------------------------------------------------------------------- availability
@@ -186,7 +158,6 @@ class CupyBackend(Backend):
 
     def launch(self, kernel, grid, block, args, device):
         import cupy
-        import numpy as np
 
         index = device.index if device.index is not None else torch.cuda.current_device()
         fn = self._function(kernel, index)
@@ -257,15 +228,12 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-__all__ = ["KERNEL_OPTIONS", "KERNEL_FILES", "available", "require", "missing", "kernels_dir",
-           "kernel_source", "active_backend", "backend_for", "use_backend", "Backend", "CupyBackend",
-           "ptr", "i64", "i32", "f32", "cdiv", "is_pow2"]
-
-
 def require_device(device: str) -> torch.device:
     """``--device`` resolved (kvc.model.load.resolve_device), with cupy required for a CUDA device."""
-    from ..model.load import resolve_device
-
     resolved = resolve_device(device)
     require(resolved)
     return resolved
+
+
+__all__ = ["ENV_DISABLE", "available", "missing", "require", "require_device", "active_backend", "backend_for",
+           "use_backend", "Backend", "CupyBackend", "Arg", "ptr", "i64", "i32", "f32", "cdiv", "is_pow2"]

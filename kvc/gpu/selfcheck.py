@@ -24,7 +24,7 @@ from torch import Tensor
 from ..quant.packing import unpack_codes
 from ..quant.rotation import make_rotation
 from ..quant.turboquant import tq_codebook
-from . import ops
+from . import kernels
 from .runtime import Backend
 
 ENV_SELFCHECK = "KVC_GPU_SELFCHECK"
@@ -156,7 +156,7 @@ def compare_tq_encode(x: Tensor, bits: int, rotation, codebook: Tensor, got: tup
     if not bool(flip.any()):
         return None
     y = rotated_units(x, rotation)
-    mids = ops.midpoints(codebook, x.device)
+    mids = kernels.midpoints(codebook, x.device)
     lower = torch.minimum(codes, codes_ref).clamp(max=mids.numel() - 1)
     near = (y - mids[lower]).abs() <= BOUNDARY_TOL * torch.clamp(y.abs(), min=1.0)
     unexplained = flip & ~(((codes - codes_ref).abs() == 1) & near)
@@ -202,20 +202,20 @@ def check_tq_encode(be: Backend, device: torch.device, key: tuple) -> str | None
     rot = _tq_rotation(d, mode, 17 + d)
     cb = tq_codebook(d, bits)
     x = sample_rows((2, 3, 41, d), gen, device)
-    want = ops.reference_tq_mse_encode_packed(x, bits, rot, cb)
+    want = kernels.reference_tq_mse_encode_packed(x, bits, rot, cb)
     norm32 = torch.linalg.vector_norm(x.to(torch.float32), dim=-1)
-    got = ops.tq_encode_kernel(be, x, bits, rot, cb, mode, norm_in=norm32 if mode == "fused" else None,
-                               poison=True)
+    got = kernels.tq_encode_kernel(be, x, bits, rot, cb, mode, norm_in=norm32 if mode == "fused" else None,
+                                   poison=True)
     problem = compare_tq_encode(x, bits, rot, cb, got, want, strict=True)
     if problem is None and mode == "fused":
-        got = ops.tq_encode_kernel(be, x, bits, rot, cb, mode, poison=True)
+        got = kernels.tq_encode_kernel(be, x, bits, rot, cb, mode, poison=True)
         problem = compare_tq_encode(x, bits, rot, cb, got, want, strict=False)
         # a strided piece (the outlier split's half of the channels), as the method passes it
         wide = sample_rows((2, 3, 41, 2 * d), gen, device)
         piece = wide[..., d:]
         problem = problem or compare_tq_encode(
-            piece, bits, rot, cb, ops.tq_encode_kernel(be, piece, bits, rot, cb, mode, poison=True),
-            ops.reference_tq_mse_encode_packed(piece, bits, rot, cb), strict=False)
+            piece, bits, rot, cb, kernels.tq_encode_kernel(be, piece, bits, rot, cb, mode, poison=True),
+            kernels.reference_tq_mse_encode_packed(piece, bits, rot, cb), strict=False)
     return problem
 
 
@@ -226,9 +226,9 @@ def check_tq_decode(be: Backend, device: torch.device, key: tuple) -> str | None
     cb = tq_codebook(d, bits).to(torch.float32)
     shape = (2, 3, 37, d)
     x = sample_rows(shape, gen, device)
-    packed, norms = ops.reference_tq_mse_encode_packed(x, bits, rot, cb)
-    want = ops.reference_tq_mse_decode_packed(packed, bits, shape, norms, rot, cb)
-    got = ops.tq_decode_kernel(be, packed, bits, shape, norms, rot, cb, mode, poison=True)
+    packed, norms = kernels.reference_tq_mse_encode_packed(x, bits, rot, cb)
+    want = kernels.reference_tq_mse_decode_packed(packed, bits, shape, norms, rot, cb)
+    got = kernels.tq_decode_kernel(be, packed, bits, shape, norms, rot, cb, mode, poison=True)
     atol = 8 * torch.finfo(torch.float32).eps * norms.to(torch.float32)[..., None]
     return compare_close("decoded", got, want, atol)
 
@@ -241,15 +241,15 @@ def _attention_inputs(key: tuple, device, kind: str):
     S, H, G, Tq, T = 2, 2, 3, 5, 150  # T not a multiple of the kernels' tiles
     shape = (S, H, T, d)
     k = sample_rows(shape, gen, device)
-    packed, norms = ops.reference_tq_mse_encode_packed(k, bits, rot, cb)
+    packed, norms = kernels.reference_tq_mse_encode_packed(k, bits, rot, cb)
     return rot, cb, shape, packed, norms, (S, H * G, Tq, T), gen
 
 
 def check_tq_score(be: Backend, device: torch.device, key: tuple) -> str | None:
     rot, cb, shape, packed, norms, (S, Hq, Tq, T), gen = _attention_inputs(key, device, "score")
     q = torch.randn(S, Hq, 20, shape[-1], generator=gen).to(device)  # 20 * 3 queries: several tiles
-    want = ops.reference_tq_score_packed(q, packed, key[1], shape, norms, rot, cb)
-    got = ops.tq_score_kernel(be, q, packed, key[1], shape, norms, rot, cb, poison=True)
+    want = kernels.reference_tq_score_packed(q, packed, key[1], shape, norms, rot, cb)
+    got = kernels.tq_score_kernel(be, q, packed, key[1], shape, norms, rot, cb, poison=True)
     scale = q.norm(dim=-1, keepdim=True) * norms.to(torch.float32).repeat_interleave(Hq // shape[1], 1)[:, :, None]
     return compare_close("logits", got, want, 1e-4 * scale + 1e-30)
 
@@ -257,8 +257,8 @@ def check_tq_score(be: Backend, device: torch.device, key: tuple) -> str | None:
 def check_tq_value(be: Backend, device: torch.device, key: tuple) -> str | None:
     rot, cb, shape, packed, norms, (S, Hq, Tq, T), gen = _attention_inputs(key, device, "value")
     w = torch.softmax(torch.randn(S, Hq, 7, T, generator=gen) * 3, dim=-1).to(device)
-    want = ops.reference_tq_value_packed(w, packed, key[1], shape, norms, rot, cb)
-    got = ops.tq_value_kernel(be, w, packed, key[1], shape, norms, rot, cb, poison=True)
+    want = kernels.reference_tq_value_packed(w, packed, key[1], shape, norms, rot, cb)
+    got = kernels.tq_value_kernel(be, w, packed, key[1], shape, norms, rot, cb, poison=True)
     nrm = norms.to(torch.float32).repeat_interleave(Hq // shape[1], 1)  # [S, Hq, T]
     scale = (w * nrm[:, :, None, :]).sum(-1, keepdim=True)
     return compare_close("attention output", got, want, 1e-4 * scale + 1e-30)
@@ -279,8 +279,8 @@ def check_minmax_quantize(be: Backend, device: torch.device, key: tuple) -> str 
         x[0, 0, 5, :g] = 0.5
         x[1, 1, 3, :g] = halves
         x = x.to(device)
-    want = ops.reference_minmax_quantize_packed(x, bits, g)
-    got = ops.minmax_quantize_kernel(be, x, bits, g, poison=True)
+    want = kernels.reference_minmax_quantize_packed(x, bits, g)
+    got = kernels.minmax_quantize_kernel(be, x, bits, g, poison=True)
     for name, a, b in zip(("packed codes", "scale", "zero"), got, want):
         problem = compare_equal(name, a, b)
         if problem:
@@ -294,9 +294,9 @@ def check_minmax_dequantize(be: Backend, device: torch.device, key: tuple) -> st
     g = 8
     shape = (2, 3, 5, 4 * g)
     x = sample_rows(shape, gen, device)
-    packed, scale, zero = ops.reference_minmax_quantize_packed(x, bits, g)
-    want = ops.reference_minmax_dequantize_packed(packed, bits, shape, scale, zero)
-    got = ops.minmax_dequantize_kernel(be, packed, bits, shape, scale, zero, poison=True)
+    packed, scale, zero = kernels.reference_minmax_quantize_packed(x, bits, g)
+    want = kernels.reference_minmax_dequantize_packed(packed, bits, shape, scale, zero)
+    got = kernels.minmax_dequantize_kernel(be, packed, bits, shape, scale, zero, poison=True)
     return compare_equal("dequantized", got, want)
 
 
