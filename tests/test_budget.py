@@ -105,7 +105,7 @@ def test_explicit_sliding_layers(run):
 
 
 def test_bit_rules():
-    # algorithms.md §8.11: KIVI-2 at g32 with a 128-token fp16 window at 32K = 3.05 bits per entry
+    # docs/methods.md#oracle-bits: KIVI-2 at g32 with a 128-token fp16 window at 32K = 3.05 bits per entry
     kivi = compression_rule("kivi", 2, 128)
     geometry = geometry_from_dims(1, 1, 128)
     n = 32 * 1024
@@ -113,7 +113,7 @@ def test_bit_rules():
     assert compression_rule("int", 4, 128, group_size=128).k_bits == 4.25
     assert compression_rule("turboquant", 2, 128).k_bits == 2.125  # + fp16 norm / d
     assert compression_rule("turboquant", 2.5, 128).k_bits == 2.75  # two split instances, two norms
-    assert compression_rule("eoptshrinkq", 2, 128).k_bits == pytest.approx(2.33, abs=0.005)  # §1.7
+    assert compression_rule("eoptshrinkq", 2, 128).k_bits == pytest.approx(2.33, abs=0.005)  # readers' formula
     assert compression_rule("fp16", None, 64) == FP16
 
 

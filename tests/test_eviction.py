@@ -1,4 +1,4 @@
-"""Eviction methods (spec section 6): kept sets on constructed cases, budgets, bit accounting."""
+"""Eviction methods (docs/methods.md#eviction): kept sets on constructed cases, budgets, bit accounting."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lloyd-Max codebooks against spec 3.2 (table and Theorem 1) and independent numerical integration."""
+"""Lloyd-Max codebooks against docs/methods.md#beta-codebook (TurboQuant Theorem 1) and numerical integration."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from kvc.quant import lloyd_max
 from kvc.quant.lloyd_max import (beta_codebook, distortion, fit_codebook, gaussian_codebook,
                                  nearest_codes)
 
-# spec 3.2 table: positive halves times sqrt(d)
+# positive halves times sqrt(d): GAUSS is Max's Gaussian quantizer (docs/methods.md#beta-codebook, d -> inf);
+# BETA128 the Beta(128) digits of an independent, less converged NumPy solution
 GAUSS = {1: [0.7979], 2: [0.4528, 1.5104], 3: [0.2451, 0.7560, 1.3439, 2.1519],
          4: [0.1284, 0.3880, 0.6568, 0.9423, 1.2562, 1.6180, 2.0690, 2.7326]}
 BETA128 = {1: [0.7995], 2: [0.4525, 1.5052], 3: [0.2444, 0.7532, 1.3364, 2.1313],
            4: [0.1278, 0.3860, 0.6530, 0.9364, 1.2470, 1.6036, 2.0452, 2.6882]}
-DMSE128 = {1: 0.3609, 2: 0.1160, 3: 0.03397, 4: 0.00931}  # d * C(f_X, b), spec 3.2 / 8.6
+DMSE128 = {1: 0.3609, 2: 0.1160, 3: 0.03397, 4: 0.00931}  # d * C(f_X, b), docs/methods.md#oracle-turboquant-mse
 
 
 def _half(cb: torch.Tensor, d: int) -> np.ndarray:
@@ -28,10 +29,10 @@ def _half(cb: torch.Tensor, d: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("b", [1, 2, 3, 4])
-def test_codebooks_match_spec_table(b):
+def test_codebooks_match_reference_table(b):
     assert np.allclose(_half(gaussian_codebook(128, b), 128), GAUSS[b], atol=1.5e-4)
-    # The spec's b = 3, 4 Beta digits sit up to 7e-4 from the exact Lloyd fixed point (checked below
-    # by quadrature; the spec's values have a larger fixed-point residual and a higher distortion).
+    # BETA128's b = 3, 4 digits sit up to 7e-4 from the exact Lloyd fixed point (checked below by
+    # quadrature; those digits have a larger fixed-point residual and a higher distortion).
     assert np.allclose(_half(beta_codebook(128, b), 128), BETA128[b], atol=1e-3)
     cb = beta_codebook(128, b)
     assert torch.equal(cb, -cb.flip(0)) and bool((cb.diff() > 0).all())
@@ -56,9 +57,9 @@ def test_beta_codebook_is_a_lloyd_fixed_point_by_quadrature(d, b):
 @pytest.mark.parametrize("b", [1, 2, 3, 4])
 def test_distortion_theorem_1(b):
     dm = distortion(beta_codebook(128, b), 128)
-    assert dm == pytest.approx(DMSE128[b], rel=1e-3)  # spec digits: 3-4 significant
+    assert dm == pytest.approx(DMSE128[b], rel=1e-3)  # reference digits: 3-4 significant
     assert 4.0 ** -b < dm <= math.sqrt(3) * math.pi / 2 * 4.0 ** -b
-    # the spec table's rounded Beta codebook is not better than the exact one
+    # BETA128's rounded Beta codebook is not better than the exact one
     s = np.array(BETA128[b]) / math.sqrt(128)
     assert dm <= distortion(torch.tensor(np.concatenate([-s[::-1], s])), 128) + 1e-12
 

@@ -1,4 +1,5 @@
-"""eoptshrinkq and its svdq control (spec 1, 8.11, 8.12): bit accounting, round trip, the bit saving."""
+"""eoptshrinkq and its svdq control (docs/methods.md#eoptshrinkq, docs/methods.md#svdq): bits, round trip,
+bit saving."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def rel_mse(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def test_paper_formula_is_2_plus_r_over_16():
-    # spec 8.11: n = d = 128, b = 2, b_f = 4 -> 2 + r/16 (2.1875 at r = 3)
+    # docs/methods.md#oracle-bits: n = d = 128, b = 2, b_f = 4 -> 2 + r/16 (2.1875 at r = 3)
     assert float(paper_bits(2, 3, 128, 128, 4)) == 2.1875
     for r in range(8):
         assert float(paper_bits(2, r, 128, 128, 4)) == 2 + r / 16
@@ -54,7 +55,7 @@ def test_full_count_at_rank_3_is_near_2_33():
     # residual codes + fp16 norms + 4-bit factors + fp16 phi + two fp16 codebooks + uint8 rank
     expected = 2 + 16 / d + 3 * (n + d) * 4 / (n * d) + (3 * 16 + 2 * 16 * 16 + 8) / (n * d)
     assert bpe == pytest.approx(expected, abs=1e-12)
-    assert abs(bpe - 2.33) < 0.03  # spec 1.7: ~2.33 fully counted (its codebook is per block)
+    assert abs(bpe - 2.33) < 0.03  # readers' ~2.33, docs/methods.md#eoptshrinkq-bits
 
 
 @pytest.mark.parametrize("method", ["eoptshrinkq", "svdq"])
@@ -97,7 +98,7 @@ def test_svdq_is_rank_matched_with_unshrunk_values():
 
 
 def test_eoptshrinkq_beats_turboquant_by_the_predicted_margin():
-    """Spec 1.8 / 8.12: saving at equal MSE = 1/2 log2(1/(1 - rho)) - factor overhead."""
+    """docs/methods.md#oracle-energy-bits: saving at equal MSE = 1/2 log2(1/(1 - rho)) - factor overhead."""
     n = d = 128
     x = spiked(8, n, d, [14.0, 10.0, 8.0], seed=1)  # rho ~ 0.74 per block
     enc = build("eoptshrinkq", keys="post").encode(layer_of(x, x.clone()))

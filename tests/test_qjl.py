@@ -1,4 +1,4 @@
-"""QJL sign sketch (kvc.quant.qjl) against spec 8.9: unbiased, exact variance, orthogonal rows help."""
+"""QJL sign sketch (kvc.quant.qjl) against docs/methods.md#oracle-qjl: unbiased, exact variance, orthogonal rows."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_unbiased_with_the_exact_variance(cos):
     q, k = _qk(cos)
     est = _estimates(q, k, False, 10)
     ip = float(q @ k)
-    var = ((math.pi / 2) * float(q @ q) * float(k @ k) - ip * ip) / M  # spec 4 / 8.9
+    var = ((math.pi / 2) * float(q @ q) * float(k @ k) - ip * ip) / M  # docs/methods.md#qjl-sketch
     assert abs(float(est.mean()) - ip) < 4.5 * math.sqrt(var / DRAWS)
     assert float(est.var()) == pytest.approx(var, rel=0.08)
     assert var <= math.pi / (2 * M) * float(q @ q) * float(k @ k)
@@ -46,7 +46,7 @@ def test_orthogonal_rows_do_not_increase_variance(cos):
     gauss = float(_estimates(q, k, False, 20).var())
     orth_est = _estimates(q, k, True, 21)
     assert abs(float(orth_est.mean()) - float(q @ k)) < 4.5 * math.sqrt(gauss / DRAWS)
-    assert float(orth_est.var()) < gauss * 0.97  # strictly lower here; the spec only asks "not higher"
+    assert float(orth_est.var()) < gauss * 0.97  # strictly lower here; the oracle only asks "not higher"
 
 
 def test_orthogonal_sketch_structure():

@@ -1,5 +1,5 @@
 """The quantization methods through the compressor protocol: round trips, exact bit accounting
-(spec 8.11 and the methods' own formulas), determinism, keys pre/post, loud failures."""
+(docs/methods.md#oracle-bits and the methods' own formulas), determinism, keys pre/post, loud failures."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_turboquant_round_trip_and_bits(layer, variant, bits, rotation, max_rel)
 
 
 def test_turboquant_paper_split_bit_accounting(layer):
-    """Spec 8.11: 2.5-bit split = 2.5 code bits + one fp16 norm per part and row (here d = 64)."""
+    """docs/methods.md#turboquant-bits: 2.5-bit split = 2.5 code bits + one fp16 norm per part and row (here d = 64)."""
     _, enc, _ = _run("turboquant", layer, bits=2.5)
     codes = sum(a.numel() * 8 for n, a in enc.arrays.items() if n.endswith("codes"))
     assert codes / (2 * N) == 2.5
@@ -143,11 +143,11 @@ def test_kivi_round_trip_and_bits(layer):
     k_bits = _bytes_bits(S * H * nk * D, B) + 32 * S * H * nk * D // G + 16 * S * H * (T - nk) * D
     v_bits = _bytes_bits(S * H * nv * D, B) + 32 * S * H * nv * D // G + 16 * S * H * (T - nv) * D
     assert enc.nbits() == k_bits + v_bits
-    assert enc.bits_paper == 3.0  # B + 32/G at B = 2, G = 32 (spec 5.1 / 8.10)
+    assert enc.bits_paper == 3.0  # B + 32/G at B = 2, G = 32 (docs/methods.md#kivi)
 
 
 def test_kivi_2_gs32_r128_at_32k_is_3_05():
-    """Spec 8.11: KIVI-2-gs32-r128 at 32K context = 3 + (128/32768) * 13 = 3.05 bits, fully counted."""
+    """docs/methods.md#oracle-bits: KIVI-2-gs32-r128 at 32K = 3 + (128/32768) * 13 = 3.05 bits, fully counted."""
     t, d = 32768, 32
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, t, d, generator=g)
@@ -233,7 +233,7 @@ def test_kvquant_round_trip_and_bits(layer, opts):
 
 
 def test_kvquant_nuq3_1pct_paper_bits():
-    """Spec 8.11: KVQuant nuq3-1% ~ 3.33 bits (its count: X + fp16 value and 16-bit index per outlier)."""
+    """docs/methods.md#oracle-bits: KVQuant nuq3-1% ~ 3.33 bits (X + fp16 value and 16-bit index per outlier)."""
     assert paper_bits(3, 0.01) == pytest.approx(3.33, abs=0.015)
     assert paper_bits(4, 0.01) == pytest.approx(4.33, abs=0.015)
     assert paper_bits(2, 0.01) == pytest.approx(2.33, abs=0.015)

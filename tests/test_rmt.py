@@ -1,4 +1,4 @@
-"""Oracle tests for kvc.analysis.rmt (spec sections 1.4, 1.5, 2, 8.1-8.5). Fixed seeds, batched draws."""
+"""Oracle tests for kvc.analysis.rmt (docs/methods.md#test-oracles). Fixed seeds, batched draws."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _orthonormal(batch: int, m: int, r: int, gen: torch.Generator) -> torch.Tens
 
 
 def spiked(batch: int, n: int, d: int, thetas, gen: torch.Generator, noise: torch.Tensor | None = None):
-    """(X, S): batch x n x d, S = sum theta_i u_i v_i^T, noise N(0, 1/N) entries (normalized, spec 0)."""
+    """(X, S): batch x n x d, S = sum theta_i u_i v_i^T, N(0, 1/N) noise entries (docs/methods.md#notation)."""
     N = max(n, d)
     Z = torch.randn(batch, n, d, generator=gen, dtype=F64) / math.sqrt(N) if noise is None else noise
     if not len(thetas):
@@ -42,13 +42,13 @@ def spiked(batch: int, n: int, d: int, thetas, gen: torch.Generator, noise: torc
 
 
 def test_rule_skip_counts():
-    # spec 1.4 / 8.4: k(64) = 7, k(128) = 11, k(256) = 15; MATLAB k0 = floor(p^{1/2.01})
+    # docs/methods.md#eoptshrinkq-rank-rule: k(64) = 7, k(128) = 11, k(256) = 15; MATLAB k0 = floor(p^{1/2.01})
     assert [rmt.eoptshrinkq_k(d) for d in (64, 128, 256)] == [7, 11, 15]
     assert [rmt.matlab_k(p) for p in (64, 128, 256)] == [7, 11, 15]
 
 
 def test_white_noise_spike_table():
-    # spec 8.1 table
+    # docs/methods.md#oracle-spike-limits
     theta = torch.tensor([3.0, 2.0, 1.5], dtype=F64)
     for beta, y, c2, c2t in [
         (1.0, [3.333, 2.500, 2.167], [0.889, 0.750, 0.556], [0.889, 0.750, 0.556]),
@@ -64,25 +64,25 @@ def test_white_noise_spike_table():
 
 
 def test_gavish_donoho_constants():
-    # spec 2.5: MP medians, lambda*(1) = 4/sqrt(3), omega(beta)
+    # docs/methods.md#gavish-donoho: MP medians, lambda*(1) = 4/sqrt(3), omega(beta)
     assert rmt.mp_median(1.0) == pytest.approx(0.6528, abs=1e-4)
     assert rmt.mp_median(0.5) == pytest.approx(0.8305, abs=1e-4)
     assert rmt.mp_median(0.25) == pytest.approx(0.9160, abs=1e-4)
     assert rmt.optimal_hard_threshold(1.0) == pytest.approx(4 / math.sqrt(3), rel=1e-12)
     assert [round(rmt.omega(b), 3) for b in (1.0, 0.5, 0.25)] == [2.858, 2.171, 1.837]
-    # population eta_fro at beta = .25 for theta = 1, 1.5, 2, 3 (spec 8.2)
+    # population eta_fro at beta = .25 for theta = 1, 1.5, 2, 3 (docs/methods.md#oracle-shrinkage)
     y = rmt.white_noise_spike(torch.tensor([1.0, 1.5, 2.0, 3.0], dtype=F64), 0.25).y
     assert torch.allclose(rmt.gd_eta(y, 0.25), torch.tensor([0.474, 1.126, 1.708, 2.799], dtype=F64), atol=1e-3)
 
 
 def test_thresholds_unnormalized():
-    # spec 8.1: 128 x 128 with N(0, sigma^2) entries: BBP 11.3 sigma, edge 22.6 sigma
+    # docs/methods.md#oracle-spike-limits: 128 x 128, N(0, sigma^2) entries: BBP 11.3 sigma, edge 22.6 sigma
     assert rmt.bbp_threshold(128, 128, 2.0) == pytest.approx(2 * 11.31, abs=0.01)
     assert rmt.mp_bulk_edge(128, 128, 2.0) == pytest.approx(2 * 22.63, abs=0.01)
 
 
 def test_bit_accounting():
-    # spec 1.8: rho = .75 saves one bit; factor overhead r (n+d) b_f / (n d) = 0.1875 at r = 3, n = d = 128
+    # docs/methods.md#energy-share: rho = .75 saves one bit; factor overhead 0.1875 at r = 3, n = d = 128
     assert rmt.predicted_bit_saving(0.75, 0, 128, 128).item() == pytest.approx(1.0)
     assert rmt.predicted_bit_saving(0.5, 3, 128, 128).item() == pytest.approx(0.5 - 0.1875)
 
@@ -111,7 +111,8 @@ def test_transpose_gives_the_same_answer():
     assert torch.allclose(a.cos2_left, b.cos2_right) and torch.allclose(a.cos2_right, b.cos2_left)
 
 
-# --------------------------------------------------------------------------- rank rules (spec 8.4)
+# --------------------------------------------------------------------------- rank rules
+# oracle: docs/methods.md#oracle-rank-rule
 
 
 @pytest.mark.parametrize("n,d", [(128, 128), (128, 512), (512, 128)])
@@ -119,12 +120,12 @@ def test_rank_recovered_for_theta_at_least_2(n, d):
     gen = torch.Generator().manual_seed(3)
     X, _ = spiked(50, n, d, [4.0, 3.0, 2.0], gen)
     assert rmt.eoptshrink(X).rank.tolist() == [3] * 50
-    # the MATLAB v5 rule finds every spike too, plus its known false positives (spec 8.4)
+    # the MATLAB v5 rule finds every spike too, plus its known false positives
     assert (rmt.eoptshrink(X, rule="matlab", imputation="matlab").rank >= 3).all()
 
 
 def test_theta_1p5_square_is_mostly_missed():
-    # spec 1.4 / 8.4: the d^{-1/3} margin puts detection at ~1.54 sigma for 128 x 128; 1.5 is missed 14/20
+    # docs/methods.md#oracle-rank-rule: the p^{-1/3} margin detects from ~1.54 sigma at 128 x 128; 1.5 missed 14/20
     gen = torch.Generator().manual_seed(4)
     X, _ = spiked(60, 128, 128, [1.5], gen)
     missed = (rmt.eoptshrink(X).rank == 0).float().mean().item()
@@ -139,7 +140,7 @@ def test_pure_noise_has_no_spike(n, d):
 
 
 def test_matlab_rule_false_positives_on_noise():
-    # spec 8.4: the 1.1-factor v5 rule flags pure noise in ~42 % of 128 x 128 draws
+    # docs/methods.md#oracle-rank-rule: the 1.1-factor v5 rule flags pure noise in ~42 % of 128 x 128 draws
     gen = torch.Generator().manual_seed(6)
     X, _ = spiked(200, 128, 128, [], gen)
     flagged = (rmt.eoptshrink(X, rule="matlab", imputation="matlab").rank > 0).float().mean().item()
@@ -153,9 +154,9 @@ def test_bulk_edge_and_sigma(n, d):
     X = sigma * torch.randn(100, n, d, generator=gen, dtype=F64)
     s = rmt.eoptshrink(X)
     edge = s.edge.sqrt() / rmt.mp_bulk_edge(n, d, sigma)
-    assert abs(edge.mean().item() - 1) < 0.02  # spec 8.1: sigma (sqrt n + sqrt d)
+    assert abs(edge.mean().item() - 1) < 0.02  # sigma (sqrt n + sqrt d), docs/methods.md#marchenko-pastur
     assert (edge - 1).abs().max().item() < 0.06
-    sig = rmt.gd_sigma(s.singular_values, n, d) / sigma  # Gavish-Donoho MP-median estimate (spec 2.5)
+    sig = rmt.gd_sigma(s.singular_values, n, d) / sigma  # MP-median estimate, docs/methods.md#gavish-donoho
     assert abs(sig.mean().item() - 1) < 0.005 and (sig - 1).abs().max().item() < 0.02
 
 
@@ -168,11 +169,12 @@ def test_rule_fit_and_starvation():
     assert starved.tolist() == [False, False, True]
 
 
-# --------------------------------------------------------------------------- shrinkage (spec 8.2, 8.3)
+# --------------------------------------------------------------------------- shrinkage
+# oracles: docs/methods.md#oracle-shrinkage, docs/methods.md#oracle-amse
 
 
 def test_shrinker_matches_gavish_donoho_eta_fro():
-    # spec 8.2: one 400 x 1600 draw (beta = .25); empirical D-transform within 1 % for theta >= 1.5
+    # docs/methods.md#oracle-shrinkage: one 400 x 1600 draw (beta = .25); within 1 % for theta >= 1.5
     gen = torch.Generator().manual_seed(8)
     thetas = [3.0, 2.0, 1.5]
     X, _ = spiked(1, 1600, 400, thetas, gen)
@@ -189,7 +191,7 @@ def test_shrinker_matches_gavish_donoho_eta_fro():
 
 
 def test_d_transform_identity():
-    # spec 8.2: D(y(theta)) = 1 / theta^2 for the noise spectrum (here one 400 x 1600 white draw)
+    # docs/methods.md#oracle-shrinkage: D(y(theta)) = 1 / theta^2 (noise: one 400 x 1600 white draw)
     gen = torch.Generator().manual_seed(9)
     Z, _ = spiked(1, 1600, 400, [], gen)
     lam = rmt.gram_eigh(Z).eigenvalues
@@ -200,7 +202,7 @@ def test_d_transform_identity():
 
 
 def test_phi_is_optshrink_weight():
-    # spec 1.5 / 2.4: phi = d sqrt(a1 a2) equals Nadakuditi's -2 D(y) / D'(y) (D' by autograd)
+    # docs/methods.md#optimal-shrinkage: phi = d sqrt(a1 a2) equals Nadakuditi's -2 D(y) / D'(y) (D' by autograd)
     gen = torch.Generator().manual_seed(10)
     mu = torch.rand(40, generator=gen, dtype=F64) + 0.2
     beta = 0.4
@@ -215,7 +217,7 @@ def test_phi_is_optshrink_weight():
 
 
 def test_guard_zeroes_unusable_components():
-    # spec 1.5 / 8.4: T <= 0 (an "outlier" below the noise) -> not usable, phi = 0
+    # docs/methods.md#d-transform guard: T <= 0 (an "outlier" below the noise) -> not usable, phi = 0
     noise = rmt.NoiseSpectrum(torch.tensor([1.0, 2.0, 3.0], dtype=F64), torch.ones(3, dtype=F64))
     est = rmt.d_transform(torch.tensor([0.5, 9.0], dtype=F64), noise, 0.25)
     assert est.usable.tolist() == [False, True]
@@ -225,7 +227,7 @@ def test_guard_zeroes_unusable_components():
 
 @pytest.mark.parametrize("rule", ["eoptshrinkq", "matlab"])
 def test_amse_oracle_and_truncated_svd_is_worse(rule):
-    # spec 8.3: beta = .25, 128 x 512, theta = (3, 2, 1.5) + a sub-threshold 0.5 beta^{1/4}: AMSE 3.357
+    # docs/methods.md#oracle-amse: beta = .25, 128 x 512, theta = (3, 2, 1.5) + 0.5 beta^{1/4}: AMSE 3.357
     gen = torch.Generator().manual_seed(11)
     beta = 0.25
     thetas = [3.0, 2.0, 1.5, 0.5 * beta**0.25]
@@ -238,13 +240,14 @@ def test_amse_oracle_and_truncated_svd_is_worse(rule):
     err = (s.lowrank() - S).square().sum((-2, -1))
     assert err.mean().item() == pytest.approx(amse, rel=0.06)
     tsvd = (s.truncated_svd() - S).square().sum((-2, -1))
-    # per spike: theta^2 + y^2 - 2 theta y c c~ > theta^2 (1 - c^2 c~^2) (spec 8.3)
+    # per spike: theta^2 + y^2 - 2 theta y c c~ > theta^2 (1 - c^2 c~^2) (docs/methods.md#spiked-model)
     tsvd_limit = (th**2 + lim.y**2 - 2 * th * lim.y * (lim.cos2_p * lim.cos2_n).sqrt()).sum().item() + thetas[3] ** 2
     assert tsvd.mean().item() == pytest.approx(tsvd_limit, rel=0.06)
     assert (tsvd > err).float().mean().item() >= 0.95 and tsvd.mean() > 1.3 * err.mean()
 
 
-# --------------------------------------------------------------------------- colored noise (spec 8.5)
+# --------------------------------------------------------------------------- colored noise
+# oracle: docs/methods.md#oracle-colored-noise
 
 
 def _separable_noise(batch: int, n: int, d: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""TurboQuant numerics (kvc.quant.turboquant, kvc.quant.rotation) against spec 8.6-8.8 and 3.5."""
+"""TurboQuant numerics (kvc.quant.turboquant, kvc.quant.rotation) against the oracles
+docs/methods.md#oracle-turboquant-mse, docs/methods.md#oracle-turboquant-bias, docs/methods.md#oracle-turboquant-prod
+and the channel split of docs/methods.md#turboquant-fractional-bits."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from kvc.quant.turboquant import (channel_permutation, outlier_channels, split_b
                                   tq_prod_encode)
 
 D = 128
-THEORY = {1: 0.3609, 2: 0.1160, 3: 0.03397, 4: 0.00931}  # spec 8.6, d * C(f_X, b) at d = 128
+THEORY = {1: 0.3609, 2: 0.1160, 3: 0.03397, 4: 0.00931}  # docs/methods.md#oracle-turboquant-mse
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -95,8 +97,8 @@ def test_prod_oracle_8_8(b):
     assert abs(float((c - a).mean())) < 5 * math.sqrt(theory / len(a))
 
 
-def test_prod_at_8_8_reference_values():
-    """The spec's quoted values at d = 128: 1.56, 0.56, 0.18, 0.054 (formula, not a rounding)."""
+def test_prod_reference_values():
+    """docs/methods.md#oracle-turboquant-prod at d = 128: 1.56, 0.56, 0.18, 0.054 (formula, not a rounding)."""
     vals = [math.pi / 2 * (1.0 if b == 1 else distortion(beta_codebook(128, b - 1), 128))
             * (1 - 2 / (math.pi * 128)) for b in range(1, 5)]
     assert vals == pytest.approx([1.56, 0.56, 0.18, 0.054], rel=0.03)

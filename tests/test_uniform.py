@@ -1,4 +1,4 @@
-"""Uniform group quantization (KIVI min/max, symmetric int) against spec 8.10, and FP8 storage."""
+"""Uniform group quantization (KIVI min/max, symmetric int) against docs/methods.md#oracle-kivi, and FP8 storage."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 For each n x d matrix (tokens x head_dim) of k_pre, k and v: singular values, the eOptShrinkQ
 rank (or the eOptShrink MATLAB rule), bulk edge, Gavish-Donoho sigma, BBP threshold, D-transform
 estimates and shrunk values, energy share of the denoised low-rank part, predicted bit saving,
-outlier channels, and thin-shell / delocalization / isotropy of the residual (spec 1.4-1.8, 2).
-All heads, sequences/blocks and tensors of one layer go through one batched call.
+outlier channels, and thin-shell / delocalization / isotropy of the residual
+(docs/methods.md#analyze-report). All heads, sequences/blocks and tensors of one layer go through
+one batched call.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..errors import KvcError
 from ..rope import rope_params
 
 TOP_SINGULAR = 16
-LOWRANK_ENERGY = 0.5  # a layer is "low-rank" when its median rho >= 0.5, the half-bit point (spec 1.8)
+LOWRANK_ENERGY = 0.5  # "low-rank" layer: median rho >= 0.5, the half-bit point (docs/methods.md#energy-share)
 LABELS = {"k_pre": "keys before RoPE", "k": "keys after RoPE", "v": "values"}
 
 
@@ -99,7 +100,8 @@ def split_tokens(x: Tensor, per_seq: bool, block: int | None) -> tuple[Tensor, l
     """[..., S, H, T, D] -> ([..., G, H, n, D], (seq, block) label of each of the G groups).
 
     Pooled: all sequences stacked (G = 1). Blocks: consecutive tokens of one sequence; the tail
-    of T mod block tokens is left out (eOptShrinkQ keeps the incomplete block in FP16, spec 1.3).
+    of T mod block tokens is left out (eOptShrinkQ keeps the incomplete block in FP16,
+    docs/methods.md#eoptshrinkq-algorithm).
     """
     *lead, S, H, T, D = x.shape
     if block:
@@ -191,7 +193,8 @@ def _spectral_columns(sp: Spectral, n: int, d: int, batch_ndim: int) -> dict[str
     ref = sp.deloc.reference
     edge = sh.edge.clamp_min(0).sqrt()
     # white noise whose MP edge sigma (sqrt n + sqrt d) sits at the extrapolated edge has BBP threshold
-    # sigma (n d)^{1/4} (spec 8.1); the empirical D-transform at the edge itself is too unstable to use
+    # sigma (n d)^{1/4}; the empirical D-transform at the edge itself is too unstable to use
+    # (docs/methods.md#analyze-report)
     bbp = rmt.bbp_threshold(n, d, edge / rmt.mp_bulk_edge(n, d))
     return {
         "rank": rows(sh.rank),
@@ -445,12 +448,12 @@ def summarize(heads: list[dict], rope: list[dict], options: Options, worst: int 
 
 
 def references(n: int, d: int) -> dict:
-    """What isotropic Gaussian noise rows would give for the residual diagnostics (spec 1.8)."""
+    """What isotropic Gaussian noise rows give for the residual diagnostics (docs/methods.md#residual-diagnostics)."""
     return {
         "thin_shell_cv": 1 / math.sqrt(2 * d),  # CV of a chi_d norm ~ 1/sqrt(2d)
         "thin_shell_ratio": 2 / d,  # 2 tr(A^2)/tr(A)^2 with A = I_d
-        "deloc_max": math.sqrt(2 * math.log(d) / d),  # sqrt(2 ln d / d) (spec 1.8)
-        "isotropy": (1 + math.sqrt(d / n)) ** 2,  # MP edge over mean (spec 0)
+        "deloc_max": math.sqrt(2 * math.log(d) / d),  # sqrt(2 ln d / d)
+        "isotropy": (1 + math.sqrt(d / n)) ** 2,  # MP edge over mean
     }
 
 

@@ -1,7 +1,7 @@
 """Random-matrix numerics for the spiked model X = S + Z, batched over leading dims.
 
 Every function takes tensors of shape [..., n, d] (tokens x head_dim; leading dims are e.g.
-layers/heads) and works in float64 by default. Conventions follow spec section 0:
+layers/heads) and works in float64 by default. Conventions follow docs/methods.md#notation:
 p = min(n, d), N = max(n, d), beta = p / N, eigenvalues lambda_i = y_i^2 of the p x p Gram
 matrix in descending order. "p-side" / "N-side" refer to the shorter / longer dimension; the
 `Shrinkage` result maps them back to left (token, n) and right (channel, d) sides.
@@ -26,8 +26,8 @@ RankRule = Literal["eoptshrinkq", "matlab"]
 Imputation = Literal["eoptshrinkq", "matlab"]
 
 SMALL_LAPACK = 512  # matrices up to this size get one intra-op thread in batched CPU LAPACK calls
-EDGE_STEP = 2.0 ** (2.0 / 3.0) - 1.0  # square-root edge: lambda_j ~ edge - C j^{2/3} (spec 1.4)
-MATLAB_EDGE_FACTOR = 1.1  # safety factor of optimal_shrinkage_color5.m (spec 2.3)
+EDGE_STEP = 2.0 ** (2.0 / 3.0) - 1.0  # lambda_j ~ edge - C j^{2/3}, docs/methods.md#eoptshrinkq-rank-rule
+MATLAB_EDGE_FACTOR = 1.1  # safety factor of optimal_shrinkage_color5.m (docs/methods.md#matlab-rank-rule)
 
 
 # ----------------------------------------------------------------------------- decomposition
@@ -111,7 +111,7 @@ def eoptshrinkq_k(dim: int) -> int:
     """Number of top eigenvalues skipped by the edge extrapolation: floor(dim^c)."""
     if dim < 3:
         raise KvcError(f"the eOptShrinkQ rank rule needs at least 3 eigenvalues, got {dim}")
-    c = min(1.0 / 2.01, 1.0 / math.log(math.log(dim)))  # eOptShrinkQ Alg. 2 (spec 1.4)
+    c = min(1.0 / 2.01, 1.0 / math.log(math.log(dim)))  # eOptShrinkQ Alg. 2 (docs/methods.md#eoptshrinkq-rank-rule)
     return math.floor(dim**c)
 
 
@@ -120,32 +120,33 @@ def _edge_from(lam: Tensor, k: int, factor: float) -> Tensor:
     if 2 * k + 1 > p:
         raise KvcError(f"edge extrapolation needs 2k+1 = {2 * k + 1} eigenvalues, only {p} available")
     hi, lo = lam[..., k], lam[..., 2 * k]  # lambda_{k+1}, lambda_{2k+1} (1-based)
-    return hi + factor * (hi - lo) / EDGE_STEP  # ScreeNOT-style edge imputation (spec 1.4, 2.3)
+    return hi + factor * (hi - lo) / EDGE_STEP  # ScreeNOT-style edge imputation (docs/methods.md#eoptshrinkq-rank-rule)
 
 
 def eoptshrinkq_rank(lam: Tensor) -> RankSelection:
     """eOptShrinkQ rank rule (scale-free BBP ratio test) on descending eigenvalues [..., p].
 
-    The spec's d is head_dim for n >= d; for n < d (transposed) the rule runs on p = n.
+    Its readers state it with d = head_dim, which is p for n >= d; for n < d (transposed) it runs on
+    p = n (docs/methods.md#eoptshrinkq-rank-rule).
     """
     p = lam.shape[-1]
     k = eoptshrinkq_k(p)
     edge = _edge_from(lam, k, 1.0)
     margin = p ** (-1.0 / 3.0)
-    # r = #{i : lambda_i / edge - 1 > d^{-1/3}}, eOptShrinkQ Alg. 2 (spec 1.4); edge <= 0 -> r = 0
+    # r = #{i : lambda_i / edge - 1 > p^{-1/3}}, eOptShrinkQ Alg. 2; edge <= 0 -> r = 0
     above = (lam > (edge * (1.0 + margin))[..., None]) & (edge > 0)[..., None]
     return RankSelection(above.sum(-1), edge, k)
 
 
 def matlab_k(p: int) -> int:
-    """k0 = floor(p^{1/2.01}) top eigenvalues skipped by the MATLAB v5 rule (spec 2.3 step 1)."""
+    """k0 = floor(p^{1/2.01}) top eigenvalues skipped by the MATLAB v5 rule (docs/methods.md#matlab-rank-rule)."""
     return math.floor(p ** (1.0 / 2.01))
 
 
 def matlab_v5_rank(lam: Tensor) -> RankSelection:
-    """eOptShrink MATLAB v5 rank rule (optimal_shrinkage_color5.m) on eigenvalues [..., p]."""
+    """eOptShrink MATLAB v5 rank rule (optimal_shrinkage_color5.m, docs/methods.md#matlab-rank-rule) on [..., p]."""
     k0 = matlab_k(lam.shape[-1])
-    edge = _edge_from(lam, k0, MATLAB_EDGE_FACTOR)  # spec 2.3 step 2
+    edge = _edge_from(lam, k0, MATLAB_EDGE_FACTOR)
     return RankSelection((lam > edge[..., None]).sum(-1), edge, k0)
 
 
@@ -180,9 +181,9 @@ def _take(x: Tensor, index: Tensor) -> Tensor:
 def impute_noise_spectrum(lam: Tensor, rank: Tensor, method: Imputation = "eoptshrinkq") -> NoiseSpectrum:
     """Noise spectrum with the outliers removed and the eigenvalues they pushed up imputed.
 
-    'eoptshrinkq': k imputed values then lambda_{r+k+1..p} (length p - r, spec 1.5, j/k indexing).
-    'matlab': createPseudoNoise(s, 2r, 'i') on singular values, all p entries (spec 2.3 step 3).
-    Indices past p are clamped to lambda_p.
+    'eoptshrinkq': k imputed values then lambda_{r+k+1..p} (length p - r, j/k indexing).
+    'matlab': createPseudoNoise(s, 2r, 'i') on singular values, all p entries.
+    Indices past p are clamped to lambda_p. Formulas: docs/methods.md#noise-imputation.
     """
     p = lam.shape[-1]
     idx = torch.arange(p, device=lam.device)
@@ -191,7 +192,7 @@ def impute_noise_spectrum(lam: Tensor, rank: Tensor, method: Imputation = "eopts
         a = _take(lam, rank + k)  # lambda_{r+k+1}
         b = _take(lam, rank + 2 * k)  # lambda_{r+2k+1}
         j = torch.arange(1, k + 1, device=lam.device, dtype=lam.dtype) / k
-        # mu_j = a + (1 - (j/k)^{2/3}) (a - b) / (2^{2/3} - 1), eOptShrinkQ Alg. 3 (spec 1.5)
+        # mu_j = a + (1 - (j/k)^{2/3}) (a - b) / (2^{2/3} - 1), eOptShrinkQ Alg. 3
         imputed = a[..., None] + (1.0 - j ** (2.0 / 3.0)) * ((a - b) / EDGE_STEP)[..., None]
         tail = (idx >= (rank + k)[..., None]).to(lam.dtype)
         values = torch.cat([imputed, lam], dim=-1)
@@ -202,7 +203,7 @@ def impute_noise_spectrum(lam: Tensor, rank: Tensor, method: Imputation = "eopts
         m = 2 * rank
         top, bottom = _take(s, m), _take(s, 2 * m)  # s_{2r+1}, s_{4r+1}
         frac = idx.to(lam.dtype) / m.clamp_min(1)[..., None].to(lam.dtype)  # (l - 1) / (2r)
-        # fZ_l = s_{2r+1} + (1 - ((l-1)/(2r))^{2/3}) / (2^{2/3} - 1) * delta, createPseudoNoise.m (spec 2.3)
+        # fZ_l = s_{2r+1} + (1 - ((l-1)/(2r))^{2/3}) / (2^{2/3} - 1) * delta, createPseudoNoise.m
         fz = top[..., None] + (1.0 - frac ** (2.0 / 3.0)) / EDGE_STEP * (top - bottom)[..., None]
         values = torch.where(idx < m[..., None], fz, s) ** 2
         return NoiseSpectrum(values, torch.ones_like(values))
@@ -210,10 +211,10 @@ def impute_noise_spectrum(lam: Tensor, rank: Tensor, method: Imputation = "eopts
 
 
 def imputation_starved(rank: Tensor, p: int, method: Imputation = "eoptshrinkq") -> Tensor:
-    """True [...] where the imputation needs an eigenvalue past lambda_p (its index was clamped)."""
+    """True [...] where the imputation needs an eigenvalue past lambda_p (docs/methods.md#noise-imputation)."""
     if method == "eoptshrinkq":
-        return rank + 2 * eoptshrinkq_k(p) + 1 > p  # needs lambda_{r+2k+1} (spec 1.5)
-    return 4 * rank + 1 > p  # createPseudoNoise needs s_{4r+1} (spec 2.3 step 3)
+        return rank + 2 * eoptshrinkq_k(p) + 1 > p  # needs lambda_{r+2k+1}
+    return 4 * rank + 1 > p  # createPseudoNoise needs s_{4r+1}
 
 
 # ----------------------------------------------------------------------------- D-transform
@@ -234,22 +235,25 @@ class DTransformEstimate(NamedTuple):
 
 
 def d_transform(lam: Tensor, noise: NoiseSpectrum, beta: float) -> DTransformEstimate:
-    """Empirical D-transform estimator at eigenvalues lam [..., r] given a noise spectrum [..., L]."""
+    """Empirical D-transform estimator at eigenvalues lam [..., r] given a noise spectrum [..., L].
+
+    Formulas and guard: docs/methods.md#d-transform.
+    """
     w = noise.weights[..., None, :]
     count = w.sum(-1)
     inv = 1.0 / (noise.values[..., None, :] - lam[..., :, None])  # [..., r, L]
     inv = torch.where(w > 0, inv, torch.zeros_like(inv))  # dropped entries may equal lam
-    m1 = (w * inv).sum(-1) / count  # Stieltjes transform of the p x p noise Gram (spec 1.5)
+    m1 = (w * inv).sum(-1) / count  # Stieltjes transform of the p x p noise Gram
     dm1 = (w * inv * inv).sum(-1) / count
-    m2 = -(1.0 - beta) / lam + beta * m1  # N x N Gram: N - p structural zeros (spec 1.5, MATLAB sign)
+    m2 = -(1.0 - beta) / lam + beta * m1  # N x N Gram: N - p structural zeros (MATLAB sign)
     dm2 = (1.0 - beta) / lam**2 + beta * dm1
-    T = lam * m1 * m2  # T(lambda) = D(sqrt(lambda)), Nadakuditi 2014 D-transform (spec 2.4)
+    T = lam * m1 * m2  # T(lambda) = D(sqrt(lambda)), Nadakuditi 2014 D-transform
     dT = m1 * m2 + lam * dm1 * m2 + lam * m1 * dm2
     d_hat = 1.0 / T.clamp_min(torch.finfo(T.dtype).tiny).sqrt()  # theta_hat = 1/sqrt(D), BGN 2012
-    a1 = m1 / (d_hat**2 * dT)  # |<u, xi>|^2 estimate, Benaych-Georges & Nadakuditi 2012 (spec 1.5)
-    a2 = m2 / (d_hat**2 * dT)  # |<v, zeta>|^2 estimate (spec 1.5)
+    a1 = m1 / (d_hat**2 * dT)  # |<u, xi>|^2 estimate, Benaych-Georges & Nadakuditi 2012
+    a2 = m2 / (d_hat**2 * dT)  # |<v, zeta>|^2 estimate
     usable = torch.isfinite(T) & torch.isfinite(dT) & (T > 0)
-    usable &= (a1 > 0) & (a1 <= 1) & (a2 > 0) & (a2 <= 1)  # guard, spec 1.5 / 8.4
+    usable &= (a1 > 0) & (a1 <= 1) & (a2 > 0) & (a2 <= 1)  # guard (kvc)
     zero = torch.zeros_like(T)
     return DTransformEstimate(
         T, torch.where(usable, d_hat, zero), torch.where(usable, a1, zero), torch.where(usable, a2, zero), usable
@@ -257,13 +261,13 @@ def d_transform(lam: Tensor, noise: NoiseSpectrum, beta: float) -> DTransformEst
 
 
 def shrink_singular_values(d_hat: Tensor, a1: Tensor, a2: Tensor, loss: Loss = "fro") -> Tensor:
-    """Optimal shrunk singular value per component for the given loss (spec 1.5)."""
+    """Optimal shrunk singular value per component for the given loss (docs/methods.md#optimal-shrinkage)."""
     if loss == "fro":
-        return d_hat * (a1 * a2).sqrt()  # phi = d sqrt(a1 a2), Frobenius-optimal (spec 1.5)
+        return d_hat * (a1 * a2).sqrt()  # phi = d sqrt(a1 a2), Frobenius-optimal
     if loss == "op":
-        return d_hat.clone()  # operator norm: phi = d (spec 1.5)
+        return d_hat.clone()  # operator norm: phi = d
     if loss == "nuc":
-        # phi = max(0, d (sqrt(a1 a2) - sqrt((1-a1)(1-a2)))), nuclear norm (spec 1.5)
+        # phi = max(0, d (sqrt(a1 a2) - sqrt((1-a1)(1-a2)))), nuclear norm
         return (d_hat * ((a1 * a2).sqrt() - ((1 - a1) * (1 - a2)).clamp_min(0).sqrt())).clamp_min(0)
     raise KvcError(f"unknown loss {loss!r} (use 'fro', 'op' or 'nuc')")
 
@@ -318,16 +322,16 @@ class Shrinkage:
         return (self.left * weights[..., None, :]) @ self.right.mT
 
     def lowrank(self) -> Tensor:
-        """Denoised shared part U diag(phi) V^T [..., n, d] (spec 1.5)."""
+        """Denoised shared part U diag(phi) V^T [..., n, d] (docs/methods.md#optimal-shrinkage)."""
         return self._compose(self.phi)
 
     def truncated_svd(self) -> Tensor:
-        """Rank-matched unshrunk control (the 'svdq' baseline): same rank, raw singular values (spec 1.9)."""
+        """Rank-matched unshrunk control: same rank, raw singular values (docs/methods.md#svdq)."""
         y = self.singular_values[..., : self.mask.shape[-1]]
         return self._compose(torch.where(self.mask, y, torch.zeros_like(y)))
 
     def residual(self, X: Tensor) -> Tensor:
-        """X - lowrank in the compute dtype (spec 1.5)."""
+        """X - lowrank in the compute dtype (docs/methods.md#residual-diagnostics)."""
         return X.to(self.phi.dtype) - self.lowrank()
 
 
@@ -338,7 +342,10 @@ def eoptshrink(
     imputation: Imputation = "eoptshrinkq",
     dtype: torch.dtype = torch.float64,
 ) -> Shrinkage:
-    """Rank selection + noise-spectrum imputation + optimal shrinkage of X [..., n, d] (spec 1.4-1.5, 2.3)."""
+    """Rank selection + noise-spectrum imputation + optimal shrinkage of X [..., n, d].
+
+    eOptShrink (Su & Wu 2025) with eOptShrinkQ's rank rule by default: docs/methods.md#random-matrix-theory.
+    """
     svd = gram_eigh(X, dtype)
     lam = svd.eigenvalues
     n, d = X.shape[-2:]
@@ -395,7 +402,10 @@ def mp_median(beta: float) -> float:
 
 
 def gd_sigma(singular_values: Tensor, n: int, d: int) -> Tensor:
-    """Noise level from the median singular value [..., p] -> [...]: y_med / sqrt(N mu_beta) (spec 2.5)."""
+    """Noise level from the median singular value [..., p] -> [...]: y_med / sqrt(N mu_beta).
+
+    Gavish & Donoho 2014, sec. III-E; docs/methods.md#gavish-donoho.
+    """
     beta = min(n, d) / max(n, d)
     y_med = torch.quantile(singular_values.to(torch.float64), 0.5, dim=-1)
     return y_med / math.sqrt(max(n, d) * mp_median(beta))  # Gavish-Donoho 2014 sec. III-E
@@ -409,11 +419,11 @@ def gd_eta(y: Tensor, beta: float, loss: Loss = "fro") -> Tensor:
     if loss == "fro":
         eta = disc.sqrt() / y  # eta_fro = sqrt((y^2-beta-1)^2 - 4 beta)/y, Gavish-Donoho 2017 eq. (7)
     else:
-        x = (0.5 * ((y**2 - beta - 1) + disc.sqrt())).sqrt()  # de-biased x(y), Gavish-Donoho 2017 (spec 2.5)
+        x = (0.5 * ((y**2 - beta - 1) + disc.sqrt())).sqrt()  # de-biased x(y), Gavish-Donoho 2017
         if loss == "op":
             eta = x
         elif loss == "nuc":
-            # eta_nuc = max(0, (x^4 - sqrt(beta) x y - beta)/(x^2 y)), Gavish-Donoho 2017 (spec 2.5)
+            # eta_nuc = max(0, (x^4 - sqrt(beta) x y - beta)/(x^2 y)), Gavish-Donoho 2017
             eta = ((x**4 - math.sqrt(beta) * x * y - beta) / (x**2 * y)).clamp_min(0)
         else:
             raise KvcError(f"unknown loss {loss!r} (use 'fro', 'op' or 'nuc')")
@@ -430,7 +440,7 @@ def gd_shrink(singular_values: Tensor, n: int, d: int, sigma: Tensor | None = No
         sigma = gd_sigma(y, n, d)
     scale = torch.as_tensor(sigma, dtype=torch.float64, device=y.device)[..., None] * math.sqrt(max(n, d))
     beta = min(n, d) / max(n, d)
-    return scale * gd_eta(y / scale, beta, loss)  # eta_sigma(y) = sigma sqrt(N) eta(y / (sigma sqrt(N))) (spec 2.5)
+    return scale * gd_eta(y / scale, beta, loss)  # eta_sigma(y) = sigma sqrt(N) eta(y / (sigma sqrt(N)))
 
 
 def optimal_hard_threshold(beta: float) -> float:
@@ -452,9 +462,9 @@ class SpikeLimits(NamedTuple):
 
 
 def white_noise_spike(theta: Tensor | float, beta: float) -> SpikeLimits:
-    """Population outlier location and overlaps (spec 8.1), zero overlaps below the BBP threshold."""
+    """Population outlier location and overlaps (docs/methods.md#spiked-model), zero below the BBP threshold."""
     theta = torch.as_tensor(theta, dtype=torch.float64)
-    above = theta > beta**0.25  # BBP threshold beta^{1/4}, Baik-Ben Arous-Peche 2005 (spec 1.8)
+    above = theta > beta**0.25  # Baik, Ben Arous, Peche 2005; docs/methods.md#bbp-threshold
     y = ((theta + 1 / theta) * (theta + beta / theta)).sqrt()  # Benaych-Georges & Nadakuditi 2012 sec. 3.1
     c2 = (theta**4 - beta) / (theta**4 + beta * theta**2)  # p-side cos^2, BGN 2012 / Gavish-Donoho 2017
     c2_tilde = (theta**4 - beta) / (theta**4 + theta**2)  # N-side cos^2
@@ -464,12 +474,15 @@ def white_noise_spike(theta: Tensor | float, beta: float) -> SpikeLimits:
 
 
 def bbp_threshold(n: int, d: int, sigma: float = 1.0) -> float:
-    """BBP detection threshold for theta with un-normalized noise (entry std sigma): sigma (n d)^{1/4} (spec 8.1)."""
+    """BBP detection threshold for theta with un-normalized noise (entry std sigma): sigma (n d)^{1/4}.
+
+    Baik, Ben Arous, Peche 2005; docs/methods.md#bbp-threshold.
+    """
     return sigma * (n * d) ** 0.25  # beta^{1/4} sigma sqrt(N) = sigma (p N)^{1/4}
 
 
 def mp_bulk_edge(n: int, d: int, sigma: float = 1.0) -> float:
-    """Largest noise singular value for un-normalized noise: sigma (sqrt n + sqrt d) (spec 0)."""
+    """Largest noise singular value, un-normalized noise: sigma (sqrt n + sqrt d) (docs/methods.md#marchenko-pastur)."""
     return sigma * (math.sqrt(n) + math.sqrt(d))
 
 
@@ -477,14 +490,17 @@ def mp_bulk_edge(n: int, d: int, sigma: float = 1.0) -> float:
 
 
 def energy_share(X: Tensor, lowrank: Tensor) -> Tensor:
-    """rho = ||lowrank||_F^2 / ||X||_F^2 per matrix [...] (spec 1.8)."""
+    """rho = ||lowrank||_F^2 / ||X||_F^2 per matrix [...] (docs/methods.md#energy-share)."""
     X = X.to(torch.float64)
     lowrank = lowrank.to(torch.float64)
     return lowrank.square().sum((-2, -1)) / X.square().sum((-2, -1))
 
 
 def predicted_bit_saving(rho: Tensor | float, rank: Tensor | int, n: int, d: int, factor_bits: int = 4) -> Tensor:
-    """Predicted bits/entry saved vs plain TurboQuant: 1/2 log2(1/(1-rho)) - r (n+d) b_f / (n d) (spec 1.8)."""
+    """Predicted bits/entry saved vs plain TurboQuant: 1/2 log2(1/(1-rho)) - r (n+d) b_f / (n d).
+
+    kvc derivation, factor error ignored: docs/methods.md#energy-share.
+    """
     rho = torch.as_tensor(rho, dtype=torch.float64)
     rank = torch.as_tensor(rank, dtype=torch.float64, device=rho.device)
     return 0.5 * torch.log2(1.0 / (1.0 - rho)) - rank * (n + d) * factor_bits / (n * d)
@@ -511,19 +527,20 @@ class ThinShell(NamedTuple):
 
 
 def thin_shell(R: Tensor) -> ThinShell:
-    """Thin-shell statistics of the rows of R [..., n, d] (spec 1.8)."""
+    """Thin-shell statistics of the rows of R [..., n, d] (docs/methods.md#residual-diagnostics)."""
     sq = R.to(torch.float64).square().sum(-1)  # ||r_t||^2, [..., n]
     norms = sq.sqrt()
-    # Var(||r||^2) / (E||r||^2)^2 -> 2 tr(A^2) / tr(A)^2 for r = A^{1/2} g (spec 1.8)
+    # Var(||r||^2) / (E||r||^2)^2 -> 2 tr(A^2) / tr(A)^2 for r = A^{1/2} g
     return ThinShell(norms.std(-1) / norms.mean(-1), sq.var(-1) / sq.mean(-1) ** 2)
 
 
 class Delocalization(NamedTuple):
-    """Max |coordinate| of unit rows relative to reference sqrt(2 ln d / d) (spec 1.8), per matrix [...].
+    """Max |coordinate| of unit rows relative to reference sqrt(2 ln d / d), per matrix [...].
 
     ratio_*: mean over rows of the row maximum / reference; worst_*: max over rows / reference.
     *_raw in the stored channel basis (outlier channels show here); *_rotated after one shared Haar
-    rotation (what the TurboQuant codebook sees; near 1 for any fixed set of rows).
+    rotation (what the TurboQuant codebook sees; near 1 for any fixed set of rows). Definition:
+    docs/methods.md#residual-diagnostics.
     """
 
     reference: float
@@ -539,7 +556,7 @@ def delocalization(R: Tensor, generator: torch.Generator | None = None) -> Deloc
     d = R.shape[-1]
     unit = R / R.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(R.dtype).tiny)
     rotated = unit @ haar_rotation(d, generator).to(R.device).mT
-    reference = math.sqrt(2 * math.log(d) / d)  # ||Pi r||_inf <~ sqrt(2 ln d / d) ||r|| (spec 1.8)
+    reference = math.sqrt(2 * math.log(d) / d)  # ||Pi r||_inf <~ sqrt(2 ln d / d) ||r||
     raw_max = unit.abs().amax(-1)
     rot_max = rotated.abs().amax(-1)
     return Delocalization(
@@ -559,11 +576,14 @@ class Isotropy(NamedTuple):
 
 
 def isotropy(R: Tensor) -> Isotropy:
-    """Anisotropy of the (uncentered, as quantized) residual second-moment matrix R^T R / n."""
+    """Anisotropy of the (uncentered, as quantized) residual second-moment matrix R^T R / n.
+
+    Definition: docs/methods.md#residual-diagnostics.
+    """
     R = R.to(torch.float64)
     n, d = R.shape[-2:]
     gram = R.mT @ R if n >= d else R @ R.mT  # same nonzero spectrum, p x p
     with small_lapack(gram):
         top = torch.linalg.eigvalsh(gram)[..., -1]
     mean = R.square().sum((-2, -1)) / d  # trace / d
-    return Isotropy(top / mean, (1 + math.sqrt(d / n)) ** 2)  # MP edge of white rows (spec 0)
+    return Isotropy(top / mean, (1 + math.sqrt(d / n)) ** 2)  # MP edge of white rows over their mean

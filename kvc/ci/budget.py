@@ -19,7 +19,7 @@ from ..model.load import _first_line, resolve_model, text_config
 
 SCHEMA = "kvc-budget/1"
 METHODS = ("fp16", "fp8", "int", "kivi", "turboquant", "eoptshrinkq")
-KIVI_RESIDUAL = 128  # KIVI keeps the most recent R = 128 tokens in fp16 (algorithms.md §5.1)
+KIVI_RESIDUAL = 128  # KIVI keeps the most recent R = 128 tokens in fp16 (docs/methods.md#kivi)
 EOPT_BLOCK, EOPT_RANK, EOPT_FACTOR_BITS = 128, 3, 4  # eOptShrinkQ block n, typical rank r, factor bits b_f
 # llama.cpp's set_swa_pattern(n) for architectures whose GGUF omits sliding_window_pattern
 GGUF_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
@@ -225,21 +225,21 @@ def compression_rule(method: str, bits: float | None, key_dim: int, value_dim: i
     if method in ("int", "kivi"):
         if bits != int(bits) or not 1 <= bits <= 8:
             raise KvcError(f"--method {method} takes integer --bits from 1 to 8, got {bits:g}")
-        rate = bits + 32 / group_size  # fp16 scale + zero point per group of G (algorithms.md §5.1)
+        rate = bits + 32 / group_size  # fp16 scale + zero point per group of G (docs/methods.md#nominal-bits)
         return Compression(f"{method}{bits:g}-g{group_size}", rate, rate,
                            KIVI_RESIDUAL if method == "kivi" else 0)
     if not 1 <= bits <= 4:
         raise KvcError(f"--method {method} takes --bits from 1 to 4, got {bits:g}")
     if method == "turboquant":
-        norms = 1 if bits == int(bits) else 2  # fractional widths: two channel-split instances (§3.5)
-        k, v = (bits + 16 * norms / d for d in dims)  # + fp16 norm per vector (§3.5)
+        norms = 1 if bits == int(bits) else 2  # fractional widths: two channel-split instances
+        k, v = (bits + 16 * norms / d for d in dims)  # + fp16 norm per vector (docs/methods.md#nominal-bits)
     else:
         k, v = (_eopt_bits(bits, d) for d in dims)
     return Compression(f"{method}{bits:g}", k, v)
 
 
 def _eopt_bits(bits: float, d: int) -> float:
-    """eOptShrinkQ fully counted at block n, rank r, factor bits b_f (algorithms.md §1.7 bpe_full)."""
+    """eOptShrinkQ fully counted at block n, rank r, factor bits b_f (docs/methods.md#eoptshrinkq-bits)."""
     n, r, bf = EOPT_BLOCK, EOPT_RANK, EOPT_FACTOR_BITS
     return bits + 16 / d + r * (n + d) * bf / (n * d) + 16 * r / (n * d) + 16 * 2 ** bf / (n * d)
 

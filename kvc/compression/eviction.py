@@ -1,4 +1,4 @@
-"""Shared scoring for the eviction methods (spec section 6), batched over sequences and heads.
+"""Shared scoring for the eviction methods (docs/methods.md#eviction), batched over sequences and heads.
 
 Queries are the captured ones (after RoPE, at ``LayerKV.q_positions``); key j sits at position j.
 GQA: query heads h*G .. (h+1)*G - 1 read KV head h; scores are computed against the shared K (never

@@ -1,4 +1,5 @@
-"""Low-rank + quantized-residual codec shared by ``eoptshrinkq`` and ``svdq`` (spec 1.3-1.7).
+"""Low-rank + quantized-residual codec shared by ``eoptshrinkq`` and ``svdq``
+(docs/methods.md#eoptshrinkq-algorithm).
 
 Per (sequence, KV head) the tokens are cut into blocks of ``--block`` rows; the last, unfinished
 block stays fp16. All blocks of a layer are decomposed in one batched call (``kvc.analysis.rmt.eoptshrink``:
@@ -42,7 +43,10 @@ RAGGED = ("u_codes", "v_codes", "weights")  # arrays whose size follows the per-
 
 
 def paper_bits(bits: int, rank: Tensor | float, n: int, d: int, factor_bits: int) -> Tensor:
-    """Bits per entry by the paper's formula, per block: b + r (n + d) b_f / (n d) (spec 1.7)."""
+    """Bits per entry by the paper's formula, per block: b + r (n + d) b_f / (n d).
+
+    Paper count of docs/methods.md#eoptshrinkq-bits.
+    """
     return bits + torch.as_tensor(rank, dtype=torch.float64) * (n + d) * factor_bits / (n * d)
 
 
@@ -63,7 +67,7 @@ def compose(u: Tensor, w: Tensor, v: Tensor, ranks: Tensor) -> Tensor:
     V = v.new_zeros(*ranks.shape, r_max, v.shape[-1])
     W = w.new_zeros(*ranks.shape, r_max)
     U[slots], V[slots], W[slots] = u, v, w
-    return (U.mT * W[..., None, :]) @ V  # U diag(w) V^T (spec 1.5)
+    return (U.mT * W[..., None, :]) @ V  # U diag(w) V^T
 
 
 class LowRankQuant(TensorCompressor):

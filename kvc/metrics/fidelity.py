@@ -1,4 +1,4 @@
-"""Fidelity of a reconstructed KV layer, per KV head (spec section 7), as pure batched functions.
+"""Fidelity of a reconstructed KV layer, per KV head (docs/methods.md#metrics), as pure batched functions.
 
 Shapes: k, k_hat, v, v_hat [S, H, T, D]; queries q [S, H_q, Tq, D] after RoPE at ``q_positions``
 [Tq]. GQA: query head h*G + g reads KV head h, so queries are viewed as [S, H, G, Tq, D] and K, V

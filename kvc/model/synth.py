@@ -5,8 +5,9 @@ Per (layer, sequence, KV head), K-before-RoPE and V are n x d (tokens x head_dim
 with Haar-random orthonormal u (tokens) and v (channels), and noise Z with entries of variance
 sigma^2 (white), or separable Z = sigma * diag(b)^(1/2) G diag(a)^(1/2) (colored: channel
 variances a uniform on [1, 10], token variances b a two-point mixture {0.5, 2}, eOptShrink's test
-design, spec section 8.5). In these units the BBP detection threshold is theta = beta^(1/4)
-(Benaych-Georges & Nadakuditi 2012; spec 8.1), so ``strengths`` read like the spec's tables.
+design). In these units the BBP detection threshold is theta = beta^(1/4) (Baik, Ben Arous,
+Peche 2005; Benaych-Georges & Nadakuditi 2012), so ``strengths`` read like the tables of
+docs/methods.md#oracle-spike-limits. Model and defaults: docs/methods.md#synthetic-captures.
 Planted outlier channels multiply chosen channels of K-before-RoPE and V by ``outlier_scale``.
 Keys after RoPE are K-before-RoPE rotated with theta_rope = 10000 on all dims; queries are
 isotropic Gaussian.
@@ -74,7 +75,7 @@ def spiked_block(spec: SpikedSpec, gen: torch.Generator) -> torch.Tensor:
     lead = (spec.num_seqs, spec.num_kv_heads)
     n, d = spec.seq_len, spec.head_dim
     noise = torch.randn(*lead, n, d, generator=gen, dtype=torch.float64)
-    if spec.noise == "colored":  # separable covariance, spec 8.5
+    if spec.noise == "colored":  # separable covariance (docs/methods.md#oracle-colored-noise)
         channel_var = 1 + 9 * torch.rand(*lead, 1, d, generator=gen, dtype=torch.float64)
         token_var = torch.where(torch.rand(*lead, n, 1, generator=gen) < 0.5, 0.5, 2.0).double()
         noise = noise * channel_var.sqrt() * token_var.sqrt()

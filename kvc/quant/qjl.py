@@ -5,7 +5,8 @@ unquantized query q is estimated asymmetrically (QJL Lemma 3.2 / TurboQuant Def.
 
     <q, k>  ~=  sqrt(pi/2) / m * ||k|| * <S q, sign(S k)>,
 
-unbiased, with variance [(pi/2) ||q||^2 ||k||^2 - <q, k>^2] / m for Gaussian S (spec 4).
+unbiased, with variance [(pi/2) ||q||^2 ||k||^2 - <q, k>^2] / m for Gaussian S
+(docs/methods.md#qjl-sketch).
 :func:`qjl_decode` returns the vector whose inner product with every q is that estimate,
 k_hat = sqrt(pi/2)/m * ||k|| * S^T sign(S k), so a decoded key can be used like any other.
 

@@ -18,7 +18,8 @@ Zero rows give norm 0 and decode to 0. A norm beyond the float16 range raises Me
 TQ-prod (Alg. 2), ``bits`` in 1..8: TQ-mse at bits - 1 (nothing at bits = 1) plus a 1-bit QJL sketch
 of the residual with a d x d Gaussian S (:func:`tq_prod_encode` / :func:`tq_prod_decode`).
 
-Fractional bit widths (paper sec. 4.3, spec 3.5): :func:`split_bits` gives the channel split.
+Fractional bit widths (paper sec. 4.3; docs/methods.md#turboquant-fractional-bits): :func:`split_bits`
+gives the channel split.
 General rule used here: for b = b_lo + f (b_lo = floor(b), 0 < f < 1) on d channels, the
 ``f * d`` channels with the largest energy (sum of squares over the tokens, per sequence and head)
 are quantized at b_lo + 1 bits and the other ``(1 - f) * d`` at b_lo bits, by two independent

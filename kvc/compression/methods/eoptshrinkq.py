@@ -1,4 +1,7 @@
-"""eOptShrinkQ (Su, arXiv:2605.02905): eOptShrink low-rank part + TurboQuant-mse residual (spec 1)."""
+"""eOptShrinkQ (Su, arXiv:2605.02905): eOptShrink low-rank part + TurboQuant-mse residual.
+
+Algorithm, bits and theory: docs/methods.md#eoptshrinkq.
+"""
 
 from __future__ import annotations
 
@@ -16,4 +19,4 @@ class EOptShrinkQ(LowRankQuant):
     paper = "Su, eOptShrinkQ: Near-Lossless KV Cache Compression, arXiv:2605.02905"
 
     def weights(self, shrinkage: Shrinkage) -> Tensor:
-        return shrinkage.phi  # phi = d_hat sqrt(a1 a2), eOptShrinkQ Alg. 3 (spec 1.5)
+        return shrinkage.phi  # phi = d_hat sqrt(a1 a2), eOptShrinkQ Alg. 3 (docs/methods.md#optimal-shrinkage)

@@ -18,7 +18,7 @@ RIDGE = 1e-6  # relative diagonal loading of the fitted covariance (Tq <= D leav
 class GVote(Evictor):
     """Keep the union of the attention nuclei of the current query and of sampled future queries.
 
-    Our reading of the paper's steps 2-4 (not fully published, spec section 6):
+    Our reading of the paper's steps 2-4 (not fully published; docs/methods.md#gvote):
     (1) the last captured query's nucleus (smallest key set with mass >= ``--nucleus``) is kept;
     (2) per query head, a Gaussian N(mu, Sigma) (full covariance) is fitted to the captured queries
         before RoPE (RoPE undone at their positions). This equals fitting the paper's Gaussian to the

@@ -1,4 +1,5 @@
-"""KIVI: asymmetric 2-bit quantization, keys per channel, values per token, fp16 recent window (spec 5.1).
+"""KIVI: asymmetric 2-bit quantization, keys per channel, values per token, fp16 recent window
+(docs/methods.md#kivi).
 
 Offline emulation of the streaming cache at the end of the capture:
 - keys: per channel, in groups of G consecutive tokens; the first floor((T - R) / G) * G tokens are

@@ -1,4 +1,5 @@
-"""KVQuant: pre-RoPE per-channel keys, per-token values, non-uniform codebook, dense-and-sparse (spec 5.2).
+"""KVQuant: pre-RoPE per-channel keys, per-token values, non-uniform codebook, dense-and-sparse
+(docs/methods.md#kvquant).
 
 Per tensor (K before RoPE by default, V), the first token (attention sink) is stored in fp16
 (``--first_few_fp16 1``). Every other entry belongs to one *vector*: a channel over the tokens for

@@ -1,4 +1,5 @@
-"""QJL: keys as 1-bit signs of a JL sketch (m rows) plus the fp16 norm; values group-quantized (spec 4).
+"""QJL: keys as 1-bit signs of a JL sketch (m rows) plus the fp16 norm; values group-quantized
+(docs/methods.md#qjl).
 
 Keys: sign(S k) in {+-1}^m and ||k|| (kvc.quant.qjl); the decoded key
 k_hat = sqrt(pi/2)/m ||k|| S^T sign(S k) gives exactly the paper's asymmetric, unbiased inner-product

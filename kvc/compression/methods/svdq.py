@@ -1,4 +1,4 @@
-"""svdq: the rank-matched truncated-SVD control for eoptshrinkq (spec 1.9)."""
+"""svdq: the rank-matched truncated-SVD control for eoptshrinkq (docs/methods.md#svdq)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class SVDQ(LowRankQuant):
 
     name = "svdq"
     summary = "control: rank-matched truncated SVD (unshrunk) + TurboQuant-mse residual"
-    paper = "control of spec 1.9 (LaplaceKV audit): same rank and codec as eoptshrinkq, no shrinkage"
+    paper = "rank-matched control (LaplaceKV audit): same rank and codec as eoptshrinkq, no shrinkage"
 
     def weights(self, shrinkage: Shrinkage) -> Tensor:
         y = shrinkage.singular_values[..., : shrinkage.usable.shape[-1]]

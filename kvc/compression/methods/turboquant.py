@@ -1,4 +1,5 @@
-"""TurboQuant: random rotation + exact Beta(d) Lloyd-Max scalar codebook per coordinate (spec 3).
+"""TurboQuant: random rotation + exact Beta(d) Lloyd-Max scalar codebook per coordinate
+(docs/methods.md#turboquant).
 
 Every token vector (row of K or V per sequence and head) is quantized on its own (online, data
 oblivious). ``--variant mse`` is Algorithm 1, ``--variant prod`` Algorithm 2 (mse at b - 1 bits plus a
