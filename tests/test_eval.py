@@ -9,6 +9,7 @@ import torch
 
 from kvc.eval import evaluate as ev
 from kvc.compression.protocol import Compressor, Decoded, Encoded, Evictor, LayerKV, build
+from kvc.errors import MethodFailure
 from kvc.model.text import load_corpus
 
 TINY = ev.Settings(contexts=(128,), windows=1, continuation=16, retrieval=False)
@@ -61,6 +62,43 @@ def test_compressed_layer_positions_and_mask():
     assert mask.shape == (1, 2, 2, 5)
     assert mask[0, 0].tolist() == [[True, True, False, True, False], [True, True, False, True, True]]
     assert mask[0, 1, :, :3].tolist() == [[True, False, False]] * 2
+
+
+class Unchanged(ExactIdentity):
+    """Deliberately broken: stores 1 bit per entry, but decodes K and V from the layer it is shown."""
+
+    name = "unchanged"
+
+    def encode(self, layer: LayerKV) -> Encoded:
+        return Encoded({"k": torch.zeros(layer.entries // 8, dtype=torch.uint8),
+                        "v": torch.zeros(layer.entries // 8, dtype=torch.uint8)})
+
+    def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
+        return Decoded(layer.k, layer.v)
+
+
+class TensorMeta(ExactIdentity):
+    """Deliberately broken: keeps a tensor in its metadata, where no bit is counted."""
+
+    name = "tensor-meta"
+
+    def encode(self, layer: LayerKV) -> Encoded:
+        return Encoded({"k": layer.k.clone(), "v": layer.v.clone()}, {"scale": torch.ones(1)})
+
+
+def test_eval_compresses_through_the_audited_engine_path():
+    """kvc eval's layers take engine.encode_decode, with every check of kvc compress."""
+    g = torch.Generator().manual_seed(0)
+    layer = LayerKV(layer=3, k=torch.randn(1, 2, 8, 16, generator=g), v=torch.randn(1, 2, 8, 16, generator=g),
+                    q=torch.randn(1, 2, 8, 16, generator=g), q_positions=torch.arange(8))
+    fp16 = ev.compress(build("fp16"), [layer], torch.float32)
+    assert fp16.bits == 16 * fp16.entries and fp16.entries == 2 * 256
+    torch.testing.assert_close(fp16.layers[0].keys, layer.k.half().float(), rtol=0, atol=0)
+    with pytest.raises(MethodFailure, match=r"^method unchanged returned K and V unchanged at 1\.00 bits per "
+                                            r"entry in layer 3: compression was not applied$"):
+        ev.compress(Unchanged(), [layer], torch.float32)
+    with pytest.raises(MethodFailure, match="^method tensor-meta: layer 3 metadata is not plain JSON"):
+        ev.compress(TensorMeta(), [layer], torch.float32)
 
 
 @pytest.mark.model

@@ -114,7 +114,8 @@ def _json_meta(name: str, layer: int, meta: dict) -> dict:
 
 
 def _audit(compressor: Compressor, layer: LayerKV, encoded: Encoded, decoded: Decoded) -> None:
-    """Fail loudly on wrong shapes, NaN/Inf, data hidden in metadata, or bits below those asked."""
+    """Fail loudly on wrong shapes, NaN/Inf, data hidden in metadata, bits below those asked, or
+    K and V returned unchanged below 16 bits per entry."""
     name, L = compressor.name, layer.layer
     S, H, T, D = layer.shape
     for label, t, shape in (("k", decoded.k, (S, H, T, D)), ("v", decoded.v, (S, H, T, D)),
@@ -137,30 +138,45 @@ def _audit(compressor: Compressor, layer: LayerKV, encoded: Encoded, decoded: De
         if asked < 16 <= bpe:
             raise MethodFailure(f"method {name} was asked for {asked} bits per entry but stores "
                                 f"{bpe:.2f} in layer {L}: compression was not applied")
+    if bpe < 16 and torch.equal(decoded.k, layer.k) and torch.equal(decoded.v, layer.v):
+        raise MethodFailure(f"method {name} returned K and V unchanged at {bpe:.2f} bits per "
+                            f"entry in layer {L}: compression was not applied")
 
 
-def measure_layer(compressor: Compressor, layer: LayerKV, query_stride: int = 1
-                  ) -> tuple[LayerResult, Encoded]:
-    """Encode, decode (through the JSON metadata round trip), audit and measure one layer.
+def encode_decode(compressor: Compressor, layer: LayerKV) -> tuple[Encoded, Decoded, dict[str, Tensor]]:
+    """The one audited path of a layer through a method (``kvc compress``, ``kvc eval``,
+    ``kvc.compressing``): validate, encode, decode through the JSON round trip of the metadata
+    (what ``kvc decompress`` reads), audit (``_audit``, ``head_bits``).
 
-    The method sees every captured query; the metrics use every ``query_stride``-th one.
+    Returns the stored arrays, the reconstruction and the stored bits per KV head [H] of K and V.
     """
     compressor.validate(layer)
     raw = compressor.encode(layer)
     encoded = Encoded(raw.arrays, _json_meta(compressor.name, layer.layer, raw.meta), raw.bits_paper)
     decoded = compressor.decode(encoded, layer)
     _audit(compressor, layer, encoded, decoded)
-    bits = head_bits(compressor, encoded, layer)
+    return encoded, decoded, head_bits(compressor, encoded, layer)
+
+
+def measure(compressor: Compressor, layer: LayerKV, encoded: Encoded, decoded: Decoded,
+            bits: dict[str, Tensor], query_stride: int = 1) -> LayerResult:
+    """The tensor metrics of one encoded and decoded layer (``encode_decode``).
+
+    The metrics use every ``query_stride``-th captured query.
+    """
     metrics = layer_metrics(layer.k, decoded.k, layer.v, decoded.v, layer.q[:, :, ::query_stride],
                             layer.q_positions[::query_stride], decoded.keep,
                             lambda q: compressor.score(encoded, layer, q), layer.attention)
     metrics = {t: {m: x.detach().cpu() for m, x in ms.items()} for t, ms in metrics.items()}
-    bpe = encoded.nbits() / (2 * layer.entries)
-    if bpe < 16 and bool((metrics["k"]["mse_rel"] == 0).all() & (metrics["v"]["mse_rel"] == 0).all()):
-        raise MethodFailure(f"method {compressor.name} returned K and V unchanged at {bpe:.2f} bits per "
-                            f"entry in layer {layer.layer}: compression was not applied")
     S, H, T, D = layer.shape
-    return LayerResult(layer.layer, bits, S * T * D, raw.bits_paper, metrics, decoded.keep is not None), encoded
+    return LayerResult(layer.layer, bits, S * T * D, encoded.bits_paper, metrics, decoded.keep is not None)
+
+
+def measure_layer(compressor: Compressor, layer: LayerKV, query_stride: int = 1
+                  ) -> tuple[LayerResult, Encoded]:
+    """Encode, decode, audit and measure one layer; the method sees every captured query."""
+    encoded, decoded, bits = encode_decode(compressor, layer)
+    return measure(compressor, layer, encoded, decoded, bits, query_stride), encoded
 
 
 # ----------------------------------------------------------------------------- a run

@@ -1,7 +1,7 @@
 """End to end: a method's compressed cache inside the model (``kvc eval``).
 
-A context is prefilled once (recording queries and keys before RoPE, ``capture.recording``); each
-layer's K/V is compressed and decoded by the method and put into a ``CompressedCache``, a
+A context is prefilled once (recording queries and keys before RoPE, ``kvc.model.hooks``); each
+layer's K/V goes through the method (``engine.encode_decode``) and into a ``CompressedCache``, a
 transformers ``DynamicCache`` whose layers hold the decoded prefix (eviction methods: only the kept
 tokens, compacted per KV head and padded, at their original RoPE positions) followed by the tokens
 appended later, uncompressed. The same prefill serves the uncompressed baseline and every method.
@@ -12,20 +12,18 @@ appended later, uncompressed. The same prefill serves the uncompressed baseline 
   depths and lengths; the question is appended after the compressed context and the code is decoded
   greedily. Multi-needle: several doors in one context, one question each.
 
-Attention runs through an ``AttentionInterface`` function that applies each layer's own mask
-(per KV head validity of the compacted prefix, causal over the appended tokens), so ragged
+Attention runs through the hooked attention function (``CacheMasks``), which applies each layer's
+own mask (per KV head validity of the compacted prefix, causal over the appended tokens), so ragged
 per-head and per-layer budgets need no padding tricks in the model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -35,14 +33,14 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..attention import AttentionSpec
-from ..model.capture import _Recorder, _rope_metadata, recording
-from ..compression.protocol import Compressor, Decoded, LayerKV, check_finite
+from ..compression import engine
+from ..compression.protocol import Compressor, Decoded, LayerKV
 from ..compression.composite import kept_slots
+from ..model.hooks import AttentionCall, Hooks, Recorder, hooked
 from ..model.text import Corpus, framing
-from ..errors import KvcError, MethodFailure
+from ..errors import KvcError
 from ..model.load import check_positions, is_causal_lm, text_config
 
-EVAL_ATTENTION = "kvc_eval"
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")
 SUBJECTS = ("pass code of the {} door", "serial number of the {} bicycle", "room number of the {} hotel",
             "zip code of the {} house", "locker number of the {} gym", "flight number of the {} plane")
@@ -147,80 +145,65 @@ def decoded_layer(decoded: Decoded, layer: LayerKV, dtype: torch.dtype) -> Compr
                            valid, length, positions, layer.offset, layer.attention)
 
 
-# ----------------------------------------------------------------------------- attention hook
-
-_ACTIVE: list[CompressedCache] = []
+# ----------------------------------------------------------------------------- attention
 
 
-def _register_attention(base: str) -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+class CacheMasks(Hooks):
+    """Hooks that give each layer the mask of its ``CompressedLayer`` in ``cache``."""
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        mask = _ACTIVE[-1].layers[module.layer_idx].mask(query.shape[2])
-        mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)  # KV head h -> query heads hG..hG+G-1
-        if base == "eager":  # eager adds the mask to the logits
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~mask, torch.finfo(query.dtype).min)
-            inner = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return inner(module, query, key, value, mask, **kwargs)
+    def __init__(self, cache: CompressedCache):
+        self.cache = cache
 
-    AttentionInterface.register(EVAL_ATTENTION, attention)
-    AttentionMaskInterface.register(EVAL_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    def attention(self, call: AttentionCall) -> Tensor:
+        return self.cache.layers[call.layer].mask(call.query.shape[2])
 
 
-@contextlib.contextmanager
-def attending(model, cache: CompressedCache):
-    """Run ``model`` with ``cache``'s per-layer masks for the duration of the block."""
-    base = model.config._attn_implementation or "sdpa"
-    base = base if base in ("sdpa", "eager") else "sdpa"
-    _register_attention(base)
-    model.set_attn_implementation(EVAL_ATTENTION)
-    _ACTIVE.append(cache)
-    try:
-        yield
-    finally:
-        _ACTIVE.remove(cache)
-        model.set_attn_implementation(base)
+def cache_argument(model) -> str:
+    """The name of the model's cache argument: ``cache`` from transformers 5.2x, else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _forward(model, ids: Tensor, cache: Cache, **kwargs) -> Tensor:
-    """Logits of ``model`` on ``ids`` with ``cache`` (whose kwarg is ``cache`` from transformers 5.2x)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, **{name: cache}, **kwargs).logits
+    """Logits of ``model`` on ``ids`` with ``cache``."""
+    return model(input_ids=ids, use_cache=True, **{cache_argument(model): cache}, **kwargs).logits
 
 
 # ----------------------------------------------------------------------------- prefill, compress
 
 
 def prefill(model, input_ids: Tensor) -> list[LayerKV]:
-    """Every layer's cached K, V (after and before RoPE) and its queries of ``input_ids`` [B, T],
-    float32, as the model's own cache holds them: a sliding-window layer keeps only the prompt's
-    last tokens (``LayerKV.offset`` says where they start), and that is what gets compressed."""
-    T = input_ids.shape[1]
+    """Every layer's cached K, V (after and before RoPE) and its queries of ``input_ids`` [B, T]
+    (``prefill_layers``)."""
     device = next(model.parameters()).device
-    num_layers = text_config(model.config).num_hidden_layers
-    recorder = _Recorder(set(range(num_layers)), torch.arange(T))
+    recorder = Recorder(set(range(text_config(model.config).num_hidden_layers)))
     cache = DynamicCache(config=model.config)
-    with torch.inference_mode(), recording(model, recorder):
+    with torch.inference_mode(), hooked(model, recorder):
         _forward(model, input_ids.to(device), cache, logits_to_keep=1)
+    return prefill_layers(model, recorder, cache)
+
+
+def prefill_layers(model, recorder: Recorder, cache: Cache) -> list[LayerKV]:
+    """The layers of a prefill that ``recorder`` (every layer, every query) watched fill ``cache``:
+    K, V float32 as the model's own cache holds them (a sliding-window layer keeps only the prompt's
+    last tokens, ``LayerKV.offset`` says where they start, and that is what gets compressed), with
+    the queries and keys before RoPE of the same tokens."""
+    num_layers = text_config(model.config).num_hidden_layers
     missing = sorted(set(range(num_layers)) - set(recorder.records))
     if missing:
         raise KvcError(f"{type(model).__name__}: attention of layers {missing} was not seen; this "
                        "architecture does not use transformers' AttentionInterface")
-    rope = _rope_metadata(model, text_config(model.config), recorder)
+    rope = recorder.rope_metadata(model)
     layers = []
     for L in range(num_layers):
         rec, kept = recorder.records.pop(L), cache.layers[L]
+        T, device = rec["q"].shape[2], kept.keys.device
         offset = T - kept.keys.shape[2]
         k_pre = rec.get("k_pre")
         layers.append(LayerKV(layer=L, k=kept.keys.float(), v=kept.values.float(),
                               q=rec["q"][:, :, offset:].to(device, torch.float32),
                               q_positions=torch.arange(T - offset, device=device),
                               k_pre=None if k_pre is None else k_pre[:, :, offset:].to(device, torch.float32),
-                              rope=rope, num_layers=num_layers, attention=recorder.attention[L],
+                              rope=rope, num_layers=num_layers, attention=recorder.specs[L],
                               offset=offset))
     return layers
 
@@ -241,24 +224,14 @@ class Compressed:
 
 def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dtype,
              measure: bool = False) -> Compressed:
-    """Encode and decode every layer; ``measure``: through the compress engine, with its metrics."""
-    from ..compression import engine
-
+    """Every layer through the method (``engine.encode_decode``); ``measure``: with the compress
+    engine's metrics too."""
     out, bits, entries, paper, proxies = [], 0, 0, [], []
     for layer in layers:
         with torch.inference_mode():
+            encoded, decoded, head_bits = engine.encode_decode(compressor, layer)
             if measure:
-                result, encoded = engine.measure_layer(compressor, layer)
-                proxies.append(result)
-            else:
-                compressor.validate(layer)
-                encoded = compressor.encode(layer)
-            decoded = compressor.decode(encoded, layer)
-        check_finite(compressor.name, layer.layer, decoded.k)
-        check_finite(compressor.name, layer.layer, decoded.v)
-        if decoded.k.shape != layer.k.shape or decoded.v.shape != layer.v.shape:
-            raise MethodFailure(f"method {compressor.name} decoded K/V of shape {tuple(decoded.k.shape)} "
-                                f"in layer {layer.layer}, expected {tuple(layer.k.shape)}")
+                proxies.append(engine.measure(compressor, layer, encoded, decoded, head_bits))
         out.append(decoded_layer(decoded, layer, dtype))
         bits += encoded.nbits()
         entries += 2 * layer.entries
@@ -271,14 +244,14 @@ def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dty
 
 def continuation_logprobs(model, cache: CompressedCache, ids: Tensor) -> Tensor:
     """log p [B, N, V] of the next token after each of ``ids`` [B, N], fed after ``cache``."""
-    with torch.inference_mode(), attending(model, cache):
+    with torch.inference_mode(), hooked(model, CacheMasks(cache)):
         return _forward(model, ids.to(cache.layers[0].keys.device), cache).float().log_softmax(-1)
 
 
 def greedy(model, cache: CompressedCache, prompt: Tensor, steps: int) -> Tensor:
     """Greedy continuation [B, steps] of ``prompt`` [B, Q] fed after ``cache``."""
     tokens, x = [], prompt.to(cache.layers[0].keys.device)
-    with torch.inference_mode(), attending(model, cache):
+    with torch.inference_mode(), hooked(model, CacheMasks(cache)):
         for _ in range(steps):
             x = _forward(model, x, cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
             tokens.append(x)
@@ -553,10 +526,8 @@ def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, b
         "settings": {**dataclasses.asdict(s), "prompt_seed": PROMPT_SEED},
         "seconds": round(r.seconds, 3)}
     if r.proxies:
-        from ..compression.engine import RunResult, aggregate
-
-        run = RunResult(compressor.name, compressor.params(), {}, r.proxies, "", "", 0.0)
-        out["proxies"] = aggregate(run.heads())
+        run = engine.RunResult(compressor.name, compressor.params(), {}, r.proxies, "", "", 0.0)
+        out["proxies"] = engine.aggregate(run.heads())
     if s.retrieval:
         depths, lengths = list(s.depths), list(s.contexts)
         single = {"lengths": lengths, "depths": depths,
