@@ -54,7 +54,7 @@ def _mutate(src: Path, dst: Path, meta: dict | None = None, tensors: dict | None
     return dst
 
 
-def _raw_file(path: Path, header: dict, sparse: bool = True) -> Path:
+def _raw_file(path: Path, header: dict) -> Path:
     """A safetensors file written byte by byte; the data region is a hole (sparse) of the declared size."""
     size = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     blob = json.dumps(header).encode()
