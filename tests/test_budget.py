@@ -143,7 +143,7 @@ def test_from_json(tmp_path, run):
     (["--context", "1k,abc"], "comma-separated"),
     (["--batch", "0"], "--batch"),
     (["--layers", "4"], "needs all of"),
-    (["--from-json", "missing.json"], "not a readable JSON"),
+    (["--from-json", "missing.json"], "--from-json missing.json: cannot read it"),
 ])
 def test_bad_input_one_line_exit_2(run, extra, needle):
     args = ["budget", *extra]

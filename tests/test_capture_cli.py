@@ -76,7 +76,7 @@ def _small_text(tmp_path):
 
 def test_metadata_round_trip():
     meta = CaptureMeta(model="m", model_revision="r", architecture="LlamaForCausalLM", num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, rope={"theta": 1.0}, layer_types=["a", "b"],
+                       num_heads=4, num_kv_heads=2, head_dim=8, rope={"theta": 1.0, "rotary_dims": 8}, layer_types=["a", "b"],
                        dtype="float32", seq_len=4, num_seqs=1, text_source="t", text_sha256="s",
                        kvc_version="0", created="now", sliding_window=None, extra={"truth": "{}"})
     strings = meta.to_strings()

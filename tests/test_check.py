@@ -264,9 +264,9 @@ def test_bad_results_and_nothing_to_check(run, tmp_path):
     _one_line_exit_2(run("check", _write(tmp_path / "r.json", {"method": "x"}), "--policy", policy),
                      "r.json: not kvc results")
     _one_line_exit_2(run("check", _write(tmp_path / "s.json", _result(**{"summary.kv": None})), "--policy",
-                         policy), "not kvc results")
+                         policy), "s.json: summary.kv must be an object, got None")
     bad_memory = _write(tmp_path / "m.json", _result(**{"memory.nominal_bytes": 0}))
-    _one_line_exit_2(run("check", bad_memory, "--policy", policy), "'memory' must hold positive numbers")
+    _one_line_exit_2(run("check", bad_memory, "--policy", policy), "m.json: memory.nominal_bytes must be > 0, got 0")
     _one_line_exit_2(run("check", "--policy", policy), "nothing to evaluate")  # no results, no [run]
     _one_line_exit_2(run("check", tmp_path / "missing.json", "--policy", policy), "cannot read it")
     _one_line_exit_2(run("check", _write(tmp_path / "r.json", RESULT), "--policy", tmp_path / "none.toml"),

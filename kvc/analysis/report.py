@@ -116,16 +116,6 @@ def split_tokens(x: Tensor, per_seq: bool, block: int | None) -> tuple[Tensor, l
     return x.transpose(-4, -3).reshape(*lead, 1, H, S * T, D), [(None, None)]
 
 
-def check_finite(x: Tensor, layer: int, names: list[str]) -> None:
-    """KvcError naming the layer, tensor and KV heads when x [tensors, S, H, T, D] holds NaN or Inf."""
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        per_head = bad.sum((1, 3, 4)).tolist()  # [tensors, H]
-        t = next(i for i, counts in enumerate(per_head) if any(counts))
-        heads = ", ".join(f"head {h} ({c} entries)" for h, c in enumerate(per_head[t]) if c)
-        raise KvcError(f"layer {layer}, tensor {names[t]}: NaN/Inf values in KV {heads}")
-
-
 def spectral_stats(X: Tensor, rule: rmt.RankRule, factor_bits: int, generator: torch.Generator) -> Spectral:
     """Rank, shrinkage, energy share, bit saving and residual diagnostics of X [..., n, d] (float64)."""
     n, d = X.shape[-2:]
@@ -306,8 +296,7 @@ def analyze_layer(layer_tensors: dict[str, Tensor], layer: int, options: Options
                   rotary_dims: int | None) -> tuple[list[dict], list[dict], Tensor]:
     """Records, RoPE records and singular values [len(tensors), G, H, p] of one layer's [S, H, T, D] tensors."""
     names = list(layer_tensors)
-    raw = torch.stack(list(layer_tensors.values())).to(device)  # [tensors, S, H, T, D]
-    check_finite(raw, layer, names)
+    raw = torch.stack(list(layer_tensors.values())).to(device)  # [tensors, S, H, T, D], finite (CaptureFile)
     X, labels = split_tokens(raw, options.per_seq, options.block)  # [tensors, G, H, n, d]
     generator = torch.Generator().manual_seed(layer)  # one Haar rotation per layer, reproducible
     stats = head_stats(X, options, generator)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import KvcError
+from ..io import schema
 from ..model.load import _first_line, resolve_model, text_config
 
 SCHEMA = "kvc-budget/1"
@@ -181,7 +182,7 @@ def _local_config(path: Path):
 
     try:
         json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise KvcError(f"{path}: not a readable JSON file ({_first_line(err)})") from err
     try:
         return AutoConfig.from_pretrained(str(path))
@@ -247,10 +248,7 @@ def _eopt_bits(bits: float, d: int) -> float:
 def compression_from_json(path: Path) -> Compression:
     """Measured bits per entry from ``kvc compress --json`` output: ``summary.k``/``summary.v``
     ``bits_per_entry`` when present (``k_pre`` stands in for ``k``), else the top-level figure."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise KvcError(f"--from-json {path}: not a readable JSON file ({_first_line(err)})") from err
+    data = schema.load_json(path, f"--from-json {path}")
     overall = data.get("bits_per_entry") if isinstance(data, dict) else None
     if not _positive_number(overall):
         raise KvcError(f"--from-json {path}: expected a positive number at 'bits_per_entry' "

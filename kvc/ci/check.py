@@ -16,7 +16,6 @@ import gc
 import json
 import math
 import re
-import typing
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from .. import __version__
 from .budget import Geometry, measured_compression, parse_contexts, sequence_bytes
 from ..cli.console import human_bytes
 from ..errors import KvcError
+from ..io import schema
 
 SCHEMA = "kvc-check/1"  # the --json report, which is also the baseline format
 TENSORS = ("k", "k_pre", "v", "kv")
@@ -88,13 +88,15 @@ class Policy:
 
 def load_policy(path: Path) -> Policy:
     """Read and validate a policy file; relative paths in it are relative to its folder."""
+    where = f"policy {path}"
+    text = schema.read_text(path, where)
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as err:
-        raise KvcError(f"policy {path}: cannot read it ({err.strerror})") from err
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise KvcError(f"{where}: nested deeper than {schema.MAX_DEPTH} levels") from None
     except tomllib.TOMLDecodeError as err:
-        raise KvcError(f"policy {path}: not valid TOML ({err})") from err
-    return parse_policy(data, Path(path).parent)
+        raise KvcError(f"{where}: not valid TOML ({err})") from None
+    return parse_policy(schema.check_depth(data, where), Path(path).parent)
 
 
 def parse_policy(data: dict, base: Path = Path(".")) -> Policy:
@@ -126,8 +128,7 @@ def parse_policy(data: dict, base: Path = Path(".")) -> Policy:
 
 
 def _run_spec(run: Any, base: Path) -> RunSpec:
-    if not isinstance(run, dict):
-        raise KvcError(f"policy: run must be a table, got {run!r}")
+    schema.mapping(run, "run", "policy", "a table")
     _keys(run, "run", ("method", "params", "model", "text", "seq_len", "num_seqs", "layers", "seed",
                        "device", "dtype"))
     if "method" not in run:
@@ -140,10 +141,8 @@ def _run_spec(run: Any, base: Path) -> RunSpec:
         layers = ",".join(map(str, layers))
     elif not isinstance(layers, str):
         raise KvcError(f"policy: run.layers must be 'all', a string like '0-3' or a list of layer "
-                       f"indices, got {layers!r}")
-    dtype = _string(run.get("dtype", "float32"), "run.dtype")
-    if dtype not in DTYPES:
-        raise KvcError(f"policy: run.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+                       f"indices, got {schema.show(layers)}")
+    dtype = schema.string(run.get("dtype", "float32"), "run.dtype", "policy", choices=DTYPES)
     text = _string(run["text"], "run.text") if "text" in run else None
     return RunSpec(method=method, params=params,
                    model=_string(run["model"], "run.model") if "model" in run else None,
@@ -156,22 +155,15 @@ def _run_spec(run: Any, base: Path) -> RunSpec:
 
 def _method_params(method: str, params: dict, seed: int) -> dict[str, Any]:
     """The method's options from ``run.params`` (checked against their declared types) and ``run.seed``."""
-    from ..compression.protocol import build, get
+    from ..compression.protocol import build, get, typed_params
 
     if "seed" in params:
         raise KvcError("policy: run.params.seed: give the seed as run.seed")
     try:
-        hints = typing.get_type_hints(get(method).Options)
+        cls = get(method)
     except KvcError as err:
         raise KvcError(f"policy: run.method: {err}") from None
-    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    typed = dict(params)
-    for key, value in params.items():
-        kind = hints.get(key)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            typed[key] = float(value)
-        elif kind in kinds and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise KvcError(f"policy: run.params.{key} must be {kinds[kind]}, got {value!r}")
+    typed = typed_params(cls, params, "run.params", "policy")
     try:
         return build(method, **typed, seed=seed).params()
     except KvcError as err:
@@ -179,59 +171,44 @@ def _method_params(method: str, params: dict, seed: int) -> dict[str, Any]:
 
 
 def _budget_spec(budget: Any) -> BudgetSpec:
-    if not isinstance(budget, dict):
-        raise KvcError(f"policy: budget must be a table, got {budget!r}")
+    schema.mapping(budget, "budget", "policy", "a table")
     _keys(budget, "budget", ("max_gb", "context", "batch", "model"))
     for key in ("max_gb", "context"):
-        if key not in budget:
-            raise KvcError(f"policy: budget.{key} is missing")
+        schema.require(budget, key, "policy", f"budget.{key}")
     context = budget["context"]
     if isinstance(context, bool) or not isinstance(context, (int, str)):
-        raise KvcError(f"policy: budget.context must be a token count like 4096 or '32k', got {context!r}")
+        raise KvcError(f"policy: budget.context must be a token count like 4096 or '32k', got "
+                       f"{schema.show(context)}")
     try:
         contexts = parse_contexts(str(context))
     except KvcError:
         contexts = []
     if len(contexts) != 1:
         raise KvcError(f"policy: budget.context must be one positive token count like 4096 or '32k', "
-                       f"got {context!r}")
+                       f"got {schema.show(context)}")
     return BudgetSpec(max_gb=_number(budget["max_gb"], "budget.max_gb"), context=contexts[0],
                       batch=_integer(budget.get("batch", 1), "budget.batch"),
                       model=_string(budget["model"], "budget.model") if "model" in budget else None)
 
 
 def _keys(table: dict, where: str, allowed: tuple[str, ...]) -> None:
-    for key in table:
-        if key not in allowed:
-            name = f"{where}.{key}" if where else key
-            raise KvcError(f"policy: unknown key {name} (expected one of: {', '.join(allowed)})")
+    schema.known_keys(table, allowed, "policy", f"{where}." if where else "")
 
 
 def _table(data: dict, key: str, prefix: str = "") -> dict:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise KvcError(f"policy: {prefix}{key} must be a table, got {value!r}")
-    return value
+    return schema.mapping(data.get(key, {}), f"{prefix}{key}", "policy", "a table")
 
 
 def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise KvcError(f"policy: {key} must be a number, got {value!r}")
-    if value < 0:
-        raise KvcError(f"policy: {key} must be >= 0, got {value!r}")
-    return float(value)
+    return schema.number(value, key, "policy", minimum=0)
 
 
 def _integer(value: Any, key: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise KvcError(f"policy: {key} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return schema.integer(value, key, "policy", minimum=minimum)
 
 
 def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise KvcError(f"policy: {key} must be a non-empty string, got {value!r}")
-    return value
+    return schema.string(value, key, "policy", nonempty=True)
 
 
 # ----------------------------------------------------------------------------- results, baseline
@@ -255,31 +232,44 @@ def parse_baseline(data: Any, source: str) -> list[dict]:
 
 def _report_results(data: dict, source: str, where: str) -> list[dict]:
     if not str(data["schema"]).startswith("kvc-check/"):
-        raise KvcError(f"{where}: not a kvc check report (format {data['schema']!r})")
+        raise KvcError(f"{where}: not a kvc check report (format {schema.show(data['schema'])})")
     if data["schema"] != SCHEMA:
-        raise KvcError(f"{where} has format {data['schema']!r}, but this kvc ({__version__}) reads "
-                       f"{SCHEMA!r}; regenerate it with kvc check --policy POLICY --json FILE --force")
+        raise KvcError(f"{where} has format {schema.show(data['schema'])}, but this kvc ({__version__}) "
+                       f"reads {SCHEMA!r}; regenerate it with kvc check --policy POLICY --json FILE --force")
     results = data.get("results")
     if not isinstance(results, list):
         raise KvcError(f"{where}: 'results' must be a list of kvc results")
-    for r in results:
-        _check_result(r, where)
+    for i, r in enumerate(results):
+        _check_result(r, f"{where} results[{i}]")
     return [{**r, "label": r.get("label", f"{Path(source).name}#{i}")} for i, r in enumerate(results)]
 
 
-def _check_result(result: Any, source: str) -> None:
-    """A method, a finite bits_per_entry, a summary of tensor rows; a ``memory`` section, when
-    present, of positive entries and byte counts."""
-    summary = result.get("summary") if isinstance(result, dict) else None
-    if not (isinstance(summary, dict) and all(isinstance(row, dict) for row in summary.values())
-            and "method" in result and _finite(result.get("bits_per_entry"))):
-        raise KvcError(f"{source}: not kvc results (expected kvc compress --json output with method, "
+def _check_result(result: Any, where: str) -> None:
+    """A method, a finite bits_per_entry and a summary of tensor rows of numbers (or null); an
+    optional string label, objects params and capture, and a ``memory`` section of positive
+    entries and byte counts (a measured peak with its method and device)."""
+    if not (isinstance(result, dict) and isinstance(result.get("summary"), dict)
+            and "method" in result and "bits_per_entry" in result):
+        raise KvcError(f"{where}: not kvc results (expected kvc compress --json output with method, "
                        "bits_per_entry and a summary of tensor rows, or a kvc check --json report)")
+    schema.string(result["method"], "method", where, nonempty=True)
+    schema.number(result["bits_per_entry"], "bits_per_entry", where, minimum=0)
+    schema.optional(schema.string, result.get("label"), "label", where)
+    for key in ("params", "capture"):
+        schema.optional(schema.mapping, result.get(key), key, where)
+    for tensor, row in result["summary"].items():
+        for metric, value in schema.mapping(row, f"summary.{tensor}", where).items():
+            schema.optional(schema.number, value, f"summary.{tensor}.{metric}", where)
     memory = result.get("memory")
-    keys = ("entries", "nominal_bytes", "array_bytes", "file_bytes")
-    if memory is not None and not (isinstance(memory, dict)
-                                   and all(_finite(memory.get(k)) and memory[k] > 0 for k in keys)):
-        raise KvcError(f"{source}: 'memory' must hold positive numbers at {', '.join(keys)}")
+    if memory is None:
+        return
+    schema.mapping(memory, "memory", where)
+    for key in ("entries", "nominal_bytes", "array_bytes", "file_bytes"):
+        schema.number(schema.require(memory, key, where, f"memory.{key}"), f"memory.{key}", where, positive=True)
+    if memory.get("peak_bytes") is not None:
+        schema.number(memory["peak_bytes"], "memory.peak_bytes", where, minimum=0)
+        for key in ("peak_method", "device"):
+            schema.string(schema.require(memory, key, where, f"memory.{key}"), f"memory.{key}", where)
 
 
 def _finite(value: Any) -> bool:

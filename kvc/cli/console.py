@@ -8,8 +8,9 @@ err = Console(stderr=True)
 
 
 def progress_bar() -> Progress:
+    """A transient bar on stderr, shown on a terminal only (elsewhere it would leave an empty line)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True)
+                    TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
 def human_bytes(n: float) -> str:

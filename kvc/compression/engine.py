@@ -8,37 +8,32 @@ Bit accounting: every array of ``Encoded`` counts. Arrays named ``k``/``k.*`` be
 Per head, a method's ``head_bits`` is used when it offers one, else each tensor's bits are split
 evenly over the KV heads.
 
-Compressed file (safetensors, docs/compress.md): tensors ``layers.{L}.{array}`` are the ``Encoded``
-arrays as stored; metadata: ``format`` = kvc-compressed, ``format_version`` = 1, ``method``,
-``params`` (JSON), ``layers`` (JSON list), ``evicts`` (JSON bool), ``layers.{L}.meta`` (JSON of
-``Encoded.meta``), ``layers.{L}.bits_paper`` (JSON), ``source`` (JSON of the capture's metadata),
-``bits_per_entry`` (JSON), ``kvc_version``, ``created``.
+The compressed file's layout is kvc.io.compressed's; ``decompress`` rebuilds the method from it,
+checks its options and geometry before decoding and audits every decoded layer.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .. import __version__
+from ..io import schema
 from ..io.capture import CaptureFile, CaptureMeta, tensor_key
+from ..io.compressed import CompressedFile, write_compressed_file
 from ..errors import KvcError, MethodFailure
-from ..io.safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, open_safetensors, save_safetensors
+from ..io.safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter
 from ..rope import apply_rope
-from .protocol import Compressor, Decoded, Encoded, LayerKV, build, check_finite
+from .protocol import Compressor, Decoded, Encoded, LayerKV, build, check_finite, get, typed_params
 from ..metrics.fidelity import layer_metrics
 
-FORMAT = "kvc-compressed"
-FORMAT_VERSION = 1
 TENSORS = ("k", "v", "kv")
 META_SLACK_BYTES = 1024  # JSON metadata allowed per layer beyond 1% of its array bytes
 
@@ -57,12 +52,13 @@ def load_layer(capture: CaptureFile, layer: int, device: torch.device | str = "c
 
 
 def shell_layer(meta: CaptureMeta, layer: int, device: torch.device | str = "cpu") -> LayerKV:
-    """A layer with the capture's shapes and RoPE but zero data: what decoding needs."""
-    zeros = torch.zeros(meta.num_seqs, meta.num_kv_heads, meta.seq_len, meta.head_dim, device=device)
-    return LayerKV(layer=layer, k=zeros, v=zeros,
-                   q=torch.zeros(meta.num_seqs, meta.num_heads, 0, meta.head_dim, device=device),
+    """A layer with the capture's shapes and RoPE but zero data (views of one zero, nothing
+    allocated): what decoding needs."""
+    zero = torch.zeros((), device=device)
+    kv = zero.expand(meta.num_seqs, meta.num_kv_heads, meta.seq_len, meta.head_dim)
+    return LayerKV(layer=layer, k=kv, v=kv, q=zero.expand(meta.num_seqs, meta.num_heads, 0, meta.head_dim),
                    q_positions=torch.zeros(0, dtype=torch.int64, device=device),
-                   k_pre=zeros if meta.rope is not None else None, rope=meta.rope,
+                   k_pre=kv if meta.rope is not None else None, rope=meta.rope,
                    num_layers=meta.num_layers, attention=meta.layer_attention(layer))
 
 
@@ -278,51 +274,53 @@ def run(compressor: Compressor, capture: CaptureFile, layers: list[int] | None =
 def write_compressed(path: str | os.PathLike, result: RunResult, capture: CaptureFile,
                      force: bool = False) -> None:
     """The compressed form of a run (``keep_encoded=True``), written atomically."""
-    tensors = {f"layers.{L}.{name}": a for L, enc in result.encoded.items() for name, a in enc.arrays.items()}
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "method": result.method,
-                "params": json.dumps(result.params), "layers": json.dumps(sorted(result.encoded)),
-                "evicts": json.dumps(any(r.evicts for r in result.layers)), "source": json.dumps(capture.meta.to_strings()),
-                "bits_per_entry": json.dumps(result.bits_per_entry()), "kvc_version": __version__,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for L, enc in result.encoded.items():
-        metadata[f"layers.{L}.meta"] = json.dumps(enc.meta)
-        metadata[f"layers.{L}.bits_paper"] = json.dumps(enc.bits_paper)
-    save_safetensors(path, tensors, metadata, force=force)
+    write_compressed_file(path, result.method, result.params,
+                          {L: (enc.arrays, enc.meta, enc.bits_paper) for L, enc in result.encoded.items()},
+                          any(r.evicts for r in result.layers), capture.meta, result.bits_per_entry(), force)
 
 
-class CompressedFile:
-    """Read access to a compressed file: its method, parameters, source metadata and layers."""
+def compressor_of(cf: CompressedFile) -> Compressor:
+    """The method that wrote a compressed file, its options checked against their declared types and
+    against the source's geometry (``validate``), before anything is decoded."""
+    where = f"{cf.path}: metadata"
+    try:
+        cls = get(cf.method)
+    except KvcError as err:
+        raise KvcError(f"{where} method: {err}") from None
+    params = typed_params(cls, cf.params, "metadata params", str(cf.path))
+    try:
+        compressor = build(cf.method, **params)
+        for layer in cf.layers:
+            compressor.validate(shell_layer(cf.source, layer))
+    except KvcError as err:
+        raise KvcError(f"{where} params: {err}") from None
+    return compressor
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._handle, raw, self._keys = open_safetensors(self.path)
-        if raw.get("format") != FORMAT:
-            raise KvcError(f"{self.path} is not a kvc compressed file (metadata 'format' is "
-                           f"{raw.get('format')!r}, expected {FORMAT!r})")
-        if raw.get("format_version") != str(FORMAT_VERSION):
-            raise KvcError(f"{self.path} has compressed format version {raw.get('format_version')}; "
-                           f"this kvc reads version {FORMAT_VERSION}")
-        try:
-            self.method = raw["method"]
-            self.params = json.loads(raw["params"])
-            self.layers = json.loads(raw["layers"])
-            self.evicts = json.loads(raw["evicts"])
-            self.source_strings = json.loads(raw["source"])
-            self._meta = {L: (json.loads(raw[f"layers.{L}.meta"]), json.loads(raw[f"layers.{L}.bits_paper"]))
-                          for L in self.layers}
-        except (KeyError, json.JSONDecodeError) as err:
-            raise KvcError(f"{self.path} has missing or malformed metadata ({err})") from err
-        self.source = CaptureMeta.from_strings(self.source_strings, f"{self.path} (source capture)")
 
-    def compressor(self) -> Compressor:
-        return build(self.method, **self.params)
-
-    def encoded(self, layer: int, device: torch.device | str = "cpu") -> Encoded:
-        prefix = f"layers.{layer}."
-        arrays = {k[len(prefix):]: self._handle.get_tensor(k).to(device)
-                  for k in self._keys if k.startswith(prefix)}
-        meta, bits_paper = self._meta[layer]
-        return Encoded(arrays, meta, bits_paper)
+def decode_layer(compressor: Compressor, cf: CompressedFile, layer: int,
+                 device: torch.device | str = "cpu") -> Decoded:
+    """Decode one layer of a compressed file and audit the result: data that the method cannot
+    decode, or that decodes to the wrong shape or to NaN/Inf, is one error naming the layer."""
+    src = cf.source
+    shape = (src.num_seqs, src.num_kv_heads, src.seq_len, src.head_dim)
+    try:
+        decoded = compressor.decode(Encoded(cf.arrays(layer, device), *cf.layer_meta(layer)),
+                                    shell_layer(src, layer, device))
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # the method read arrays or metadata that are not what it wrote
+        why = str(err) if isinstance(err, KvcError) else f"{type(err).__name__}: {err}"
+        raise KvcError(f"{cf.path}: layer {layer} does not decode with {cf.method} (arrays or "
+                       f"layers.{layer}.meta altered?): {why}") from err
+    for label, t, want in (("k", decoded.k, shape), ("v", decoded.v, shape), ("keep", decoded.keep, shape[:3])):
+        if t is not None and tuple(t.shape) != want:
+            raise KvcError(f"{cf.path}: layer {layer} decodes to {label} of shape {list(t.shape)}, but the "
+                           f"source metadata needs {list(want)}")
+    if not (torch.isfinite(decoded.k).all() and torch.isfinite(decoded.v).all()):
+        raise KvcError(f"{cf.path}: layer {layer} decodes to NaN or Inf")
+    if decoded.keep is not None and not cf.evicts:
+        raise KvcError(f"{cf.path}: metadata evicts is false, but {cf.method} evicts tokens in layer {layer}")
+    return decoded
 
 
 def decompress(path: str | os.PathLike, out: str | os.PathLike, device: torch.device | str = "cpu",
@@ -335,10 +333,12 @@ def decompress(path: str | os.PathLike, out: str | os.PathLike, device: torch.de
     whose q, q_pre, q_positions and input_ids are copied, so the result can be measured again.
     """
     cf = CompressedFile(path)
-    compressor = cf.compressor()
     src = cf.source
     kv_shape = (src.num_seqs, src.num_kv_heads, src.seq_len, src.head_dim)
     names = ["k", "v"] + (["k_pre"] if src.rope is not None else [])
+    schema.check_allocation(4 * len(names) * math.prod(kv_shape), "decoding one layer in float32",
+                            f"{cf.path} (source metadata {'x'.join(map(str, kv_shape))})")
+    compressor = compressor_of(cf)
     specs = {tensor_key(L, n): (torch.float32, kv_shape) for L in cf.layers for n in names}
     if cf.evicts:
         specs.update({tensor_key(L, "keep"): (torch.bool, kv_shape[:3]) for L in cf.layers})
@@ -353,8 +353,7 @@ def decompress(path: str | os.PathLike, out: str | os.PathLike, device: torch.de
                 if key in specs:
                     writer.write(key, 0, getattr(source_q, key))
         for L in cf.layers:
-            layer = shell_layer(src, L, device)
-            decoded = compressor.decode(cf.encoded(L, device), layer)
+            decoded = decode_layer(compressor, cf, L, device)
             tensors = {"k": decoded.k, "v": decoded.v}
             if src.rope is not None:
                 tensors["k_pre"] = (decoded.k_pre if decoded.k_pre is not None else apply_rope(

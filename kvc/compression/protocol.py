@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..attention import AttentionSpec
 from ..errors import KvcError, MethodFailure
+from ..io import schema
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -174,11 +175,27 @@ def get(name: str) -> type[Compressor]:
         from .composite import combine
 
         first, _, rest = name.partition("+")
+        if "+" in rest:
+            raise KvcError(f"method {name!r}: a combination is one eviction method and one tensor "
+                           "compressor, e.g. snapkv+turboquant")
         return combine(get(first), get(rest))
     methods = available()
     if name not in methods:
-        raise KvcError(f"unknown method {name!r}; valid methods: {', '.join(methods)}")
+        raise KvcError(f"unknown method {schema.show(name)}; valid methods: {', '.join(methods)}")
     return methods[name]
+
+
+def typed_params(cls: type[Compressor], params: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """Option values read from a file (a policy, a compressed file), checked against the types the
+    method declares (an int stands for a float); errors name ``{key}.{option}``."""
+    hints = typing.get_type_hints(cls.Options)
+    checks = {bool: schema.boolean, int: schema.integer, float: schema.number, str: schema.string}
+    typed = dict(params)
+    for option, value in params.items():
+        check = checks.get(hints.get(option))
+        if check is not None:
+            typed[option] = check(value, f"{key}.{option}", where)
+    return typed
 
 
 def build(name: str, **params: Any) -> Compressor:

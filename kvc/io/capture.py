@@ -9,6 +9,7 @@ without RoPE.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import torch
 
 from ..attention import AttentionSpec
 from ..errors import KvcError
+from ..rope import rope_params
+from . import schema
 from .safetensors import open_safetensors
 
 FORMAT = "kvc-capture"
@@ -25,7 +28,7 @@ FORMAT_VERSION = 1
 KV_TENSORS = ("k", "k_pre", "v")
 Q_TENSORS = ("q", "q_pre")
 TENSOR_NAMES = KV_TENSORS + Q_TENSORS
-_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(\w+)$")
+_LAYER_KEY = re.compile(r"^layers\.(0|[1-9][0-9]*)\.(\w+)$")
 
 # Metadata keys and how each is stored: JSON-encoded (structured or numeric) or a plain string.
 # The optional ones are absent from files written before they existed.
@@ -80,49 +83,178 @@ class CaptureMeta:
         return out
 
     def layer_attention(self, layer: int) -> AttentionSpec:
-        """The attention of ``layer``; files without the ``attention`` key: causal, full, 1/sqrt(D)."""
-        if self.attention is None:
+        """The attention of ``layer``; files without the ``attention`` key (or without an entry for
+        the layer): causal, full, 1/sqrt(D)."""
+        if self.attention is None or self.attention[layer] is None:
             return AttentionSpec()
         return AttentionSpec.from_json(self.attention[layer])
 
     @classmethod
     def from_strings(cls, raw: dict[str, str], source: str) -> "CaptureMeta":
+        """Parse and validate the metadata strings (docs/format.md, "Validation")."""
         if raw.get("format") != FORMAT:
             raise KvcError(f"{source} is not a kvc capture file (metadata 'format' is "
-                           f"{raw.get('format')!r}, expected {FORMAT!r})")
+                           f"{schema.show(raw.get('format'))}, expected {FORMAT!r})")
         version = raw.get("format_version")
         if version != str(FORMAT_VERSION):
-            raise KvcError(f"{source} has capture format version {version}; this kvc reads "
+            raise KvcError(f"{source} has capture format version {str(version)[:40]}; this kvc reads "
                            f"version {FORMAT_VERSION}")
         missing = [k for k in REQUIRED_KEYS if k not in raw]
         if missing:
             raise KvcError(f"{source} lacks metadata keys: {', '.join(missing)}")
-        try:
-            values = {k: json.loads(raw[k]) for k in _JSON_KEYS if k in raw}
-        except json.JSONDecodeError as err:
-            raise KvcError(f"{source} has malformed JSON metadata: {err}") from err
+        where = f"{source}: metadata"
+        for key in _STR_KEYS:
+            if key in raw:
+                schema.string(raw[key], f"metadata {key}", source)
+        values = {k: schema.loads(schema.string(raw[k], f"metadata {k}", source), f"{where} {k}")
+                  for k in _JSON_KEYS if k in raw}
+        for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "seq_len", "num_seqs"):
+            schema.integer(values[key], f"metadata {key}", source, minimum=1)
+        if values["num_heads"] % values["num_kv_heads"]:
+            raise KvcError(f"{where}: num_heads {values['num_heads']} is not a multiple of num_kv_heads "
+                           f"{values['num_kv_heads']}")
+        num_layers = values["num_layers"]
+        types = values["layer_types"]
+        if not isinstance(types, list) or len(types) != num_layers or not all(isinstance(t, str) for t in types):
+            raise KvcError(f"{where}: layer_types must be a list of {num_layers} strings (num_layers), "
+                           f"got {schema.show(types)}")
+        schema.optional(schema.integer, values.get("sliding_window"), "metadata sliding_window", source, minimum=1)
+        schema.optional(schema.mapping, values.get("special_tokens"), "metadata special_tokens", source)
+        _check_rope(values["rope"], num_layers, values["head_dim"], source)
+        _check_attention(values.get("attention"), num_layers, source)
         values.update({k: raw[k] for k in _STR_KEYS if k in raw})
         known = set(_JSON_KEYS) | set(_STR_KEYS) | {"format", "format_version"}
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
 
 
+def _check_rope(rope, num_layers: int, head_dim: int, source: str) -> None:
+    """``rope`` is null or an object that every layer can be rotated with (kvc.rope.rope_params):
+    the top level and each ``per_layer`` override, whose keys are layer indices."""
+    if rope is None:
+        return
+    where = f"{source}: metadata"
+    schema.mapping(rope, "metadata rope", source, "an object or null")
+    per_layer = schema.optional(schema.mapping, rope.get("per_layer"), "metadata rope.per_layer", source) or {}
+    layers = []
+    for key in per_layer:
+        if not (key.isdigit() and str(int(key)) == key and int(key) < num_layers):
+            raise KvcError(f"{where}: rope.per_layer key {schema.show(key)} is not a layer index "
+                           f"below num_layers {num_layers}")
+        layers.append(int(key))
+    plain = next((L for L in range(num_layers) if str(L) not in per_layer), None)
+    for layer in layers + ([plain] if plain is not None else []):
+        try:
+            rotary_dims = rope_params(rope, layer)[2]
+        except KvcError as err:
+            raise KvcError(f"{where}: {err}") from None
+        if rotary_dims > head_dim:
+            raise KvcError(f"{where}: rope metadata, layer {layer}: rotary_dims {rotary_dims} exceeds "
+                           f"head_dim {head_dim}")
+
+
+def _check_attention(attention, num_layers: int, source: str) -> None:
+    """``attention`` is null or one entry per model layer: null or {causal, sliding_window, scaling,
+    softcap} (docs/format.md)."""
+    if attention is None:
+        return
+    if not isinstance(attention, list) or len(attention) != num_layers:
+        raise KvcError(f"{source}: metadata: attention must be null or a list of {num_layers} entries "
+                       f"(num_layers), got {schema.show(attention)}")
+    for layer, entry in enumerate(attention):
+        if entry is None:
+            continue
+        key = f"metadata attention[{layer}]"
+        schema.mapping(entry, key, source, "an object or null")
+        schema.boolean(entry.get("causal", True), f"{key}.causal", source)
+        schema.optional(schema.integer, entry.get("sliding_window"), f"{key}.sliding_window", source, minimum=1)
+        for name in ("scaling", "softcap"):
+            schema.optional(schema.number, entry.get(name), f"{key}.{name}", source, positive=True)
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+INT_DTYPES = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+
+
 class CaptureFile:
-    """Read access to a capture file; tensors are loaded lazily, one at a time."""
+    """Read access to a capture file, validated on opening; tensors are loaded lazily, one at a time.
+
+    Opening checks the metadata and every tensor's shape and dtype against it and against the
+    others (docs/format.md, "Validation") from the safetensors header alone, so a bad file is one
+    KvcError naming the key before anything is loaded.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._handle, raw, keys = open_safetensors(self.path)
         self.meta = CaptureMeta.from_strings(raw, str(self.path))
         self._keys = keys
-        layers: dict[int, set[str]] = {}
+        self._shapes = {k: (tuple(self._handle.get_slice(k).get_shape()), self._handle.get_slice(k).get_dtype())
+                        for k in keys}
+        self._names: dict[int, set[str]] = {}
         for key in keys:
             match = _LAYER_KEY.match(key)
-            if match and match.group(2) in TENSOR_NAMES:
-                layers.setdefault(int(match.group(1)), set()).add(match.group(2))
-        if not layers:
-            raise KvcError(f"{self.path} holds no layer tensors")
-        self.layers = sorted(layers)
-        self._names = layers
+            if match and match.group(2) in TENSOR_NAMES + ("keep",):
+                self._names.setdefault(int(match.group(1)), set()).add(match.group(2))
+        self.layers = sorted(self._names)
+        self._validate()
+
+    def _validate(self) -> None:
+        where, meta = str(self.path), self.meta
+        if not self.layers:
+            raise KvcError(f"{where} holds no layer tensors")
+        if self.layers[-1] >= meta.num_layers:
+            raise KvcError(f"{where}: tensors of layer {self.layers[-1]} exceed the metadata's num_layers "
+                           f"{meta.num_layers}")
+        first = self.layers[0]
+        for layer in self.layers:
+            names = self._names[layer]
+            for name in ("k", "v"):
+                if name not in names:
+                    raise KvcError(f"{where}: layer {layer} lacks {name} (tensor {tensor_key(layer, name)}); "
+                                   "every layer needs k and v")
+            lacks, extra = self._names[first] - names, names - self._names[first]
+            if lacks or extra:
+                name, other = (min(lacks), first) if lacks else (min(extra), layer)
+                raise KvcError(f"{where}: layer {layer if lacks else first} lacks {name}, which layer "
+                               f"{other} holds; every layer must hold the same tensors")
+        S, H, T, D = meta.num_seqs, meta.num_kv_heads, meta.seq_len, meta.head_dim
+        kv = (("metadata num_seqs", S), ("metadata num_kv_heads", H), ("metadata seq_len", T),
+              ("metadata head_dim", D))
+        has_q = any(n in self._names[first] for n in Q_TENSORS)
+        if has_q and "q_positions" not in self._shapes:
+            raise KvcError(f"{where}: holds queries but no q_positions tensor")
+        if "q_positions" in self._shapes:
+            self._check("q_positions", INT_DTYPES, (("a 1-D tensor of positions", None),))
+        Tq = self._shapes["q_positions"][0][0] if "q_positions" in self._shapes else 0
+        q = (kv[0], ("metadata num_heads", meta.num_heads), ("the length of q_positions", Tq), kv[3])
+        for layer in self.layers:
+            for name in sorted(self._names[layer], key=(TENSOR_NAMES + ("keep",)).index):
+                dims, dtypes = {"q": (q, FLOAT_DTYPES), "q_pre": (q, FLOAT_DTYPES),
+                                "keep": (kv[:3], ("BOOL",))}.get(name, (kv, FLOAT_DTYPES))
+                self._check(tensor_key(layer, name), dtypes, dims)
+        if "input_ids" in self._shapes:
+            self._check("input_ids", INT_DTYPES, kv[:1] + kv[2:3])
+        largest = max(math.prod(shape) * 4 for shape, _ in self._shapes.values())
+        schema.check_allocation(largest, "one tensor in float32", where)
+        if Tq:
+            positions = self._load("q_positions", None, None)
+            if int(positions.min()) < 0 or int(positions.max()) >= T:
+                raise KvcError(f"{where}: q_positions must lie in 0..{T - 1} (metadata seq_len {T}), got "
+                               f"{int(positions.min())}..{int(positions.max())}")
+
+    def _check(self, key: str, dtypes: tuple[str, ...], dims: tuple[tuple[str, int | None], ...]) -> None:
+        """Tensor ``key`` has a dtype in ``dtypes`` and one dimension per (source, size) of ``dims``
+        (size None: any)."""
+        shape, dtype = self._shapes[key]
+        if dtype not in dtypes:
+            raise KvcError(f"{self.path}: tensor {key} has dtype {dtype}; expected {' or '.join(dtypes)}")
+        if len(shape) != len(dims):
+            raise KvcError(f"{self.path}: tensor {key} has shape {list(shape)}; expected {len(dims)} "
+                           f"dimensions ({', '.join(source for source, _ in dims)})")
+        for i, (size, (source, want)) in enumerate(zip(shape, dims)):
+            if want is not None and size != want:
+                raise KvcError(f"{self.path}: tensor {key} has shape {list(shape)}, but its dimension {i} "
+                               f"must be {source} = {want}")
 
     @property
     def has_rope(self) -> bool:
@@ -155,16 +287,26 @@ class CaptureFile:
         return self._load(tensor_key(layer, name), dtype, device)
 
     def _load(self, key, dtype, device) -> torch.Tensor:
+        """A tensor as stored (then converted); floating-point data must be finite."""
         try:
             t = self._handle.get_tensor(key)
         except Exception as err:
             raise KvcError(f"{self.path}: cannot read tensor {key} ({err})") from err
         if dtype is not None:
             t = t.to(dtype)
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t)
+            if bad.any():  # per head for [S, H, T, D] tensors
+                counts = bad.sum((0, 2, 3)).tolist() if t.dim() == 4 else [int(bad.sum())]
+                found = ", ".join(f"head {h} ({c} entries)" if t.dim() == 4 else f"{c} entries"
+                                  for h, c in enumerate(counts) if c)
+                raise KvcError(f"{self.path}: tensor {key} holds NaN/Inf values: {found}")
         return t.to(device) if device is not None else t
 
     @property
     def q_positions(self) -> torch.Tensor:
+        if "q_positions" not in self._keys:
+            raise KvcError(f"{self.path} holds no queries (no q_positions tensor)")
         return self._load("q_positions", None, None)
 
     @property
@@ -173,11 +315,7 @@ class CaptureFile:
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Tensor name -> (shape, dtype) for every tensor in the file, without loading data."""
-        out = {}
-        for key in sorted(self._keys):
-            sl = self._handle.get_slice(key)
-            out[key] = (tuple(sl.get_shape()), sl.get_dtype())
-        return out
+        return dict(sorted(self._shapes.items()))
 
 
 def open_capture(path) -> CaptureFile:

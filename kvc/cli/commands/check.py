@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from ...ci import check as lib
 from ...ci.budget import geometry_from_model
 from ..console import err, out
 from ...errors import KvcError
+from ...io import schema
 from ...io.safetensors import check_writable, write_json, write_text
 
 NAME = "check"
@@ -33,7 +33,7 @@ def command(
     """Check results against a policy: exit 0 pass, 1 regression, 2 usage error."""
     start = time.perf_counter()
     policy = lib.load_policy(policy_path)
-    baseline = lib.parse_baseline(_read_json(baseline_path, "baseline "), str(baseline_path)) if baseline_path else None
+    baseline = lib.parse_baseline(schema.load_json(baseline_path, f"baseline {baseline_path}"), str(baseline_path)) if baseline_path else None
     for path in (junit, markdown, json_path):
         if path is not None:
             check_writable(path, force)
@@ -42,7 +42,7 @@ def command(
         model = policy.budget.model or (policy.run.model if policy.run else None)
         geometry = geometry_from_model(model)
     if results:
-        loaded = [r for path in results for r in lib.parse_results(_read_json(path), str(path))]
+        loaded = [r for path in results for r in lib.parse_results(schema.load_json(path), str(path))]
     elif policy.run is not None:
         with tempfile.TemporaryDirectory(prefix="kvc-check-") as workdir, err.status("") as status:
             loaded = [lib.run_policy(policy.run, Path(workdir), status.update)]
@@ -65,15 +65,6 @@ def command(
     out.print(f"[bold red]FAIL[/]: {failed} of {len(checks)} checks failed" if failed
               else f"[bold green]PASS[/]: {len(checks)} checks")
     return 1 if failed else 0
-
-
-def _read_json(path: Path, role: str = "") -> object:
-    try:
-        return json.loads(path.read_text())
-    except OSError as error:
-        raise KvcError(f"{role}{path}: cannot read it ({error.strerror})") from error
-    except ValueError as error:
-        raise KvcError(f"{role}{path}: not valid JSON ({error})") from error
 
 
 def _table(checks: list[lib.Check]) -> Table:

@@ -8,20 +8,24 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ...io.capture import FORMAT, CaptureMeta
+from ...io.capture import FORMAT as CAPTURE_FORMAT, CaptureFile
+from ...io.compressed import FORMAT as COMPRESSED_FORMAT, CompressedFile
 from ..console import human_bytes, out
 from ...errors import KvcError
 from ...io.safetensors import open_safetensors
 
 
 def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
-    """Metadata and {tensor: (shape, dtype)} of a kvc safetensors file, checked to be one of ours."""
+    """Metadata and {tensor: (shape, dtype)} of a kvc safetensors file, checked to be one of ours
+    and validated by its format's reader."""
     handle, meta, keys = open_safetensors(path)
     shapes = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in keys}
     if not str(meta.get("format", "")).startswith("kvc-"):
         raise KvcError(f"{path} is a safetensors file but not a kvc file (no 'format: kvc-*' metadata)")
-    if meta["format"] == FORMAT:
-        CaptureMeta.from_strings(meta, str(path))  # checks the version and the required keys
+    if meta["format"] == CAPTURE_FORMAT:
+        CaptureFile(path)
+    elif meta["format"] == COMPRESSED_FORMAT:
+        CompressedFile(path)
     return meta, shapes
 
 
