@@ -25,7 +25,7 @@ _EXPORTS = {name: (_API, name) for name in (
     "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
 # ``with kvc.compressing(model, method, **options): model.generate(...)`` comes with the shared
-# model-hook module (kvc/eval/generate.py); until it is there, using the name raises ImportError.
+# model-hook module (kvc/eval/generate.py); until it is there, the name raises AttributeError.
 _EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")
 
 __all__ = list(_EXPORTS)
@@ -35,7 +35,12 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module, attribute = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attribute)
+    try:
+        value = getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise AttributeError(f"kvc.{name} needs {module}, which this kvc does not have") from None
     globals()[name] = value  # resolved once
     return value
 

@@ -4,6 +4,7 @@ inputs; ``import kvc`` stays light; options are validated as the command line va
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import re
 import string
@@ -72,6 +73,8 @@ def test_every_public_name_resolves():
     assert kvc.Capture.__doc__ and "Attributes" in kvc.Compression.__doc__
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         kvc.nope  # noqa: B018
+    members = dict(inspect.getmembers(kvc))  # what help(kvc) walks: every name, or AttributeError
+    assert set(kvc.__all__) - pending <= set(members) and members["compress"] is kvc.compress
 
 
 # ----------------------------------------------------------------------------- options
