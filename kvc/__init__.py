@@ -7,6 +7,8 @@ The public API (docs/api.md)::
     analysis = kvc.analyze(cap)                     # spectra, ranks, outlier channels per head
     result = kvc.compress(cap, "turboquant", bits=2) # bits per entry and fidelity per head
     evaluation = kvc.evaluate("turboquant", "path/to/model", bits=2)  # perplexity, retrieval
+    with kvc.compressing(model, "turboquant", bits=2):  # a loaded model generates on the compressed cache
+        model.generate(input_ids, max_new_tokens=32)
 
 This face is lazy: ``import kvc`` imports nothing heavy (no torch); a name is imported from its
 module on first use.
@@ -24,9 +26,7 @@ _EXPORTS = {name: (_API, name) for name in (
     "capture", "load", "synth", "analyze", "compress", "decompress", "methods", "method", "sweep",
     "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
-# ``with kvc.compressing(model, method, **options): model.generate(...)`` comes with the shared
-# model-hook module (kvc/eval/generate.py); until it is there, the name raises AttributeError.
-_EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")
+_EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")  # with kvc.compressing(model, ...): generate
 
 __all__ = list(_EXPORTS)
 
@@ -35,12 +35,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module, attribute = _EXPORTS[name]
-    try:
-        value = getattr(importlib.import_module(module), attribute)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        raise AttributeError(f"kvc.{name} needs {module}, which this kvc does not have") from None
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value  # resolved once
     return value
 

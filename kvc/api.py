@@ -27,7 +27,7 @@ from .analysis.report import Report, analyze_capture, select_tensors
 from .ci import budget as budgets
 from .compression import engine
 from .compression import sweep as sweeps
-from .compression.options import compute_dtype, describe
+from .compression.options import compute_dtype, configured, describe
 from .compression.options import method as configure
 from .compression.protocol import Compressor
 from .errors import KvcError
@@ -74,17 +74,6 @@ def _names(value: str | Sequence[str]) -> list[str]:
     """'a,b' or ['a', 'b'] -> ['a', 'b']."""
     items = value.split(",") if isinstance(value, str) else value
     return [str(v).strip() for v in items if str(v).strip()]
-
-
-def _compressor(method: str | Compressor, options: Mapping[str, Any]) -> Compressor:
-    if isinstance(method, Compressor):
-        if options:
-            raise KvcError(f"method {method.name} is already configured; give its options to "
-                           f"kvc.method({method.name!r}, ...), not here ({', '.join(options)})")
-        return method
-    if not isinstance(method, str):
-        raise KvcError(f"method: expected a method name or kvc.method(...), got {type(method).__name__}")
-    return configure(method, **options)
 
 
 # ----------------------------------------------------------------------------- captures
@@ -451,7 +440,7 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layer
     -------
     Compression
     """
-    compressor = _compressor(method, options)
+    compressor = configured(method, options)
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
     cap = _open(capture)
@@ -698,7 +687,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
     """
     from .eval import evaluate as ev  # transformers only when asked for
 
-    compressor = _compressor(method, options)
+    compressor = configured(method, options)
     if isinstance(contexts, str):
         contexts = budgets.parse_contexts(contexts, "--contexts")
     settings = ev.Settings(contexts=tuple(int(c) for c in contexts), windows=windows, continuation=continuation,

@@ -67,14 +67,14 @@ def test_import_kvc_imports_no_torch():
 
 def test_every_public_name_resolves():
     assert set(kvc.__all__) <= set(dir(kvc))
-    pending = {"compressing"}  # kvc/eval/generate.py, from the shared model-hook module
-    for name in set(kvc.__all__) - pending:
+    for name in kvc.__all__:
         assert callable(getattr(kvc, name)), name
+    assert kvc.compressing is kvc.eval.compressing and kvc.load is kvc.api.load
     assert kvc.Capture.__doc__ and "Attributes" in kvc.Compression.__doc__
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         kvc.nope  # noqa: B018
     members = dict(inspect.getmembers(kvc))  # what help(kvc) walks: every name, or AttributeError
-    assert set(kvc.__all__) - pending <= set(members) and members["compress"] is kvc.compress
+    assert set(kvc.__all__) <= set(members) and members["compress"] is kvc.compress
 
 
 # ----------------------------------------------------------------------------- options
@@ -266,6 +266,21 @@ def test_check_writes_the_capture_metadata_of_kvc_capture(run, tiny, tmp_path):
                           device="cpu").to_json()
     assert result["bits_per_entry"] == python["bits_per_entry"]
     assert _drop(result["summary"]) == _drop(python["summary"])
+
+
+def test_compressing_takes_options_as_kvc_method_does(tiny):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    ids = torch.arange(3, 27)[None]
+    plain = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with kvc.compressing(model, kvc.method("fp16")) as state:
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), plain)
+    assert state.bits_per_entry == 16
+    with pytest.raises(KvcError, match=r"^bits expects float, got 'two'$"):
+        with kvc.compressing(model, "turboquant", bits="two"):
+            pass
+    with pytest.raises(KvcError, match=r"^method fp16 is already configured; give its options to "):
+        with kvc.compressing(model, kvc.method("fp16"), seed=1):
+            pass
 
 
 @pytest.mark.model

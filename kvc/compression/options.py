@@ -153,6 +153,19 @@ def method(name: str, **options: Any) -> Compressor:
     return build(cls.name, **method_options(cls, options))
 
 
+def configured(given: str | Compressor, options: Mapping[str, Any]) -> Compressor:
+    """A method name with its options (checked as :func:`method` checks them), or a compressor
+    :func:`method` already configured (then no options)."""
+    if isinstance(given, Compressor):
+        if options:
+            raise KvcError(f"method {given.name} is already configured; give its options to "
+                           f"kvc.method({given.name!r}, ...), not here ({', '.join(options)})")
+        return given
+    if not isinstance(given, str):
+        raise KvcError(f"method: expected a method name or kvc.method(...), got {type(given).__name__}")
+    return method(given, **options)
+
+
 def compute_dtype(name: str) -> torch.dtype:
     if name not in COMPUTE_DTYPES:
         raise KvcError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {name!r}")
