@@ -1,3 +1,44 @@
-"""kvc: offline KV-cache profiling and compression for transformer language models."""
+"""kvc: offline KV-cache profiling and compression for transformer language models.
+
+The public API (docs/api.md)::
+
+    import kvc
+    cap = kvc.capture("path/to/model", out="capture.safetensors", seq_len=256, num_seqs=2)
+    analysis = kvc.analyze(cap)                     # spectra, ranks, outlier channels per head
+    result = kvc.compress(cap, "turboquant", bits=2) # bits per entry and fidelity per head
+    evaluation = kvc.evaluate("turboquant", "path/to/model", bits=2)  # perplexity, retrieval
+    with kvc.compressing(model, "turboquant", bits=2):  # a loaded model generates on the compressed cache
+        model.generate(input_ids, max_new_tokens=32)
+
+This face is lazy: ``import kvc`` imports nothing heavy (no torch); a name is imported from its
+module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_API = "kvc.api"
+# name -> (module, attribute)
+_EXPORTS = {name: (_API, name) for name in (
+    "capture", "load", "synth", "analyze", "compress", "decompress", "methods", "method", "sweep",
+    "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
+_EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
+_EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")  # with kvc.compressing(model, ...): generate
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

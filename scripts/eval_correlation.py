@@ -22,6 +22,7 @@ import torch
 from scipy.stats import spearmanr
 
 from kvc.eval import evaluate as ev
+from kvc.compression.options import parse_method_args
 from kvc.compression.protocol import Evictor, build, get
 from kvc.compression.composite import Composite
 from kvc.model.text import load_corpus
@@ -42,8 +43,6 @@ TARGETS = [("ppl delta", "delta_rel"), ("next-token KL", "kl")]
 
 def parse(spec: str):
     """'turboquant --bits 2' -> a compressor (through the CLI's own option parser)."""
-    from kvc.cli.commands.compress import parse_method_args
-
     name, *rest = shlex.split(spec)
     params, _ = parse_method_args(get(name), rest, [])
     return build(name, **params)

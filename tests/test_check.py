@@ -247,7 +247,7 @@ def test_baseline_older_format_is_a_clear_error(run, tmp_path):
     ("[run]\nmethod = 'turboquant'\nseq_len = 'long'\n", "policy: run.seq_len must be an integer >= 2, got 'long'"),
     ("[run]\nmethod = 'turboquant'\nlayers = 3\n", "policy: run.layers must be 'all'"),
     ("[run]\nmethod = 'turboquant'\ndtype = 'float16'\n", "policy: run.dtype must be one of float32, float64"),
-    ("[run]\nmethod = 'turboquant'\n[run.params]\nbits = 'two'\n", "policy: run.params.bits must be a number, got 'two'"),
+    ("[run]\nmethod = 'turboquant'\n[run.params]\nbits = 'two'\n", "policy: run.params: bits expects float, got 'two'"),
     ("[run]\nmethod = 'turboquant'\n[run.params]\nbitz = 2\n", "policy: run.params: method turboquant has no option bitz"),
     ("[run]\nmethod = 'turboquant'\n[run.params]\nvariant = 'max'\n", "policy: run.params: turboquant: --variant must be one of"),
     ("[run]\nmethod = 'turboquant'\n[run.params]\nseed = 1\n", "policy: run.params.seed: give the seed as run.seed"),

@@ -14,7 +14,7 @@ from kvc.compression import protocol as base
 from kvc.compression.protocol import Evictor, TensorCompressor, available, option
 from kvc.compression.engine import CompressedFile
 from kvc.metrics.fidelity import mse_rel
-from kvc.cli.commands.sweep import bit_saving, pareto_front
+from kvc.metrics.pareto import bit_saving, pareto_front
 
 EVICTORS = ("gvote", "h2o", "pyramidkv", "snapkv", "streamingllm")
 TENSOR_COMPRESSORS = ("eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "turboquant")

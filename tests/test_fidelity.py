@@ -267,9 +267,9 @@ def test_position_limits_checked_before_the_forward_pass(run, saved, text_file, 
 
 
 def test_eval_refuses_an_encoder_before_loading_it(run, saved, monkeypatch):
-    import kvc.cli.commands.capture
+    import kvc.model.load
 
-    monkeypatch.setattr(kvc.cli.commands.capture, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(kvc.model.load, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run("eval", "--model", saved("bert"), "--method", "fp16", "--contexts", "32")
     assert code == 2 and "encoder" in err and len(err.strip().splitlines()) == 1
     code, _, err = run("eval", "--model", saved("llama"), "--method", "fp16", "--contexts", "1024")

@@ -17,14 +17,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import __version__
 from . import rmt
-from ..io.capture import CaptureFile
+from ..io.capture import KV_TENSORS, CaptureFile
 from .channels import BAND_MIN, ChannelStats, band_mask, channel_runs, channel_stats, median, outlier_mask, rope_partner
 from ..errors import KvcError
 from ..rope import rope_params
@@ -44,6 +44,12 @@ class Options:
     per_seq: bool = False
     block: int | None = None
     factor_bits: int = 4
+
+    def __post_init__(self):
+        if self.rank_rule not in ("eoptshrinkq", "matlab"):
+            raise KvcError(f"--rank-rule must be eoptshrinkq or matlab, not {self.rank_rule!r}")
+        if self.block is not None and self.block < 1:
+            raise KvcError("--block must be >= 1")
 
     @property
     def mode(self) -> str:
@@ -304,6 +310,23 @@ def analyze_layer(layer_tensors: dict[str, Tensor], layer: int, options: Options
     rope = (rope_records(stats, layer, names, labels, rotary_dims)
             if rotary_dims is not None and {"k_pre", "k"} <= set(names) else [])
     return heads, rope, stats.singular_values.cpu()
+
+
+def select_tensors(capture: CaptureFile, layers: list[int], spec: str | Sequence[str] | None) -> list[str]:
+    """``--tensors``: a comma list (or a list) of k_pre, k, v held in every chosen layer; None: all
+    of them that are."""
+    held = [name for name in KV_TENSORS if all(capture.has(layer, name) for layer in layers)]
+    if spec is None:
+        return sorted(held, key=("k_pre", "k", "v").index)
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [s for s in names if s not in KV_TENSORS]
+    if unknown or not names:
+        raise KvcError(f"--tensors {spec!r}: choose from k_pre, k, v")
+    absent = [s for s in names if s not in held]
+    if absent:
+        raise KvcError(f"{capture.path} lacks {', '.join(absent)} in some of the chosen layers "
+                       f"(held everywhere: {', '.join(held) or 'nothing'})")
+    return list(dict.fromkeys(names))
 
 
 def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str], options: Options,

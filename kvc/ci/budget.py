@@ -277,6 +277,39 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def budget_inputs(model: str | None = None, layers: int | None = None, kv_heads: int | None = None,
+                  head_dim: int | None = None, sliding_window: int | None = None, sliding: str | None = None,
+                  method: str | None = None, bits: float | None = None, group_size: int = 32,
+                  from_json: Path | None = None) -> tuple[Geometry, Compression | None]:
+    """The geometry (a model's, or explicit layers/kv_heads/head_dim and windows) and the compressed
+    form (a method's nominal rule, measured bits from ``kvc compress --json``, or none) of a budget."""
+    if from_json is not None and (method is not None or bits is not None):
+        raise KvcError("pass either --from-json or --method/--bits, not both")
+    if bits is not None and method is None:
+        raise KvcError("--bits needs --method")
+    explicit = (layers, kv_heads, head_dim)
+    if any(v is not None for v in explicit):
+        if model is not None:
+            raise KvcError("pass either --model or --layers/--kv-heads/--head-dim, not both")
+        if any(v is None for v in explicit):
+            raise KvcError("an explicit geometry needs all of --layers, --kv-heads and --head-dim")
+        if sliding is not None and sliding_window is None:
+            raise KvcError("--sliding-layers needs --sliding-window")
+        mask = sliding_layers(sliding, layers) if sliding is not None else None
+        geometry = geometry_from_dims(layers, kv_heads, head_dim, sliding_window, mask)
+    elif sliding_window is not None or sliding is not None:
+        raise KvcError("--sliding-window/--sliding-layers go with --layers/--kv-heads/--head-dim; "
+                       "a model's own config gives its windows")
+    else:
+        geometry = geometry_from_model(model)
+    compression = None
+    if from_json is not None:
+        compression = compression_from_json(from_json)
+    elif method is not None:
+        compression = compression_rule(method, bits, geometry.key_dim, geometry.value_dim, group_size)
+    return geometry, compression
+
+
 # --- bytes ------------------------------------------------------------------------------------
 
 def bytes_per_token(geometry: Geometry, compression: Compression = FP16) -> float:

@@ -26,11 +26,19 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+import torch
+
+import kvc
+
 from .. import __version__
 from .budget import Geometry, measured_compression, parse_contexts, sequence_bytes
 from ..cli.console import human_bytes
+from ..compression.options import method_options
+from ..compression.protocol import build, get
 from ..errors import KvcError
 from ..io import schema
+from ..model.capture import parse_layers
+from ..model.load import load_config, resolve_device, resolve_model, text_config
 
 SCHEMA = "kvc-check/1"  # the --json report, which is also the baseline format
 TENSORS = ("k", "k_pre", "v", "kv")
@@ -154,18 +162,15 @@ def _run_spec(run: Any, base: Path) -> RunSpec:
 
 
 def _method_params(method: str, params: dict, seed: int) -> dict[str, Any]:
-    """The method's options from ``run.params`` (checked against their declared types) and ``run.seed``."""
-    from ..compression.protocol import build, get, typed_params
-
+    """The method's options from ``run.params`` (checked as ``kvc.method`` checks them) and ``run.seed``."""
     if "seed" in params:
         raise KvcError("policy: run.params.seed: give the seed as run.seed")
     try:
         cls = get(method)
     except KvcError as err:
         raise KvcError(f"policy: run.method: {err}") from None
-    typed = typed_params(cls, params, "run.params", "policy")
     try:
-        return build(method, **typed, seed=seed).params()
+        return build(cls.name, **method_options(cls, params), seed=seed).params()
     except KvcError as err:
         raise KvcError(f"policy: run.params: {err}") from None
 
@@ -503,8 +508,6 @@ def peak_memory(device) -> Iterator[Peak]:
     """Peak memory a block adds. CUDA: torch.cuda.max_memory_allocated over the block. CPU (Linux):
     growth of the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs);
     ``bytes`` stays None where that is unavailable. tracemalloc is not used: it misses tensors."""
-    import torch
-
     peak = Peak()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -537,53 +540,31 @@ def _proc_status_kb(field: str) -> int:
 def run_policy(spec: RunSpec, workdir: Path, status=None) -> dict:
     """Capture the policy's model and text, compress with its method, measure; a kvc result.
 
-    The result is ``kvc compress --json``'s, plus ``memory``: entries, nominal_bytes, array_bytes
-    (the packed arrays), file_bytes (the compressed file the engine writes), peak_bytes of the
-    compression run (see ``peak_memory``), peak_method and device. ``status(text)`` reports progress.
+    The capture and the compression are :func:`kvc.capture` and :func:`kvc.compress`, as ``kvc
+    capture`` and ``kvc compress`` make them. The result is ``kvc compress --json``'s, plus
+    ``memory``: entries, nominal_bytes, array_bytes (the packed arrays), file_bytes (the compressed
+    file), peak_bytes of the compression run (see ``peak_memory``), peak_method and device.
+    ``status(text)`` reports progress.
     """
-    import torch
-
-    from ..model.capture import capture, parse_layers
-    from ..io.capture import CaptureFile
-    from ..compression import engine
-    from ..compression.protocol import build
-    from ..model.text import framing, load_corpus, token_windows
-    from ..model.load import load_model, resolve_device, resolve_model, text_config, weights_description
-
     status = status or (lambda text: None)
     device = resolve_device(spec.device)
     source = resolve_model(spec.model)
-    corpus = load_corpus(spec.text)
-    status(f"loading {source.name}")
-    model, tokenizer = load_model(source, device=str(device))
-    try:
-        layers = parse_layers(spec.layers, text_config(model.config).num_hidden_layers)
+    try:  # checked on the config, before the weights load
+        layers = parse_layers(spec.layers, text_config(load_config(source)).num_hidden_layers)
     except KvcError as err:
         raise KvcError(f"policy: run.layers: {err}") from None
     status(f"capturing {spec.num_seqs} x {spec.seq_len} tokens, layers {spec.layers}")
-    capture_path = workdir / "capture.safetensors"
-    frame = framing(tokenizer)
-    capture(model, token_windows(tokenizer, corpus, spec.seq_len, spec.num_seqs, frame), capture_path,
-            meta={"model": source.name, "model_revision": "",
-                  "text_source": corpus.source, "text_sha256": corpus.sha256,
-                  "special_tokens": frame.to_meta(), "weights": weights_description(source, model)},
-            layers=layers, q_positions=torch.arange(spec.seq_len))
-    del model
-    compressor = build(spec.method, **spec.params)
-    captured = CaptureFile(capture_path)
+    captured = kvc.capture(spec.model, spec.text, out=workdir / "capture.safetensors", seq_len=spec.seq_len,
+                           num_seqs=spec.num_seqs, layers=layers, device=spec.device,
+                           progress=lambda done, total, what: status(what))
     status(f"compressing with {spec.method}")
-    torch.manual_seed(spec.seed)
     with peak_memory(device) as peak:
-        run = engine.run(compressor, captured, device=device, dtype=getattr(torch, spec.dtype),
-                         keep_encoded=True)
-    store = workdir / "compressed.safetensors"
-    engine.write_compressed(store, run, captured)
-    entries = 2 * sum(r.entries * len(r.bits["k"]) for r in run.layers)
+        run = kvc.compress(captured, spec.method, device=spec.device, dtype=spec.dtype, **spec.params)
+    store = run.save(workdir / "compressed.safetensors")
     result = run.to_json()
     result["capture"] = {k: v for k, v in result["capture"].items() if k != "path"}
     result["memory"] = {
-        "entries": entries, "nominal_bytes": run.bits_per_entry() * entries / 8,
-        "array_bytes": sum(a.numel() * a.element_size() for e in run.encoded.values() for a in e.arrays.values()),
-        "file_bytes": store.stat().st_size, "peak_bytes": peak.bytes, "peak_method": peak.method,
-        "device": device.type}
+        "entries": run.entries, "nominal_bytes": run.bits_per_entry * run.entries / 8,
+        "array_bytes": run.array_bytes, "file_bytes": store.stat().st_size, "peak_bytes": peak.bytes,
+        "peak_method": peak.method, "device": device.type}
     return {**result, "label": spec.method}

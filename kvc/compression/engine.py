@@ -31,7 +31,8 @@ from ..io.compressed import CompressedFile, write_compressed_file
 from ..errors import KvcError, MethodFailure
 from ..io.safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter
 from ..rope import apply_rope
-from .protocol import Compressor, Decoded, Encoded, LayerKV, build, check_finite, get, typed_params
+from .options import method_options
+from .protocol import Compressor, Decoded, Encoded, LayerKV, build, check_finite, get
 from ..metrics.fidelity import layer_metrics
 
 TENSORS = ("k", "v", "kv")
@@ -287,9 +288,8 @@ def compressor_of(cf: CompressedFile) -> Compressor:
         cls = get(cf.method)
     except KvcError as err:
         raise KvcError(f"{where} method: {err}") from None
-    params = typed_params(cls, cf.params, "metadata params", str(cf.path))
     try:
-        compressor = build(cf.method, **params)
+        compressor = build(cf.method, **method_options(cls, cf.params))
         for layer in cf.layers:
             compressor.validate(shell_layer(cf.source, layer))
     except KvcError as err:

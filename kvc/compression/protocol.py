@@ -185,19 +185,6 @@ def get(name: str) -> type[Compressor]:
     return methods[name]
 
 
-def typed_params(cls: type[Compressor], params: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    """Option values read from a file (a policy, a compressed file), checked against the types the
-    method declares (an int stands for a float); errors name ``{key}.{option}``."""
-    hints = typing.get_type_hints(cls.Options)
-    checks = {bool: schema.boolean, int: schema.integer, float: schema.number, str: schema.string}
-    typed = dict(params)
-    for option, value in params.items():
-        check = checks.get(hints.get(option))
-        if check is not None:
-            typed[option] = check(value, f"{key}.{option}", where)
-    return typed
-
-
 def build(name: str, **params: Any) -> Compressor:
     """A compressor from its name and option values (unknown options list the valid ones)."""
     cls = get(name)

@@ -17,7 +17,8 @@ from typing import Any
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from ..compression.protocol import Compressor, build
+from ..compression.options import configured
+from ..compression.protocol import Compressor
 from ..errors import KvcError
 from ..model.hooks import AttentionCall, Hooks, Recorder, hooked
 from ..model.load import is_causal_lm, text_config
@@ -80,17 +81,18 @@ class Compressing(Hooks):
 
 
 @contextlib.contextmanager
-def compressing(model, method: str, **options: Any):
-    """Inside the block, ``model.generate(...)`` runs with ``method`` (options as ``kvc compress``
-    takes them, e.g. ``bits=2``) applied to the prompt's KV cache after the prefill; the tokens
-    generated after it are cached uncompressed. Yields the block's ``Compressing`` state
+def compressing(model, method: str | Compressor, **options: Any):
+    """Inside the block, ``model.generate(...)`` runs with ``method`` (a name with options as ``kvc
+    compress`` takes them, e.g. ``bits=2``, checked as ``kvc.method`` checks them; or a compressor
+    from ``kvc.method``) applied to the prompt's KV cache after the prefill; the tokens generated
+    after it are cached uncompressed. Yields the block's ``Compressing`` state
     (``bits_per_entry``). Like kvpress's ``with press(model):``, for one prompt or prompts of one
     length (no padding), greedy, sampling or beam search.
     """
     if not is_causal_lm(model.config):
         raise KvcError("kvc.compressing compresses the cache of a causal LM's generation; "
                        f"{type(model).__name__} is not one")
-    state = Compressing(model, build(method, **options))
+    state = Compressing(model, configured(method, options))
     with contextlib.ExitStack() as stack:
         stack.enter_context(hooked(model, state))
         for handle in (model.register_forward_pre_hook(state.before, with_kwargs=True),

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -31,8 +32,8 @@ _HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 @dataclass
 class ModelSource:
     name: str  # what metadata calls the model: the hub id, else the file or folder name
-    kind: str  # "gguf" | "dir" | "hub"
-    location: str  # file, directory or hub id
+    kind: str  # "gguf" | "dir" | "hub" | "loaded" (a model object given to the Python API)
+    location: str  # file, directory or hub id (a loaded model: its name_or_path)
 
 
 def cache_dir() -> Path:
@@ -176,6 +177,51 @@ def load_model(source: ModelSource, *, revision: str | None = None, dtype: str =
     except (OSError, ValueError, KeyError) as err:
         raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
     return model.to(torch_device).eval(), tokenizer
+
+
+def open_model(model=None, *, tokenizer=None, revision: str | None = None, dtype: str = "auto",
+               device: str = "auto", trust_remote_code: bool = False,
+               check: Callable[[Any], None] = lambda config: None,
+               status: Callable[[str], None] = lambda text: None) -> tuple[ModelSource, Any, Any]:
+    """(source, model, tokenizer) for a model named by hub id, directory or GGUF file (None: the
+    default model), or for a loaded transformers model with its ``tokenizer``, used as it is.
+
+    ``check(config)`` runs on the model's config before its weights load (limits, model kind);
+    ``status(text)`` says what is loading.
+    """
+    if model is None or isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise KvcError("tokenizer= goes with a loaded model; a model named by hub id or path "
+                           "brings its own")
+        source = resolve_model(None if model is None else str(model))
+        status(f"loading {source.name}")
+        config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
+        check(config)
+        lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
+                                   trust_remote_code=trust_remote_code, config=config)
+        return source, lm, tokenizer
+    if not hasattr(model, "config") or not callable(model):
+        raise KvcError(f"model: expected a hub id, a directory, a GGUF file or a loaded transformers "
+                       f"model, got {type(model).__name__}")
+    if tokenizer is None:
+        raise KvcError("a loaded model needs its tokenizer: pass tokenizer=")
+    check(model.config)
+    location = str(getattr(model.config, "_name_or_path", "") or "")
+    path = Path(location)
+    name = path.name if location and path.exists() else location or type(model).__name__
+    return ModelSource(name, "loaded", location), model, tokenizer
+
+
+def model_revision(source: ModelSource, revision: str | None = None) -> str:
+    """What capture metadata records as ``model_revision``: the hub revision asked for, else for a
+    GGUF file its content hash (``sha256:<hex>``), else ''."""
+    if revision or source.kind != "gguf":
+        return revision or ""
+    digest = hashlib.sha256()
+    with open(source.location, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def weights_description(source: ModelSource, model) -> str:

@@ -10,12 +10,11 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from ...analysis.report import Options, Report, analyze_capture, band_label
-from ...io.capture import KV_TENSORS, CaptureFile
-from ..console import err, out, progress_bar
-from ...errors import KvcError
+import kvc
+
+from ...analysis.report import Report, band_label
+from ..console import err, out, progress_task
 from ...io.safetensors import check_writable, emit_json
-from ...model.load import resolve_device
 
 NAME = "analyze"
 
@@ -35,51 +34,25 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Spectra, rank, shrinkage and outlier channels of every (layer, KV head) of a capture."""
-    if rank_rule not in ("eoptshrinkq", "matlab"):
-        raise KvcError(f"--rank-rule must be eoptshrinkq or matlab, not {rank_rule!r}")
-    if block is not None and block < 1:
-        raise KvcError("--block must be >= 1")
-    torch_device = resolve_device(device)
-    cap = CaptureFile(capture)
-    chosen_layers = cap.select_layers(layers)
-    chosen = _tensors(cap, chosen_layers, tensors)
     if json_path not in (None, "-"):
         check_writable(Path(json_path), force)
     if plots:
-        from ...analysis import plots as analyze_plots  # matplotlib only when asked for
+        from ...analysis.plots import PLOT_FILES  # matplotlib only when asked for
 
-        plot_paths = [plots / name for name in analyze_plots.PLOT_FILES]
+        plot_paths = [plots / name for name in PLOT_FILES]
         for path in plot_paths:
             check_writable(path, force)
-    options = Options(rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
-                      per_seq=per_seq, block=block)
-    with progress_bar() as bar:
-        task = bar.add_task("analyzing", total=len(chosen_layers))
-        report = analyze_capture(cap, chosen_layers, chosen, options, torch_device,
-                                 progress=lambda: bar.advance(task))
+    with progress_task("analyzing") as progress:
+        report = kvc.analyze(capture, layers=layers, tensors=tensors, block=block, per_seq=per_seq,
+                             rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
+                             device=device, progress=progress)
     console = err if json_path == "-" else out
-    print_summary(console, report, chosen)
+    print_summary(console, report, report.tensors)
     emit_json(json_path or None, report.to_json(), force, indent=None)
     if json_path not in (None, "", "-"):
         console.print(f"wrote {json_path}")
     if plots:
-        analyze_plots.write_all(report, cap, chosen, plot_paths, force)
-        console.print(f"wrote {', '.join(str(p) for p in plot_paths)}")
-
-
-def _tensors(cap: CaptureFile, layers: list[int], spec: str | None) -> list[str]:
-    held = [name for name in KV_TENSORS if all(cap.has(layer, name) for layer in layers)]
-    if spec is None:
-        return sorted(held, key=("k_pre", "k", "v").index)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in names if s not in KV_TENSORS]
-    if unknown or not names:
-        raise KvcError(f"--tensors {spec!r}: choose from k_pre, k, v")
-    absent = [s for s in names if s not in held]
-    if absent:
-        raise KvcError(f"{cap.path} lacks {', '.join(absent)} in some of the chosen layers "
-                       f"(held everywhere: {', '.join(held) or 'nothing'})")
-    return list(dict.fromkeys(names))
+        console.print(f"wrote {', '.join(str(p) for p in report.plot(plots, force))}")
 
 
 def _outlier_cell(cell: dict) -> str:

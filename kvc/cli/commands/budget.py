@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ...ci.budget import budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, parse_contexts, sliding_layers
+import kvc
+
 from ..console import human_bytes, out
-from ...errors import KvcError
 from ...io.safetensors import check_writable, write_json
 
 NAME = "budget"
@@ -33,33 +33,11 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file."),
 ) -> None:
     """KV-cache bytes per token, per sequence and per batch across context lengths."""
-    if from_json is not None and (method is not None or bits is not None):
-        raise KvcError("pass either --from-json or --method/--bits, not both")
-    if bits is not None and method is None:
-        raise KvcError("--bits needs --method")
-    explicit = (layers, kv_heads, head_dim)
-    if any(v is not None for v in explicit):
-        if model is not None:
-            raise KvcError("pass either --model or --layers/--kv-heads/--head-dim, not both")
-        if any(v is None for v in explicit):
-            raise KvcError("an explicit geometry needs all of --layers, --kv-heads and --head-dim")
-        if sliding is not None and sliding_window is None:
-            raise KvcError("--sliding-layers needs --sliding-window")
-        mask = sliding_layers(sliding, layers) if sliding is not None else None
-        geometry = geometry_from_dims(layers, kv_heads, head_dim, sliding_window, mask)
-    elif sliding_window is not None or sliding is not None:
-        raise KvcError("--sliding-window/--sliding-layers go with --layers/--kv-heads/--head-dim; "
-                       "a model's own config gives its windows")
-    else:
-        geometry = geometry_from_model(model)
-    compression = None
-    if from_json is not None:
-        compression = compression_from_json(from_json)
-    elif method is not None:
-        compression = compression_rule(method, bits, geometry.key_dim, geometry.value_dim, group_size)
+    report = kvc.budget(model, layers=layers, kv_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window,
+                        sliding_layers=sliding, context=context, batch=batch, method=method, bits=bits,
+                        group_size=group_size, from_json=from_json).to_json()
     if json_path is not None and str(json_path) != "-":
         check_writable(json_path, force)
-    report = budget(geometry, parse_contexts(context), batch, compression)
     if str(json_path) == "-":
         out.print_json(json.dumps(report))
         return

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ...model import capture as engine
-from ..console import err, human_bytes, out, progress_bar
-from ...model.text import framing, load_corpus, token_windows
-from ...errors import KvcError
-from ...io.safetensors import check_writable
-from ...model.load import check_positions, load_config, load_model, resolve_model, text_config, weights_description
+import kvc
+
+from ...model.capture import CaptureSummary
+from ..console import human_bytes, out, progress_task
 
 
 NAME = "capture"
@@ -37,56 +34,15 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Capture keys (before and after RoPE), values and queries of every layer."""
-    if batch_size < 1:
-        raise KvcError("--batch-size must be >= 1")
-    check_writable(out_path, force)
-    source, corpus, lm, tokenizer = load_model_and_text(
-        model, text, revision, dtype, device, trust_remote_code,
-        check=lambda config: check_positions(config, seq_len, "--seq-len"))
-    frame = framing(tokenizer, special_tokens)
-    input_ids = token_windows(tokenizer, corpus, seq_len, num_seqs, frame)
-    selected = engine.parse_layers(layers, text_config(lm.config).num_hidden_layers)
-    positions = engine.parse_query_positions(query_positions, seq_len)
-    meta = {"model": source.name,
-            "model_revision": revision or _file_revision(source),
-            "text_source": corpus.source, "text_sha256": corpus.sha256,
-            "special_tokens": frame.to_meta(), "weights": weights_description(source, lm)}
-    with progress_bar() as bar:
-        task = bar.add_task("capturing", total=num_seqs)
-        summary = engine.capture(lm, input_ids, out_path, meta=meta, layers=selected,
-                                 q_positions=positions, batch_size=batch_size, force=force,
-                                 progress=lambda n: bar.advance(task, n))
-    print_summary(summary, source.name)
+    with progress_task("capturing") as progress:
+        cap = kvc.capture(model, text, out=out_path, seq_len=seq_len, num_seqs=num_seqs, layers=layers,
+                          query_positions=query_positions, batch_size=batch_size, revision=revision,
+                          dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                          special_tokens=special_tokens, force=force, progress=progress)
+    print_summary(cap.summary, cap.meta.model)
 
 
-def load_model_and_text(model: str | None, text: str | None, revision: str | None, dtype: str, device: str,
-                        trust_remote_code: bool, check: Callable[[Any], None] = lambda config: None):
-    """(ModelSource, Corpus, model, tokenizer) for the --model/--text/--revision/--dtype/--device options.
-
-    ``check(config)`` runs on the model's config before its weights load (limits, model kind).
-    """
-    source = resolve_model(model)
-    corpus = load_corpus(text)
-    with err.status(f"loading {source.name}"):
-        config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
-        check(config)
-        lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
-                                   trust_remote_code=trust_remote_code, config=config)
-    return source, corpus, lm, tokenizer
-
-
-def _file_revision(source) -> str:
-    """For a GGUF file, a content hash stands in for the hub revision."""
-    if source.kind != "gguf":
-        return ""
-    digest = hashlib.sha256()
-    with open(source.location, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def print_summary(summary: engine.CaptureSummary, model_name: str) -> None:
+def print_summary(summary: CaptureSummary, model_name: str) -> None:
     table = Table(title=f"kvc capture: {model_name}", show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -1,116 +1,27 @@
 """``kvc compress``: one method over a capture; bits per entry and fidelity per layer and head.
 
 Method options come from the method's ``Options`` dataclass: ``--group-size 32`` or
-``--opt group_size=32`` (hyphens and underscores both work), converted to the field's type.
+``--opt group_size=32`` (hyphens and underscores both work), converted to the field's type
+(:mod:`kvc.compression.options`).
 """
 
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
 
-from ...io.capture import CaptureFile
-from ...compression.protocol import option_fields
-from ..console import err, human_bytes, out, progress_bar
+import kvc
+
+from ...compression.engine import aggregate
+from ...compression.options import parse_method_args
+from ...compression.protocol import get
+from ..console import err, human_bytes, out, progress_task
 from ...errors import KvcError
 from ...io.safetensors import check_writable, emit_json
-from ...gpu import require_device
-
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-# ----------------------------------------------------------------------------- method options
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def type_name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
-
-
-def convert(text: str, kind: Any, option: str) -> Any:
-    """A command-line string as a value of the option's type (bool, int, float, str, optional, tuple)."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        return convert(text, next(a for a in args if a is not type(None)), option)
-    if typing.get_origin(kind) in (tuple, list):
-        return typing.get_origin(kind)(convert(t.strip(), args[0], option) for t in text.split(",") if t.strip())
-    try:
-        if kind is bool:
-            if text.lower() not in TRUE + FALSE:
-                raise ValueError
-            return text.lower() in TRUE
-        if kind is int:
-            value = float(text)
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        return kind(text)
-    except ValueError:
-        raise KvcError(f"{option} expects {type_name(kind)}, got {text!r}") from None
-
-
-def parse_method_args(cls, tokens: list[str], assignments: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """(options, positional arguments) from ``--name value`` tokens and ``key=value`` assignments."""
-    fields = option_fields(cls)
-
-    def field_of(name: str) -> str:
-        key = name.replace("-", "_")
-        if key not in fields:
-            raise KvcError(f"method {cls.name} has no option {flag(name)}; valid options: "
-                           f"{', '.join(map(flag, fields))} (see kvc methods)")
-        return key
-
-    params: dict[str, Any] = {}
-    positional: list[str] = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if token.startswith("--") and len(token) > 2:
-            name, eq, text = token[2:].partition("=")
-            key = name.replace("-", "_")
-            if key.startswith("no_") and fields.get(key[3:], (None,))[0] is bool and not eq:
-                key, eq, text = key[3:], "=", "false"
-            key = field_of(key)
-            if not eq:
-                if fields[key][0] is bool:
-                    text = "true"
-                elif i + 1 < len(tokens):
-                    i, text = i + 1, tokens[i + 1]
-                else:
-                    raise KvcError(f"{flag(key)} needs a value")
-            params[key] = convert(text, fields[key][0], flag(key))
-        elif token.startswith("-") and len(token) > 1:
-            raise KvcError(f"unknown option {token}; method {cls.name} takes "
-                           f"{', '.join(map(flag, fields))} (see kvc methods)")
-        else:
-            positional.append(token)
-        i += 1
-    for item in assignments:
-        name, eq, text = item.partition("=")
-        if not eq:
-            raise KvcError(f"--opt {item!r}: expected key=value")
-        key = field_of(name.strip())
-        params[key] = convert(text.strip(), fields[key][0], flag(key))
-    return params, positional
-
-
-def compute_dtype(name: str) -> torch.dtype:
-    if name not in COMPUTE_DTYPES:
-        raise KvcError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {name!r}")
-    return COMPUTE_DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -128,8 +39,6 @@ def fmt(x: float | None) -> str:
 
 def results_tables(result: dict, worst: int = 5) -> list[Table]:
     """Per-layer averages with the overall row, and the worst heads by attention-output error."""
-    from ...compression.engine import aggregate
-
     heads = result["heads"]
     per_layer = Table(title=f"{result['method']}: per-layer averages", box=box.SIMPLE_HEAD)
     per_layer.add_column("layer", justify="right")
@@ -185,36 +94,26 @@ def command(
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2 --group-size 32.
     """
-    from ...compression import engine
-    from ...compression.protocol import build, get
-
     cls = get(method)
     params, positional = parse_method_args(cls, ([capture] if capture else []) + list(ctx.args), opt)
     if len(positional) != 1:
         raise KvcError(f"expected one CAPTURE file, got {len(positional)}: {' '.join(positional) or 'none'}")
     if seed is not None:
         params["seed"] = seed
-    if query_stride < 1:
-        raise KvcError("--query-stride must be >= 1")
-    compressor = build(cls.name, **params)
+    compressor = kvc.method(cls.name, **params)
     for path in (out_path, None if json_path in (None, "-") else Path(json_path)):
         if path is not None:
             check_writable(path, force)
-    source = CaptureFile(positional[0])
-    selected = source.select_layers(layers)
-    torch.manual_seed(compressor.options.seed)
-    with progress_bar() as bar:
-        task = bar.add_task(f"{cls.name}", total=len(selected))
-        result = engine.run(compressor, source, selected, require_device(device), compute_dtype(dtype),
-                            keep_encoded=out_path is not None, query_stride=query_stride,
-                            progress=lambda _: bar.advance(task))
+    with progress_task(cls.name) as progress:
+        result = kvc.compress(positional[0], compressor, layers=layers, device=device, dtype=dtype,
+                              query_stride=query_stride, keep=out_path is not None, progress=progress)
     report = result.to_json()
     console = err if json_path == "-" else out
     for table in results_tables(report):
         console.print(table)
     console.print(overall_line(report))
     if out_path is not None:
-        engine.write_compressed(out_path, result, source, force=force)
+        result.save(out_path, force=force)
         console.print(f"wrote {out_path}: {human_bytes(out_path.stat().st_size)} "
-                      f"({human_bytes(sum(e.nbits() for e in result.encoded.values()) / 8)} of packed arrays)")
+                      f"({human_bytes(result.array_bytes)} of packed arrays)")
     emit_json(json_path, report, force)

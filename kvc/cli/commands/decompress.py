@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from ..console import human_bytes, out, progress_bar
+import kvc
+
+from ..console import human_bytes, out, progress_task
 from ...io.safetensors import check_writable
-from ...model.load import resolve_device
 
 NAME = "decompress"
 
@@ -22,13 +23,8 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Decode every layer with the method that encoded it; write K, V (and K before RoPE)."""
-    from ...compression.engine import CompressedFile, decompress
-
     check_writable(out_path, force)
-    layers = CompressedFile(path).layers
-    with progress_bar() as bar:
-        task = bar.add_task("decoding", total=len(layers))
-        cf = decompress(path, out_path, resolve_device(device), queries=queries, force=force,
-                        progress=lambda _: bar.advance(task))
-    out.print(f"wrote {out_path}: {len(layers)} layers decoded with {cf.method} "
+    with progress_task("decoding") as progress:
+        cap = kvc.decompress(path, out_path, queries=queries, device=device, force=force, progress=progress)
+    out.print(f"wrote {out_path}: {len(cap.layers)} layers decoded with {cap.decompressed_from['method']} "
               f"({human_bytes(path.stat().st_size)} -> {human_bytes(out_path.stat().st_size)})")

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
 
+import kvc
+
 from ...ci.budget import parse_contexts
-from ..console import err, out, progress_bar
+from ...compression.options import parse_method_args
+from ...compression.protocol import get
+from ..console import err, out, progress_task
 from ...errors import KvcError
 from ...io.safetensors import check_writable, emit_json
-from .capture import load_model_and_text
-from .compress import fmt, parse_method_args
+from .compress import fmt
 
 NAME = "eval"
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -51,7 +52,6 @@ def command(
     Method options (see kvc methods) follow as --name value, e.g. --bits 2.
     """
     from ...eval import evaluate as ev
-    from ...compression.protocol import build, get
 
     cls = get(method)
     params, positional = parse_method_args(cls, list(ctx.args), opt)
@@ -59,7 +59,7 @@ def command(
         raise KvcError(f"unexpected argument(s): {' '.join(positional)}")
     if seed is not None:
         params["seed"] = seed
-    compressor = build(cls.name, **params)
+    compressor = kvc.method(cls.name, **params)
     settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
                                      special_tokens)
     ev.check(settings)
@@ -68,23 +68,15 @@ def command(
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
     if heatmap is not None:
         check_writable(heatmap, force)
-    source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code,
-                                                        check=lambda config: ev.check_model(config, settings))
-    torch.manual_seed(compressor.options.seed)
-    start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("eval", total=ev.steps(settings, 1))
-        result = ev.evaluate(lm, tokenizer, corpus, [compressor], settings, measure=proxies,
-                             progress=lambda what: bar.update(task, advance=1, description=what))[0]
-    result["model"] = source.name
-    result["run"] = {"device": str(next(lm.parameters()).device),
-                     "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source,
-                     "seconds": round(time.perf_counter() - start, 3)}
+    with progress_task("eval") as progress:
+        evaluation = kvc.evaluate(compressor, model, text, **vars(settings), proxies=proxies, revision=revision,
+                                  dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                  progress=progress)
+    result = evaluation.to_json()
     console = err if json_path == "-" else out
     console.print(table(result))
     if heatmap is not None:
-        ev.plot_retrieval(result, heatmap)
-        console.print(f"wrote {heatmap}")
+        console.print(f"wrote {evaluation.plot(heatmap, force)}")
     emit_json(json_path, result, force)
 
 

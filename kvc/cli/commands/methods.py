@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import typer
@@ -10,28 +9,9 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+import kvc
+
 from ..console import out
-from ...compression.protocol import option_fields
-from .compress import flag, type_name
-
-
-def describe() -> list[dict]:
-    """Every registered method: name, kind, summary, paper and options (flag, type, default, help)."""
-    from ...compression.protocol import Evictor, TensorCompressor, available
-
-    methods = []
-    for name, cls in available().items():
-        kind = "eviction" if issubclass(cls, Evictor) else "tensor" if issubclass(cls, TensorCompressor) else "other"
-        options = []
-        for field_name, (kind_, f) in option_fields(cls).items():
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            options.append({"name": field_name, "flag": flag(field_name), "type": type_name(kind_),
-                            "default": default, "choices": list(choices) if choices else None,
-                            "help": f.metadata.get("help", "")})
-        methods.append({"name": name, "kind": kind, "summary": cls.summary, "paper": cls.paper,
-                        "options": options})
-    return methods
 
 
 NAME = "methods"
@@ -39,7 +19,7 @@ NAME = "methods"
 
 def command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the compression methods with their options and defaults."""
-    methods = describe()
+    methods = list(kvc.methods().values())
     if as_json:
         out.print_json(json.dumps({"methods": methods, "combinations": "EVICTOR+COMPRESSOR, e.g. snapkv+turboquant"}))
         return

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import typer
 
+import kvc
+
 from ..console import human_bytes, out
 from ...errors import KvcError
-from ...io.safetensors import check_writable, save_safetensors
-from ...model.load import DTYPES
-from ...model.synth import SpikedSpec, synthesize
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -42,16 +41,10 @@ def command(
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Write a synthetic capture with planted low-rank structure and outlier channels."""
-    if dtype not in DTYPES:
-        raise KvcError(f"--dtype must be one of {', '.join(DTYPES)}")
-    check_writable(out_path, force)
-    spec = SpikedSpec(num_layers=layers, num_kv_heads=kv_heads, num_heads=heads, head_dim=head_dim,
-                      seq_len=seq_len, num_seqs=num_seqs, strengths=_floats(strengths, "--strengths"),
-                      sigma=sigma, noise=noise,
-                      outlier_channels=[int(c) for c in _floats(outlier_channels, "--outlier-channels")],
-                      outlier_scale=outlier_scale, rope=rope, seed=seed)
-    tensors, meta = synthesize(spec, DTYPES[dtype])
-    save_safetensors(out_path, tensors, meta.to_strings(), force=force)
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    spikes = _floats(strengths, "--strengths")
+    kvc.synth(out_path, layers=layers, kv_heads=kv_heads, heads=heads, head_dim=head_dim, seq_len=seq_len,
+              num_seqs=num_seqs, strengths=spikes, sigma=sigma, noise=noise,
+              outlier_channels=[int(c) for c in _floats(outlier_channels, "--outlier-channels")],
+              outlier_scale=outlier_scale, rope=rope, dtype=dtype, seed=seed, force=force)
     out.print(f"wrote {out_path}: {layers} layers x {kv_heads} KV heads x {num_seqs}x{seq_len} tokens, "
-              f"rank {len(spec.strengths)}, {noise} noise, {human_bytes(size)}")
+              f"rank {len(spikes)}, {noise} noise, {human_bytes(out_path.stat().st_size)}")
