@@ -40,6 +40,7 @@ from ..compression.protocol import Compressor, Decoded, LayerKV, check_finite
 from ..compression.composite import kept_slots
 from ..model.text import Corpus, framing
 from ..errors import KvcError, MethodFailure
+from ..io.safetensors import atomic_path
 from ..model.load import check_positions, is_causal_lm, text_config
 
 EVAL_ATTENTION = "kvc_eval"
@@ -591,8 +592,8 @@ def end_to_end(model, tokenizer, corpus: Corpus, compressors: Sequence[Compresso
     return rows
 
 
-def plot_retrieval(result: dict[str, Any], path) -> None:
-    """Depth x length heatmaps of needle accuracy, uncompressed beside the method (PNG)."""
+def plot_retrieval(result: dict[str, Any], path, force: bool = False) -> None:
+    """Depth x length heatmaps of needle accuracy, uncompressed beside the method (PNG, written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -614,5 +615,6 @@ def plot_retrieval(result: dict[str, Any], path) -> None:
     axes[0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes, label="retrieval accuracy")
     fig.suptitle(f"needle retrieval, {result['method']} at {result['bits_per_entry']:.2f} bits per entry")
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

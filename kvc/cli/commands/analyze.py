@@ -9,12 +9,13 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from ...analysis.report import Options, Report, analyze_capture, band_label
 from ...io.capture import KV_TENSORS, CaptureFile
-from ..console import err, out, progress_bar
+from ..console import err, out, printable, progress_bar
 from ...errors import KvcError
-from ...io.safetensors import check_writable, emit_json
+from ...io.safetensors import check_outputs, emit_json
 from ...model.load import resolve_device
 
 NAME = "analyze"
@@ -43,14 +44,12 @@ def command(
     cap = CaptureFile(capture)
     chosen_layers = cap.select_layers(layers)
     chosen = _tensors(cap, chosen_layers, tensors)
-    if json_path not in (None, "-"):
-        check_writable(Path(json_path), force)
+    plot_paths = []
     if plots:
         from ...analysis import plots as analyze_plots  # matplotlib only when asked for
 
         plot_paths = [plots / name for name in analyze_plots.PLOT_FILES]
-        for path in plot_paths:
-            check_writable(path, force)
+    check_outputs([json_path, *plot_paths], force, inputs=[capture])
     options = Options(rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
                       per_seq=per_seq, block=block)
     with progress_bar() as bar:
@@ -100,8 +99,9 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
     s = report.summary
-    console.print(f"[bold]kvc analyze[/bold] {s['capture']} ({s['model']}): {len(s['layers'])} layers, "
-                  f"{s['mode']}, n x d = {s['n']} x {s['d']}, {s['rank_rule']} rule, {s['seconds']:.1f} s")
+    console.print(Text.assemble(("kvc analyze", "bold"), printable(
+        f" {s['capture']} ({s['model']}): {len(s['layers'])} layers, {s['mode']}, n x d = {s['n']} x {s['d']}, "
+        f"{s['rank_rule']} rule, {s['seconds']:.1f} s")))
     table = Table(title="per layer (medians over heads): rank, energy share rho of the low-rank part, "
                         "predicted bits/entry saved; records with outlier channels (+Nb: with a band)")
     table.add_column("layer", justify="right")

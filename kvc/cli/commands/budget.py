@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import typer
 from rich.table import Table
 
-from ...ci.budget import budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, parse_contexts, sliding_layers
+from ...ci.budget import Geometry, budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, parse_contexts, sliding_layers
 from ..console import human_bytes, out
 from ...errors import KvcError
-from ...io.safetensors import check_writable, write_json
+from ...io.safetensors import check_outputs, write_json
+from ...compression.protocol import LayerKV, build, get, option_fields
+from .compress import convert, flag
 
 NAME = "budget"
 
@@ -52,14 +55,15 @@ def command(
                        "a model's own config gives its windows")
     else:
         geometry = geometry_from_model(model)
+    contexts = parse_contexts(context)
     compression = None
     if from_json is not None:
         compression = compression_from_json(from_json)
     elif method is not None:
         compression = compression_rule(method, bits, geometry.key_dim, geometry.value_dim, group_size)
-    if json_path is not None and str(json_path) != "-":
-        check_writable(json_path, force)
-    report = budget(geometry, parse_contexts(context), batch, compression)
+        check_as_compress(method, bits, group_size, geometry, max(contexts))
+    check_outputs([json_path], force, inputs=[from_json, model])
+    report = budget(geometry, contexts, batch, compression)
     if str(json_path) == "-":
         out.print_json(json.dumps(report))
         return
@@ -67,6 +71,19 @@ def command(
     if json_path is not None:
         write_json(json_path, report, force=force)
         out.print(f"wrote {json_path}")
+
+
+def check_as_compress(method: str, bits: float | None, group_size: int, geometry: Geometry, tokens: int) -> None:
+    """--bits and --group-size checked as kvc compress checks them: converted to the method's option
+    types, built, and validated on a layer of this geometry and ``tokens`` (shapes only, no data)."""
+    cls = get(method)
+    fields = option_fields(cls)
+    given = {"bits": bits, "group_size": group_size}
+    compressor = build(cls.name, **{key: convert(f"{value:g}", fields[key][0], flag(key))
+                                    for key, value in given.items() if key in fields and value is not None})
+    for dim in sorted({geometry.key_dim, geometry.value_dim}):
+        kv, q = (torch.empty(1, 1, n, dim, device="meta") for n in (tokens, 0))
+        compressor.validate(LayerKV(layer=0, k=kv, v=kv, q=q, q_positions=torch.empty(0, dtype=torch.int64)))
 
 
 def _table(report: dict) -> Table:

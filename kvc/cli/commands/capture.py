@@ -8,12 +8,13 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ...model import capture as engine
 from ..console import err, human_bytes, out, progress_bar
 from ...model.text import framing, load_corpus, token_windows
 from ...errors import KvcError
-from ...io.safetensors import check_writable
+from ...io.safetensors import check_outputs
 from ...model.load import check_positions, load_config, load_model, resolve_model, text_config, weights_description
 
 
@@ -39,7 +40,7 @@ def command(
     """Capture keys (before and after RoPE), values and queries of every layer."""
     if batch_size < 1:
         raise KvcError("--batch-size must be >= 1")
-    check_writable(out_path, force)
+    check_outputs([out_path], force, inputs=[text, model])
     source, corpus, lm, tokenizer = load_model_and_text(
         model, text, revision, dtype, device, trust_remote_code,
         check=lambda config: check_positions(config, seq_len, "--seq-len"))
@@ -67,7 +68,7 @@ def load_model_and_text(model: str | None, text: str | None, revision: str | Non
     """
     source = resolve_model(model)
     corpus = load_corpus(text)
-    with err.status(f"loading {source.name}"):
+    with err.status(Text(f"loading {source.name}")):
         config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
         check(config)
         lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,

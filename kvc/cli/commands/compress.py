@@ -20,7 +20,7 @@ from ...io.capture import CaptureFile
 from ...compression.protocol import option_fields
 from ..console import err, human_bytes, out, progress_bar
 from ...errors import KvcError
-from ...io.safetensors import check_writable, emit_json
+from ...io.safetensors import check_outputs, emit_json
 from ...gpu import require_device
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -197,9 +197,7 @@ def command(
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
     compressor = build(cls.name, **params)
-    for path in (out_path, None if json_path in (None, "-") else Path(json_path)):
-        if path is not None:
-            check_writable(path, force)
+    check_outputs([out_path, json_path], force, inputs=[positional[0]])
     source = CaptureFile(positional[0])
     selected = source.select_layers(layers)
     torch.manual_seed(compressor.options.seed)

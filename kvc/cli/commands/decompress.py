@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..console import human_bytes, out, progress_bar
-from ...io.safetensors import check_writable
+from ...io.safetensors import check_outputs
 from ...model.load import resolve_device
 
 NAME = "decompress"
@@ -24,7 +24,7 @@ def command(
     """Decode every layer with the method that encoded it; write K, V (and K before RoPE)."""
     from ...compression.engine import CompressedFile, decompress
 
-    check_writable(out_path, force)
+    check_outputs([out_path], force, inputs=[path, queries])
     layers = CompressedFile(path).layers
     with progress_bar() as bar:
         task = bar.add_task("decoding", total=len(layers))

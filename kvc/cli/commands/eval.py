@@ -14,7 +14,7 @@ from rich.table import Table
 from ...ci.budget import parse_contexts
 from ..console import err, out, progress_bar
 from ...errors import KvcError
-from ...io.safetensors import check_writable, emit_json
+from ...io.safetensors import check_outputs, emit_json
 from .capture import load_model_and_text
 from .compress import fmt, parse_method_args
 
@@ -63,11 +63,8 @@ def command(
     settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
                                      special_tokens)
     ev.check(settings)
-    if json_path not in (None, "-"):
-        check_writable(Path(json_path), force)
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
-    if heatmap is not None:
-        check_writable(heatmap, force)
+    check_outputs([json_path, heatmap], force, inputs=[text, model])
     source, corpus, lm, tokenizer = load_model_and_text(model, text, revision, dtype, device, trust_remote_code,
                                                         check=lambda config: ev.check_model(config, settings))
     torch.manual_seed(compressor.options.seed)
@@ -83,7 +80,7 @@ def command(
     console = err if json_path == "-" else out
     console.print(table(result))
     if heatmap is not None:
-        ev.plot_retrieval(result, heatmap)
+        ev.plot_retrieval(result, heatmap, force)
         console.print(f"wrote {heatmap}")
     emit_json(json_path, result, force)
 

@@ -21,8 +21,9 @@ from rich.table import Table
 from ...io.capture import CaptureFile
 from ..console import err, out, progress_bar
 from ...errors import KvcError, MethodFailure
-from ...io.safetensors import check_writable, write_json
+from ...io.safetensors import check_outputs, write_json
 from ...gpu import require_device
+from ...model.load import DEFAULT_MODEL_NAME
 from ...compression.protocol import option_fields
 from .compress import compute_dtype, convert, fmt
 
@@ -177,7 +178,7 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
     return runs, skipped, failures
 
 
-def add_end_to_end(runs: list[dict], capture: CaptureFile, model: str | None, device) -> dict[str, float | None]:
+def add_end_to_end(runs: list[dict], model: str, device) -> dict[str, float | None]:
     """Each run's method inside the model (``kvc.eval.evaluate.end_to_end``): adds ``run["e2e"]`` and returns
     the Spearman rank correlation of each tensor proxy with the perplexity delta across runs."""
     from scipy.stats import spearmanr
@@ -185,10 +186,9 @@ def add_end_to_end(runs: list[dict], capture: CaptureFile, model: str | None, de
     from ...compression.protocol import build
     from ...model.text import load_corpus
     from ...eval.evaluate import end_to_end
-    from ...model.load import DEFAULT_MODEL_NAME, load_model, resolve_model
+    from ...model.load import load_model, resolve_model
 
-    name = model or capture.meta.model
-    source = resolve_model(None if name == DEFAULT_MODEL_NAME else name)
+    source = resolve_model(None if model == DEFAULT_MODEL_NAME else model)
     lm, tokenizer = load_model(source, device=str(device))
     rows = end_to_end(lm, tokenizer, load_corpus(None), [build(r["method"], **r["params"]) for r in runs])
     for run, row in zip(runs, rows):
@@ -219,6 +219,13 @@ def e2e_table(runs: list[dict], correlation: dict[str, float | None]) -> Table:
 
 
 # ----------------------------------------------------------------------------- output
+
+
+def skip_reason(s: dict) -> str:
+    """'METHOD --bits B --keys K: reason' of a skipped or failed job."""
+    bits = f"{s['bits']:g}" if isinstance(s["bits"], float) else s["bits"]
+    return (s["method"] + (f" --bits {bits}" if bits else "") + (f" --keys {s['keys']}" if s["keys"] else "")
+            + f": {s['reason']}")
 
 
 def plot(runs: list[dict], metric: str, methods: list[str], path: Path, force: bool) -> None:
@@ -333,7 +340,7 @@ def command(
     seed: int = typer.Option(0, "--seed"),
     query_stride: int = typer.Option(1, "--query-stride", help="Measure with every N-th captured query."),
     e2e: bool = typer.Option(False, "--e2e", help="Also run each method inside the model (kvc eval's perplexity) and rank-correlate the proxies with it."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (default: the capture's model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (required with it): the one whose cache the capture holds; hub id, local HF directory, GGUF file or SmolLM2-135M-Instruct for the default model."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Run methods x bit widths x key placement; print and plot Pareto fronts and bit savings."""
@@ -354,29 +361,35 @@ def command(
         raise KvcError(f"--compare {compare!r}: expected METHOD:REFERENCE pairs")
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
-    outputs = [out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in METRICS]
-    for path in outputs:
-        check_writable(path, force)
+    if e2e and model is None:  # a capture's metadata never chooses a model to load
+        raise KvcError(f"--e2e needs --model, the model whose cache the capture holds (the default model is "
+                       f"{DEFAULT_MODEL_NAME}); kvc loads only a model named on the command line")
     source = CaptureFile(capture)
     selected = source.select_layers(layers)
     jobs, skipped = plan(method_list, [f"{b:g}" for b in bit_values], key_list, source.has(selected[0], "k_pre"), opt, seed)
+    if not jobs:
+        raise KvcError("nothing to run: " + "; ".join(map(skip_reason, skipped)))
+    check_outputs([out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in METRICS], force,
+                  inputs=[capture])
     torch_device = require_device(device)
     runs, skipped_run, failures = run_jobs(jobs, source, selected, torch_device, compute_dtype(dtype),
                                            seed, query_stride)
     skipped += skipped_run
+    if not runs:  # nothing to plot or compare
+        problem = MethodFailure if failures else KvcError
+        raise problem("no run succeeded: " + "; ".join(map(skip_reason, failures + skipped)))
     for metric, views in (("mse_rel", VIEWS), ("attn_out_rel", VIEWS[:2])):
         for view in views:
             if view_points(runs, view, metric):  # a view with no runs (e.g. --keys pre only) is left out
                 out.print(grid_table(runs, view, metric, bit_values))
     for s in skipped:
-        err.print(f"skipped {s['method']}" + (f" --bits {s['bits']}" if s["bits"] else "")
-                  + (f" --keys {s['keys']}" if s["keys"] else "") + f": {s['reason']}")
+        err.print(f"skipped {skip_reason(s)}")
     saved = savings(runs, pairs)
     for line in saving_lines(saved):
         out.print(line)
     correlation = None
-    if e2e and runs:
-        correlation = add_end_to_end(runs, source, model, torch_device)
+    if e2e:
+        correlation = add_end_to_end(runs, model, torch_device)
         out.print(e2e_table(runs, correlation))
     for metric in METRICS:
         plot(runs, metric, method_list, out_dir / f"pareto_{metric}.png", force)
@@ -388,4 +401,4 @@ def command(
     write_json(out_dir / "sweep.json", report, force=force)
     out.print(f"wrote {out_dir}/sweep.json and {len(METRICS)} Pareto plots")
     if failures:
-        raise MethodFailure("; ".join(f"{f['method']} --bits {f['bits']:g}: {f['reason']}" for f in failures))
+        raise MethodFailure("; ".join(map(skip_reason, failures)))

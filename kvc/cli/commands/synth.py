@@ -8,16 +8,17 @@ import typer
 
 from ..console import human_bytes, out
 from ...errors import KvcError
-from ...io.safetensors import check_writable, save_safetensors
+from ...io.safetensors import check_outputs, save_safetensors
 from ...model.load import DTYPES
 from ...model.synth import SpikedSpec, synthesize
 
 
-def _floats(text: str, option: str) -> list[float]:
+def _numbers(text: str, option: str, kind: type = float) -> list:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise KvcError(f"{option} {text!r}: expected comma-separated numbers") from None
+        what = "integers" if kind is int else "numbers"
+        raise KvcError(f"{option} {text!r}: expected comma-separated {what}") from None
 
 
 NAME = "synth"
@@ -44,11 +45,11 @@ def command(
     """Write a synthetic capture with planted low-rank structure and outlier channels."""
     if dtype not in DTYPES:
         raise KvcError(f"--dtype must be one of {', '.join(DTYPES)}")
-    check_writable(out_path, force)
+    check_outputs([out_path], force)
     spec = SpikedSpec(num_layers=layers, num_kv_heads=kv_heads, num_heads=heads, head_dim=head_dim,
-                      seq_len=seq_len, num_seqs=num_seqs, strengths=_floats(strengths, "--strengths"),
+                      seq_len=seq_len, num_seqs=num_seqs, strengths=_numbers(strengths, "--strengths"),
                       sigma=sigma, noise=noise,
-                      outlier_channels=[int(c) for c in _floats(outlier_channels, "--outlier-channels")],
+                      outlier_channels=_numbers(outlier_channels, "--outlier-channels", int),
                       outlier_scale=outlier_scale, rope=rope, seed=seed)
     tensors, meta = synthesize(spec, DTYPES[dtype])
     save_safetensors(out_path, tensors, meta.to_strings(), force=force)
