@@ -33,7 +33,7 @@ from .compression.protocol import Compressor
 from .errors import KvcError
 from .gpu import require_device
 from .io.capture import CaptureFile
-from .io.safetensors import check_writable, save_safetensors
+from .io.safetensors import check_outputs, save_safetensors
 from .metrics.pareto import METRICS
 from .model import capture as recorder
 from .model.load import (DTYPES, check_positions, model_revision, open_model, resolve_device, text_config,
@@ -188,7 +188,7 @@ def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, s
     if batch_size < 1:
         raise KvcError("--batch-size must be >= 1")
     out = Path(out)
-    check_writable(out, force)
+    check_outputs([out], force, inputs=[text, model if isinstance(model, (str, os.PathLike)) else None])
     tick = _Ticker(progress, num_seqs, "capturing")
     corpus = load_corpus(None if text is None else str(text))
     source, lm, tok = open_model(model, tokenizer=tokenizer, revision=revision, dtype=dtype, device=device,
@@ -226,7 +226,7 @@ def synth(out: PathLike, *, layers: int = 2, kv_heads: int = 2, heads: int = 4, 
     if dtype not in DTYPES:
         raise KvcError(f"--dtype must be one of {', '.join(DTYPES)}")
     out = Path(out)
-    check_writable(out, force)
+    check_outputs([out], force)
     spec = SpikedSpec(num_layers=layers, num_kv_heads=kv_heads, num_heads=heads, head_dim=head_dim,
                       seq_len=seq_len, num_seqs=num_seqs, strengths=[float(s) for s in strengths],
                       sigma=sigma, noise=noise, outlier_channels=[int(c) for c in outlier_channels],
@@ -275,8 +275,7 @@ class Analysis(Report):
         from .analysis import plots  # matplotlib only when asked for
 
         paths = [Path(directory) / name for name in plots.PLOT_FILES]
-        for path in paths:
-            check_writable(path, force)
+        check_outputs(paths, force)
         plots.write_all(self, self.capture, self.tensors, paths, force)
         return paths
 
@@ -483,7 +482,7 @@ def decompress(path: PathLike, out: PathLike | None = None, *, queries: CaptureF
         os.close(fd)
         out, force = Path(name), True
     out = Path(out)
-    check_writable(out, force)
+    check_outputs([out], force, inputs=[path, queries if isinstance(queries, (str, os.PathLike)) else None])
     tick = _Ticker(progress, len(engine.CompressedFile(path).layers), "decoding")
     source_q = None if queries is None else _open(queries).path
     engine.decompress(path, out, torch_device, queries=source_q, force=force, progress=lambda _: tick())
@@ -534,8 +533,7 @@ class Sweep:
 
     def plot(self, directory: PathLike, force: bool = False) -> list[Path]:
         paths = [Path(directory) / f"pareto_{metric}.png" for metric in METRICS]
-        for path in paths:
-            check_writable(path, force)
+        check_outputs(paths, force)
         for metric, path in zip(METRICS, paths):
             sweeps.plot(self.runs, metric, self._json["methods"], path, force)
         return paths
@@ -635,8 +633,8 @@ class Evaluation:
         if self.retrieval is None:
             raise KvcError("this evaluation ran no retrieval test (retrieval=False): nothing to plot")
         path = Path(path)
-        check_writable(path, force)
-        plot_retrieval(self._json, path)
+        check_outputs([path], force)
+        plot_retrieval(self._json, path, force)
         return path
 
     def __repr__(self) -> str:
@@ -794,4 +792,6 @@ def budget(model: str | None = None, *, layers: int | None = None, kv_heads: int
         result = measured.to_json() if isinstance(measured, Compression) else measured
         compression = budgets.measured_compression(result, source="kvc.compress")
     contexts = budgets.parse_contexts(context if isinstance(context, str) else ",".join(map(str, context)))
+    if method is not None:
+        budgets.check_as_compress(method, bits, group_size, geometry, max(contexts))
     return Budget(budgets.budget(geometry, contexts, batch, compression))

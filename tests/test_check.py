@@ -82,7 +82,7 @@ def test_pass_writes_junit_markdown_json(run, tmp_path):
             "physical file_bytes", "physical array_bytes"} == set(names)
     markdown = files["comment.md"].read_text()
     assert markdown.startswith("### kvc check: :white_check_mark: pass (6 checks)")
-    rows = [line for line in markdown.splitlines() if line.startswith("| tq.json |")]
+    rows = [line for line in markdown.splitlines() if line.startswith("| `tq.json` |")]
     assert len(rows) == 6 and all(row.count(" | ") == 5 for row in rows)
     assert "\\|k.ip_bias_rel\\|" in markdown  # pipes escaped inside cells
     report = json.loads(files["report.json"].read_text())

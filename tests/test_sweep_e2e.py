@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from kvc.model.load import DEFAULT_MODEL_NAME
+
 
 @pytest.mark.model
 def test_sweep_end_to_end_column(run, tmp_path):
@@ -14,7 +16,7 @@ def test_sweep_end_to_end_column(run, tmp_path):
     code, _, err = run("capture", "--layers", "0", "--seq-len", "128", "--num-seqs", "1", "-o", capture)
     assert code == 0, err
     code, out, err = run("sweep", capture, "--methods", "turboquant", "--bits", "1,2,4", "--keys", "post",
-                         "--e2e", "-o", tmp_path / "sweep")
+                         "--e2e", "--model", DEFAULT_MODEL_NAME, "-o", tmp_path / "sweep")
     assert code == 0, err
     assert "end to end" in out
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())

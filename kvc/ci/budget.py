@@ -14,6 +14,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+from ..compression.options import convert, flag
+from ..compression.protocol import LayerKV, build, get, option_fields
 from ..errors import KvcError
 from ..io import schema
 from ..model.load import _first_line, resolve_model, text_config
@@ -308,6 +312,19 @@ def budget_inputs(model: str | None = None, layers: int | None = None, kv_heads:
     elif method is not None:
         compression = compression_rule(method, bits, geometry.key_dim, geometry.value_dim, group_size)
     return geometry, compression
+
+
+def check_as_compress(method: str, bits: float | None, group_size: int, geometry: Geometry, tokens: int) -> None:
+    """--bits and --group-size checked as kvc compress checks them: converted to the method's option
+    types, built, and validated on a layer of this geometry and ``tokens`` (shapes only, no data)."""
+    cls = get(method)
+    fields = option_fields(cls)
+    given = {"bits": bits, "group_size": group_size}
+    compressor = build(cls.name, **{key: convert(f"{value:g}", fields[key][0], flag(key))
+                                    for key, value in given.items() if key in fields and value is not None})
+    for dim in sorted({geometry.key_dim, geometry.value_dim}):
+        kv, q = (torch.empty(1, 1, n, dim, device="meta") for n in (tokens, 0))
+        compressor.validate(LayerKV(layer=0, k=kv, v=kv, q=q, q_positions=torch.empty(0, dtype=torch.int64)))
 
 
 # --- bytes ------------------------------------------------------------------------------------

@@ -464,8 +464,8 @@ def render_junit(checks: list[Check], seconds: float = 0.0) -> str:
     suites = ET.Element("testsuites", name="kvc check", **counts)
     suite = ET.SubElement(suites, "testsuite", name="kvc check", **counts)
     for c in checks:
-        case = ET.SubElement(suite, "testcase", classname=c.result, name=c.name, time="0")
-        text = f"{format_value(c)} (expected {c.expected})" + (f"; {c.detail}" if c.detail else "")
+        case = ET.SubElement(suite, "testcase", classname=_xml_text(c.result), name=_xml_text(c.name), time="0")
+        text = _xml_text(f"{format_value(c)} (expected {c.expected})" + (f"; {c.detail}" if c.detail else ""))
         if not c.passed:
             ET.SubElement(case, "failure", message=text, type="regression").text = text
         else:
@@ -482,16 +482,29 @@ def render_markdown(results: list[dict], checks: list[Check]) -> str:
     lines = [head, "", "| result | check | value | expected | status | detail |",
              "|---|---|---:|---|:---:|---|"]
     for c in sorted(checks, key=lambda c: c.passed):
-        cells = [c.result, c.name, format_value(c), c.expected, "pass" if c.passed else "**FAIL**", c.detail]
-        lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
+        cells = [_md_code(c.result), _md_code(c.name), format_value(c), _md_code(c.expected),
+                 "pass" if c.passed else "**FAIL**", _md_code(c.detail)]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     memory = [m for m in map(memory_line, results) if m]
     if memory:
-        lines += ["", "Physical memory:", ""] + [f"- {_md_cell(m)}" for m in memory]
+        lines += ["", "Physical memory:", ""] + [f"- {_md_code(m)}" for m in memory]
     return "\n".join(lines) + "\n"
 
 
-def _md_cell(text: str) -> str:
-    return re.sub(r"\s+", " ", text.replace("|", "\\|"))
+def _md_code(text: str) -> str:
+    """``text`` (from result files and the policy) as a Markdown code span, on one line: inert, so no
+    HTML, link, image, mention or emoji in it renders (GitHub). Pipes still need escaping in a table."""
+    text = re.sub(r"\s+", " ", text).strip().encode("utf-8", "replace").decode()  # lone surrogates: ?
+    if not text:
+        return ""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _xml_text(text: str) -> str:
+    """``text`` without the characters XML 1.0 cannot hold (ElementTree escapes <, &, quotes)."""
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]", "\ufffd", text)
 
 
 # ----------------------------------------------------------------------------- running the policy

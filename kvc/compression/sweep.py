@@ -110,15 +110,14 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
     return runs, skipped, failures
 
 
-def add_end_to_end(runs: list[dict], capture: CaptureFile, model: str | None, device) -> dict[str, float | None]:
+def add_end_to_end(runs: list[dict], model: str, device) -> dict[str, float | None]:
     """Each run's method inside the model (``kvc.eval.evaluate.end_to_end``): adds ``run["e2e"]`` and returns
     the Spearman rank correlation of each tensor proxy with the perplexity delta across runs."""
     from scipy.stats import spearmanr
 
     from ..eval.evaluate import end_to_end  # transformers only when asked for
 
-    name = model or capture.meta.model
-    _, lm, tokenizer = open_model(None if name == DEFAULT_MODEL_NAME else name, device=str(device))
+    _, lm, tokenizer = open_model(None if model == DEFAULT_MODEL_NAME else model, device=str(device))
     rows = end_to_end(lm, tokenizer, load_corpus(None), [build(r["method"], **r["params"]) for r in runs])
     for run, row in zip(runs, rows):
         run["e2e"] = row
@@ -147,14 +146,29 @@ def sweep(capture: CaptureFile, layers: list[int], methods: list[str], bits: Seq
         raise KvcError(f"--compare {','.join(map(':'.join, pairs))!r}: expected METHOD:REFERENCE pairs")
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
+    if e2e and model is None:  # a capture's metadata never chooses a model to load
+        raise KvcError(f"--e2e needs --model, the model whose cache the capture holds (the default model is "
+                       f"{DEFAULT_MODEL_NAME}); kvc loads only a model named on the command line")
     jobs, skipped = plan(list(methods), [f"{b:g}" for b in bit_values], key_list,
                          capture.has(layers[0], "k_pre"), options, seed)
+    if not jobs:
+        raise KvcError("nothing to run: " + "; ".join(map(skip_reason, skipped)))
     runs, skipped_run, failures = run_jobs(jobs, capture, layers, device, dtype, seed, query_stride, progress)
-    correlation = add_end_to_end(runs, capture, model, device) if e2e and runs else None
+    if not runs:  # nothing to plot or compare
+        problem = MethodFailure if failures else KvcError
+        raise problem("no run succeeded: " + "; ".join(map(skip_reason, failures + skipped + skipped_run)))
+    correlation = add_end_to_end(runs, model, device) if e2e else None
     return {"e2e_rank_correlation": correlation, "capture": str(capture.path), "layers": layers,
             "methods": list(methods), "bits": bit_values, "keys": key_list, "seed": seed,
             "query_stride": query_stride, "runs": runs, "skipped": skipped + skipped_run,
             "failures": failures, "savings": savings(runs, pairs), "pareto": fronts(runs)}
+
+
+def skip_reason(s: dict) -> str:
+    """'METHOD --bits B --keys K: reason' of a skipped or failed job."""
+    bits = f"{s['bits']:g}" if isinstance(s["bits"], float) else s["bits"]
+    return (s["method"] + (f" --bits {bits}" if bits else "") + (f" --keys {s['keys']}" if s["keys"] else "")
+            + f": {s['reason']}")
 
 
 def plot(runs: list[dict], metric: str, methods: list[str], path: Path, force: bool) -> None:

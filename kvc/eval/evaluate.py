@@ -39,6 +39,7 @@ from ..compression.composite import kept_slots
 from ..model.hooks import AttentionCall, Hooks, Recorder, hooked
 from ..model.text import Corpus, framing
 from ..errors import KvcError
+from ..io.safetensors import atomic_path
 from ..model.load import check_positions, is_causal_lm, text_config
 
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")
@@ -562,8 +563,8 @@ def end_to_end(model, tokenizer, corpus: Corpus, compressors: Sequence[Compresso
     return rows
 
 
-def plot_retrieval(result: dict[str, Any], path) -> None:
-    """Depth x length heatmaps of needle accuracy, uncompressed beside the method (PNG)."""
+def plot_retrieval(result: dict[str, Any], path, force: bool = False) -> None:
+    """Depth x length heatmaps of needle accuracy, uncompressed beside the method (PNG, written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -585,5 +586,6 @@ def plot_retrieval(result: dict[str, Any], path) -> None:
     axes[0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes, label="retrieval accuracy")
     fig.suptitle(f"needle retrieval, {result['method']} at {result['bits_per_entry']:.2f} bits per entry")
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

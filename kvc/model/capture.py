@@ -32,14 +32,18 @@ from ..io.safetensors import StreamingSafetensorsWriter
 def parse_index_list(spec: str, option: str, upper: int) -> list[int]:
     """A comma list of indices and inclusive ranges ('0,4-7') within 0..upper-1."""
     values: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            values.update(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise KvcError(f"{option} {spec!r}: expected a list like '0,2,5-9'") from None
-    if not values or min(values) < 0 or max(values) >= upper:
-        raise KvcError(f"{option} {spec!r}: values must lie in 0..{upper - 1}")
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise KvcError(f"{option} {spec!r}: expected a list like '0,2,5-9'") from None
+        if first > last:
+            raise KvcError(f"{option} {spec!r}: the range {first}-{last} is reversed, so empty "
+                           f"(write {last}-{first})")
+        if first < 0 or last >= upper:  # checked before a range is expanded
+            raise KvcError(f"{option} {spec!r}: values must lie in 0..{upper - 1}")
+        values.update(range(first, last + 1))
     return sorted(values)
 
 

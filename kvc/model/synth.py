@@ -55,6 +55,8 @@ class SpikedSpec:
             raise KvcError("synth: RoPE needs an even head_dim (or pass --no-rope)")
         if len(self.strengths) > min(self.seq_len, self.head_dim):
             raise KvcError("synth: more spikes than min(seq_len, head_dim)")
+        if not all(math.isfinite(x) for x in (*self.strengths, self.sigma, self.outlier_scale)):
+            raise KvcError("synth: --strengths, --sigma and --outlier-scale must be finite numbers")
         if any(s < 0 for s in self.strengths) or self.sigma <= 0:
             raise KvcError("synth: strengths must be >= 0 and sigma > 0")
         if self.noise not in ("white", "colored"):

@@ -9,12 +9,13 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 import kvc
 
 from ...analysis.report import Report, band_label
-from ..console import err, out, progress_task
-from ...io.safetensors import check_writable, emit_json
+from ..console import err, out, printable, progress_task
+from ...io.safetensors import check_outputs, emit_json
 
 NAME = "analyze"
 
@@ -34,14 +35,12 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Spectra, rank, shrinkage and outlier channels of every (layer, KV head) of a capture."""
-    if json_path not in (None, "-"):
-        check_writable(Path(json_path), force)
+    plot_paths = []
     if plots:
         from ...analysis.plots import PLOT_FILES  # matplotlib only when asked for
 
         plot_paths = [plots / name for name in PLOT_FILES]
-        for path in plot_paths:
-            check_writable(path, force)
+    check_outputs([json_path, *plot_paths], force, inputs=[capture])
     with progress_task("analyzing") as progress:
         report = kvc.analyze(capture, layers=layers, tensors=tensors, block=block, per_seq=per_seq,
                              rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
@@ -73,8 +72,9 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
     s = report.summary
-    console.print(f"[bold]kvc analyze[/bold] {s['capture']} ({s['model']}): {len(s['layers'])} layers, "
-                  f"{s['mode']}, n x d = {s['n']} x {s['d']}, {s['rank_rule']} rule, {s['seconds']:.1f} s")
+    console.print(Text.assemble(("kvc analyze", "bold"), printable(
+        f" {s['capture']} ({s['model']}): {len(s['layers'])} layers, {s['mode']}, n x d = {s['n']} x {s['d']}, "
+        f"{s['rank_rule']} rule, {s['seconds']:.1f} s")))
     table = Table(title="per layer (medians over heads): rank, energy share rho of the low-rank part, "
                         "predicted bits/entry saved; records with outlier channels (+Nb: with a band)")
     table.add_column("layer", justify="right")

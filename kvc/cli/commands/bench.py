@@ -14,7 +14,7 @@ from rich.table import Table
 from ..console import err, out
 from ... import gpu
 from ...errors import KvcError
-from ...io.safetensors import check_writable, write_json
+from ...io.safetensors import check_outputs, write_json
 
 NAME = "bench"
 
@@ -48,8 +48,7 @@ def command(
     if not device.startswith("cuda"):
         raise KvcError(f"kvc bench times the CUDA kernels: --device must be cuda or cuda:N, not {device!r}")
     gpu.require(device)  # one line naming what is missing, exit 2
-    if json_path not in (None, "-"):
-        check_writable(Path(json_path), force)
+    check_outputs([json_path], force, inputs=[capture])
     options = gpu.bench.BenchOptions(
         capture=capture, layers=layers, tokens=tokens, kv_heads=kv_heads, head_dim=head_dim, q_per_kv=q_per_kv,
         bits=bits, rotation=rotation, group_size=group_size, repeats=repeats, warmup=warmup, device=device,

@@ -11,7 +11,7 @@ from rich.table import Table
 import kvc
 
 from ..console import human_bytes, out
-from ...io.safetensors import check_writable, write_json
+from ...io.safetensors import check_outputs, write_json
 
 NAME = "budget"
 
@@ -33,11 +33,10 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file."),
 ) -> None:
     """KV-cache bytes per token, per sequence and per batch across context lengths."""
+    check_outputs([json_path], force, inputs=[from_json, model])
     report = kvc.budget(model, layers=layers, kv_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window,
                         sliding_layers=sliding, context=context, batch=batch, method=method, bits=bits,
                         group_size=group_size, from_json=from_json).to_json()
-    if json_path is not None and str(json_path) != "-":
-        check_writable(json_path, force)
     if str(json_path) == "-":
         out.print_json(json.dumps(report))
         return

@@ -12,6 +12,7 @@ import kvc
 
 from ...model.capture import CaptureSummary
 from ..console import human_bytes, out, progress_task
+from ...io.safetensors import check_outputs
 
 
 NAME = "capture"
@@ -34,6 +35,7 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Capture keys (before and after RoPE), values and queries of every layer."""
+    check_outputs([out_path], force, inputs=[text, model])
     with progress_task("capturing") as progress:
         cap = kvc.capture(model, text, out=out_path, seq_len=seq_len, num_seqs=num_seqs, layers=layers,
                           query_positions=query_positions, batch_size=batch_size, revision=revision,

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ...ci import check as lib
 from ...ci.budget import geometry_from_model
 from ..console import err, out
 from ...errors import KvcError
 from ...io import schema
-from ...io.safetensors import check_writable, write_json, write_text
+from ...io.safetensors import check_outputs, write_json, write_text
 
 NAME = "check"
 
@@ -34,9 +34,7 @@ def command(
     start = time.perf_counter()
     policy = lib.load_policy(policy_path)
     baseline = lib.parse_baseline(schema.load_json(baseline_path, f"baseline {baseline_path}"), str(baseline_path)) if baseline_path else None
-    for path in (junit, markdown, json_path):
-        if path is not None:
-            check_writable(path, force)
+    check_outputs([junit, markdown, json_path], force, inputs=[policy_path, baseline_path, *(results or [])])
     geometry = None  # resolved before a long run, so a bad model fails fast
     if policy.budget is not None:
         model = policy.budget.model or (policy.run.model if policy.run else None)
@@ -45,7 +43,7 @@ def command(
         loaded = [r for path in results for r in lib.parse_results(schema.load_json(path), str(path))]
     elif policy.run is not None:
         with tempfile.TemporaryDirectory(prefix="kvc-check-") as workdir, err.status("") as status:
-            loaded = [lib.run_policy(policy.run, Path(workdir), status.update)]
+            loaded = [lib.run_policy(policy.run, Path(workdir), lambda text: status.update(Text(text)))]
     else:
         raise KvcError(f"nothing to evaluate: give kvc results files or a [run] table in {policy_path}")
     checks = lib.evaluate(loaded, policy, baseline, geometry)
@@ -54,7 +52,7 @@ def command(
                        "--baseline, or results with physical memory figures")
     out.print(_table(checks))
     for line in filter(None, map(lib.memory_line, loaded)):
-        out.print(escape(line))
+        out.print(line)
     if json_path is not None:
         write_json(json_path, lib.report(loaded, checks, str(policy_path)), force=force)
     if junit is not None:
@@ -62,8 +60,8 @@ def command(
     if markdown is not None:
         write_text(markdown, lib.render_markdown(loaded, checks), force=force)
     failed = sum(not c.passed for c in checks)
-    out.print(f"[bold red]FAIL[/]: {failed} of {len(checks)} checks failed" if failed
-              else f"[bold green]PASS[/]: {len(checks)} checks")
+    out.print(Text.assemble(("FAIL", "bold red"), f": {failed} of {len(checks)} checks failed") if failed
+              else Text.assemble(("PASS", "bold green"), f": {len(checks)} checks"))
     return 1 if failed else 0
 
 
@@ -76,7 +74,7 @@ def _table(checks: list[lib.Check]) -> Table:
     for column, justify in columns:
         table.add_column(column, justify=justify)
     for c in checks:
-        cells = [escape(c.name), lib.format_value(c), escape(c.expected),
-                 "[green]pass[/]" if c.passed else "[bold red]FAIL[/]", escape(c.detail)]
-        table.add_row(*([escape(c.result)] if len(labels) > 1 else []), *cells)
+        cells = [c.name, lib.format_value(c), c.expected,
+                 Text("pass", "green") if c.passed else Text("FAIL", "bold red"), c.detail]
+        table.add_row(*([c.result] if len(labels) > 1 else []), *cells)
     return table

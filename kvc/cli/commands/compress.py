@@ -21,7 +21,7 @@ from ...compression.options import parse_method_args
 from ...compression.protocol import get
 from ..console import err, human_bytes, out, progress_task
 from ...errors import KvcError
-from ...io.safetensors import check_writable, emit_json
+from ...io.safetensors import check_outputs, emit_json
 
 
 # ----------------------------------------------------------------------------- tables
@@ -101,9 +101,7 @@ def command(
     if seed is not None:
         params["seed"] = seed
     compressor = kvc.method(cls.name, **params)
-    for path in (out_path, None if json_path in (None, "-") else Path(json_path)):
-        if path is not None:
-            check_writable(path, force)
+    check_outputs([out_path, json_path], force, inputs=[positional[0]])
     with progress_task(cls.name) as progress:
         result = kvc.compress(positional[0], compressor, layers=layers, device=device, dtype=dtype,
                               query_stride=query_stride, keep=out_path is not None, progress=progress)

@@ -10,7 +10,7 @@ import typer
 import kvc
 
 from ..console import human_bytes, out, progress_task
-from ...io.safetensors import check_writable
+from ...io.safetensors import check_outputs
 
 NAME = "decompress"
 
@@ -23,7 +23,7 @@ def command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Decode every layer with the method that encoded it; write K, V (and K before RoPE)."""
-    check_writable(out_path, force)
+    check_outputs([out_path], force, inputs=[path, queries])
     with progress_task("decoding") as progress:
         cap = kvc.decompress(path, out_path, queries=queries, device=device, force=force, progress=progress)
     out.print(f"wrote {out_path}: {len(cap.layers)} layers decoded with {cap.decompressed_from['method']} "

@@ -16,7 +16,7 @@ from ...compression.options import parse_method_args
 from ...compression.protocol import get
 from ..console import err, out, progress_task
 from ...errors import KvcError
-from ...io.safetensors import check_writable, emit_json
+from ...io.safetensors import check_outputs, emit_json
 from .compress import fmt
 
 NAME = "eval"
@@ -63,11 +63,8 @@ def command(
     settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
                                      special_tokens)
     ev.check(settings)
-    if json_path not in (None, "-"):
-        check_writable(Path(json_path), force)
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
-    if heatmap is not None:
-        check_writable(heatmap, force)
+    check_outputs([json_path, heatmap], force, inputs=[text, model])
     with progress_task("eval") as progress:
         evaluation = kvc.evaluate(compressor, model, text, **vars(settings), proxies=proxies, revision=revision,
                                   dtype=dtype, device=device, trust_remote_code=trust_remote_code,

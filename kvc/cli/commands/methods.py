@@ -6,8 +6,8 @@ import json
 
 import typer
 from rich import box
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import kvc
 
@@ -29,11 +29,11 @@ def command(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     table.add_column("kind")
     table.add_column("options (default)", overflow="fold")
     for m in methods:
-        lines = [f"[italic]{escape(m['summary'])}[/italic]"]
+        cell = Text(m["summary"], "italic")
         for o in m["options"]:
             choices = f" ({'|'.join(map(str, o['choices']))})" if o["choices"] else ""
-            lines.append(escape(f"{o['flag']} {o['default']}{choices}: {o['help']}"))
-        table.add_row(m["name"], m["kind"], "\n".join(lines))
+            cell.append(f"\n{o['flag']} {o['default']}{choices}: {o['help']}", "not italic")
+        table.add_row(m["name"], m["kind"], cell)
     out.print(table)
     out.print("Combine an eviction method with a tensor compressor as EVICTOR+COMPRESSOR, "
               "e.g. --method snapkv+turboquant.")

@@ -16,9 +16,9 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
-from ...compression.sweep import parse_opts
+from ...compression.sweep import parse_opts, skip_reason
 from ...errors import KvcError, MethodFailure
-from ...io.safetensors import check_writable, write_json
+from ...io.safetensors import check_outputs, write_json
 from ...metrics.pareto import METRICS, VIEWS, in_view, view_points, view_tensor
 from .compress import fmt
 
@@ -100,7 +100,7 @@ def command(
     seed: int = typer.Option(0, "--seed"),
     query_stride: int = typer.Option(1, "--query-stride", help="Measure with every N-th captured query."),
     e2e: bool = typer.Option(False, "--e2e", help="Also run each method inside the model (kvc eval's perplexity) and rank-correlate the proxies with it."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (default: the capture's model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (required with it): the one whose cache the capture holds; hub id, local HF directory, GGUF file or SmolLM2-135M-Instruct for the default model."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Run methods x bit widths x key placement; print and plot Pareto fronts and bit savings."""
@@ -108,9 +108,8 @@ def command(
         bit_values = sorted({float(b) for b in bits.split(",") if b.strip()})
     except ValueError:
         raise KvcError(f"--bits {bits!r}: expected comma-separated numbers") from None
-    outputs = [out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in METRICS]
-    for path in outputs:
-        check_writable(path, force)
+    check_outputs([out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in METRICS], force,
+                  inputs=[capture])
     with progress_task("sweep") as progress:
         result = kvc.sweep(capture, methods=methods, bits=bit_values, keys=keys, compare=compare,
                            options=parse_opts(opt), layers=layers, device=device, dtype=dtype, seed=seed,
@@ -121,8 +120,7 @@ def command(
             if view_points(runs, view, metric):  # a view with no runs (e.g. --keys pre only) is left out
                 out.print(grid_table(runs, view, metric, bit_values))
     for s in result.skipped:
-        err.print(f"skipped {s['method']}" + (f" --bits {s['bits']}" if s["bits"] else "")
-                  + (f" --keys {s['keys']}" if s["keys"] else "") + f": {s['reason']}")
+        err.print(f"skipped {skip_reason(s)}")
     for line in saving_lines(result.savings):
         out.print(line)
     if result.e2e_rank_correlation is not None:
@@ -131,4 +129,4 @@ def command(
     write_json(out_dir / "sweep.json", result.to_json(), force=force)
     out.print(f"wrote {out_dir}/sweep.json and {len(METRICS)} Pareto plots")
     if result.failures:
-        raise MethodFailure("; ".join(f"{f['method']} --bits {f['bits']:g}: {f['reason']}" for f in result.failures))
+        raise MethodFailure("; ".join(map(skip_reason, result.failures)))

@@ -10,13 +10,15 @@ import kvc
 
 from ..console import human_bytes, out
 from ...errors import KvcError
+from ...io.safetensors import check_outputs
 
 
-def _floats(text: str, option: str) -> list[float]:
+def _numbers(text: str, option: str, kind: type = float) -> list:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise KvcError(f"{option} {text!r}: expected comma-separated numbers") from None
+        what = "integers" if kind is int else "numbers"
+        raise KvcError(f"{option} {text!r}: expected comma-separated {what}") from None
 
 
 NAME = "synth"
@@ -41,10 +43,11 @@ def command(
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Write a synthetic capture with planted low-rank structure and outlier channels."""
-    spikes = _floats(strengths, "--strengths")
+    check_outputs([out_path], force)
+    spikes = _numbers(strengths, "--strengths")
     kvc.synth(out_path, layers=layers, kv_heads=kv_heads, heads=heads, head_dim=head_dim, seq_len=seq_len,
               num_seqs=num_seqs, strengths=spikes, sigma=sigma, noise=noise,
-              outlier_channels=[int(c) for c in _floats(outlier_channels, "--outlier-channels")],
+              outlier_channels=_numbers(outlier_channels, "--outlier-channels", int),
               outlier_scale=outlier_scale, rope=rope, dtype=dtype, seed=seed, force=force)
     out.print(f"wrote {out_path}: {layers} layers x {kv_heads} KV heads x {num_seqs}x{seq_len} tokens, "
               f"rank {len(spikes)}, {noise} noise, {human_bytes(out_path.stat().st_size)}")
