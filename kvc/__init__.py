@@ -26,6 +26,7 @@ _EXPORTS = {name: (_API, name) for name in (
     "capture", "load", "synth", "analyze", "compress", "decompress", "methods", "method", "sweep",
     "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
+_EXPORTS["methods"] = ("kvc.compression.catalogue", "methods")  # the committed catalogue: no torch
 _EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")  # with kvc.compressing(model, ...): generate
 
 __all__ = list(_EXPORTS)

@@ -27,7 +27,7 @@ from .analysis.report import Report, analyze_capture, select_tensors
 from .ci import budget as budgets
 from .compression import engine
 from .compression import sweep as sweeps
-from .compression.options import compute_dtype, configured, describe
+from .compression.options import compute_dtype, configured
 from .compression.options import method as configure
 from .compression.protocol import Compressor
 from .errors import KvcError
@@ -328,19 +328,13 @@ def analyze(capture: CaptureFile | PathLike, *, layers: str | Sequence[int] = "a
 # ----------------------------------------------------------------------------- compression
 
 
-def methods() -> dict[str, dict]:
-    """The compression methods (``kvc methods --json``): name -> {"name", "kind", "summary",
-    "paper", "options"}, each option a dict of "name", "flag", "type", "default", "choices", "help".
-    Combine an eviction method with a tensor compressor as ``"EVICTOR+COMPRESSOR"``."""
-    return {m["name"]: m for m in describe()}
-
-
 def method(name: str, **options: Any) -> Compressor:
     """A configured compressor, e.g. ``kvc.method("turboquant", bits=2.5)``, for :func:`compress`,
     :func:`evaluate` or direct use (``encode(layer)``/``decode(encoded, layer)``).
 
-    Options are checked as ``kvc compress --name value`` checks them (names, types, choices); a
-    string is converted as on the command line. ``compressor.params()`` gives every option's value.
+    Options are checked as ``kvc compress --name value`` checks them (names, types, declared
+    constraints; those on the head dimension on the first layer); a string is converted as on the
+    command line. ``compressor.params()`` gives every option's value.
     """
     return configure(name, **options)
 
@@ -757,9 +751,9 @@ class Budget:
 
 def budget(model: str | None = None, *, layers: int | None = None, kv_heads: int | None = None,
            head_dim: int | None = None, sliding_window: int | None = None, sliding_layers: str | None = None,
-           context: str | Sequence[int] = "1024,4k,32k,128k", batch: int = 1, method: str | None = None,
-           bits: float | None = None, group_size: int = 32, from_json: PathLike | None = None,
-           measured: Compression | dict | None = None) -> Budget:
+           context: str | Sequence[int] = "1024,4k,32k,128k", batch: int = 1,
+           method: str | Compressor | None = None, from_json: PathLike | None = None,
+           measured: Compression | dict | None = None, **options: Any) -> Budget:
     """KV-cache bytes per token, per sequence and per batch across context lengths (``kvc budget``).
 
     Parameters
@@ -772,8 +766,12 @@ def budget(model: str | None = None, *, layers: int | None = None, kv_heads: int
         Context lengths ('1024,4k' with k = 1024, or a list of token counts).
     batch : int
         Sequences held at once.
-    method, bits, group_size
-        A compressed form by nominal rule: fp16, fp8, int, kivi, turboquant, eoptshrinkq.
+    method : str or Compressor, optional
+        A compressed form by the method's nominal bits per entry (the methods whose ``kvc.methods()``
+        entry has ``nominal_bits``), a name or ``kvc.method(...)``.
+    **options
+        The method's options (as for :func:`compress`), checked as ``kvc compress`` checks them,
+        including the constraints on the head dimension.
     from_json : path, optional
         The measured bits per entry of a ``kvc compress --json`` file instead.
     measured : Compression or dict, optional
@@ -783,15 +781,15 @@ def budget(model: str | None = None, *, layers: int | None = None, kv_heads: int
     -------
     Budget
     """
-    if measured is not None and (from_json is not None or method is not None or bits is not None):
-        raise KvcError("pass one of measured=, from_json= or method=/bits=")
+    if measured is not None and (from_json is not None or method is not None):
+        raise KvcError("pass one of measured=, from_json= or method=")
+    if options and method is None:
+        raise KvcError(f"method options ({', '.join(options)}) need method=")
+    compressor = None if method is None else configured(method, options)
     geometry, compression = budgets.budget_inputs(model, layers, kv_heads, head_dim, sliding_window, sliding_layers,
-                                                  method, bits, group_size,
-                                                  None if from_json is None else Path(from_json))
+                                                  compressor, None if from_json is None else Path(from_json))
     if measured is not None:
         result = measured.to_json() if isinstance(measured, Compression) else measured
         compression = budgets.measured_compression(result, source="kvc.compress")
     contexts = budgets.parse_contexts(context if isinstance(context, str) else ",".join(map(str, context)))
-    if method is not None:
-        budgets.check_as_compress(method, bits, group_size, geometry, max(contexts))
     return Budget(budgets.budget(geometry, contexts, batch, compression))

@@ -124,8 +124,12 @@ def test_bad_arguments_raise_the_command_lines_errors(synth_capture):
         kvc.compress(path, "turboquant", layers=[5])
     with pytest.raises(KvcError, match=r"^capture: expected a Capture or the path of a capture file, got int$"):
         kvc.analyze(3)
-    with pytest.raises(KvcError, match=r"^pass one of measured=, from_json= or method=/bits=$"):
+    with pytest.raises(KvcError, match=r"^pass one of measured=, from_json= or method=$"):
         kvc.budget(measured={}, method="fp8")
+    with pytest.raises(KvcError, match=r"^method options \(bits\) need method=$"):
+        kvc.budget(head_dim=64, layers=1, kv_heads=1, bits=2)
+    with pytest.raises(KvcError, match=r"^kivi: --group-size must divide head_dim 64, got 48$"):
+        kvc.budget(head_dim=64, layers=1, kv_heads=1, method="kivi", group_size=48)
 
 
 def test_decompress_to_a_temporary_file(synth_capture, tmp_path):

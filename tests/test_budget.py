@@ -3,8 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from kvc.ci.budget import FP16, budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, sequence_bytes, sliding_layers
+from kvc.compression.catalogue import methods
+from kvc.compression.protocol import LayerKV, available, build, declares_nominal_bits
+from kvc.errors import KvcError
 
 OPT_30B = {"model_type": "opt", "num_hidden_layers": 48, "hidden_size": 7168, "num_attention_heads": 56,
            "ffn_dim": 28672, "vocab_size": 50272}
@@ -104,17 +108,86 @@ def test_explicit_sliding_layers(run):
     assert json.loads(stdout)["contexts"][0]["fp16"]["per_sequence"] == (4 * 16 + 2 * 1000) * 32
 
 
+def _rule(method: str, key_dim: int, value_dim: int | None = None, **options):
+    return compression_rule(build(method, **options), key_dim, value_dim)
+
+
 def test_bit_rules():
     # docs/methods.md#oracle-bits: KIVI-2 at g32 with a 128-token fp16 window at 32K = 3.05 bits per entry
-    kivi = compression_rule("kivi", 2, 128)
+    kivi = _rule("kivi", 128, bits=2)
+    assert (kivi.method, kivi.k_bits, kivi.fp16_tokens) == ("kivi2", 3.0, 128)
     geometry = geometry_from_dims(1, 1, 128)
     n = 32 * 1024
     assert 8 * sequence_bytes(geometry, n, kivi) / (2 * 128 * n) == pytest.approx(3.05, abs=0.005)
-    assert compression_rule("int", 4, 128, group_size=128).k_bits == 4.25
-    assert compression_rule("turboquant", 2, 128).k_bits == 2.125  # + fp16 norm / d
-    assert compression_rule("turboquant", 2.5, 128).k_bits == 2.75  # two split instances, two norms
-    assert compression_rule("eoptshrinkq", 2, 128).k_bits == pytest.approx(2.33, abs=0.005)  # readers' formula
-    assert compression_rule("fp16", None, 64) == FP16
+    assert _rule("kivi", 128, bits=4, group_size=64, residual=0) == compression_rule(
+        build("kivi", bits=4, group_size=64, residual=0), 128)
+    assert _rule("kivi", 128, group_size=64, residual=0).method == "kivi2 --group-size 64 --residual 0"
+    assert _rule("int", 128, bits=4).k_bits == 4.25  # fp16 scale and zero point per token of d = 128
+    assert _rule("int", 64, bits=4, symmetric=True).k_bits == 4.25  # fp16 scale per token of d = 64
+    assert _rule("int", 64, bits=3, axis="channel").k_bits == 3  # the scale over the tokens vanishes
+    assert _rule("turboquant", 128, bits=2).k_bits == 2.125  # + fp16 norm / d
+    assert _rule("turboquant", 128, bits=2.5).k_bits == 2.75  # two split instances, two norms
+    assert _rule("turboquant", 128, bits=2, variant="prod").k_bits == 2.25  # norm and gamma
+    # prod 1.5 bits at d = 128: 64 channels at 2 bits (norm + gamma), 64 at 1 bit (gamma only)
+    assert _rule("turboquant", 128, bits=1.5, variant="prod").k_bits == 1.5 + 3 * 16 / 128
+    assert _rule("eoptshrinkq", 128, bits=2).k_bits == pytest.approx(2.33, abs=0.005)  # readers' formula
+    assert _rule("svdq", 128, bits=2).k_bits == _rule("eoptshrinkq", 128, bits=2).k_bits  # same storage
+    qjl = _rule("qjl", 64)  # docs/methods.md#qjl: D = 64, defaults: K 4.25, V 3.0
+    assert (qjl.k_bits, qjl.v_bits, qjl.fp16_tokens) == (4.25, 3.0, 0)
+    assert _rule("qjl", 64, outliers=8, outlier_sketch_dim=128, residual=128).k_bits == (256 + 16 + 128 + 16) / 64
+    kvq = _rule("kvquant", 128)  # nuq3-1%: keys the paper's 3.32; values 3 + 32/128 + 1 outlier (16 + 8)/128
+    assert (kvq.k_bits, kvq.v_bits, kvq.fp16_tokens) == (pytest.approx(3.32), 3.4375, 1)
+    assert _rule("fp8", 64).k_bits == 8
+    assert _rule("fp16", 64) == FP16
+    assert _rule("int", 128, 64, bits=4).v_bits == 4.5  # values at their own head dim
+
+
+# (method, options) whose stored bits on a long random layer differ from the nominal ones only by the
+# per-tensor terms the nominal count leaves out (codebooks, seeds, scales over the tokens), see
+# docs/methods.md#nominal-bits; eoptshrinkq and svdq assume a typical rank, which noise does not have
+MEASURABLE = [("fp16", {}), ("fp8", {}), ("int", {"bits": 4}), ("int", {"bits": 3, "symmetric": True}),
+              ("int", {"bits": 2, "axis": "channel"}), ("kivi", {"bits": 2}), ("kivi", {"bits": 4, "group_size": 16}),
+              ("kvquant", {}), ("qjl", {"residual": 64}), ("qjl", {"outliers": 4, "outlier_sketch_dim": 64}),
+              ("turboquant", {"bits": 3}), ("turboquant", {"bits": 2.5}), ("turboquant", {"bits": 2, "variant": "prod"})]
+
+
+@pytest.mark.parametrize("method, options", MEASURABLE)
+def test_nominal_bits_match_the_stored_bits(method, options):
+    S, H, T, D = 1, 2, 4096, 64
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, S, H, T, D, generator=g)
+    layer = LayerKV(0, k, v, torch.randn(S, H, 4, D, generator=g), torch.arange(T - 4, T), k_pre=k)
+    compressor = build(method, **options)
+    compressor.validate(layer)
+    encoded = compressor.encode(layer)
+    rule = compression_rule(compressor, D)
+    fp16 = min(T, rule.fp16_tokens)  # the tokens that stay in fp16, counted as sequence_bytes does
+    for tensor, bits in (("k", rule.k_bits), ("v", rule.v_bits)):
+        stored = encoded.nbits(f"{tensor}.") / (S * H * T * D)
+        assert stored == pytest.approx((fp16 * 16 + (T - fp16) * bits) / T, abs=0.01), tensor
+
+
+def test_every_method_declares_nominal_bits_or_is_refused():
+    declared = {name for name, cls in available().items() if declares_nominal_bits(cls)}
+    assert declared == {"eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "turboquant"}
+    assert {name for name, m in methods().items() if m["nominal_bits"]} == declared  # kvc methods says so
+    assert declared >= {method for method, _ in MEASURABLE}
+    for name in set(available()) - declared:
+        with pytest.raises(KvcError, match=f"^{name} declares no nominal bits per entry"):
+            compression_rule(build(name), 64)
+
+
+def test_budget_checks_options_as_compress_does(run, synth_capture):
+    path = synth_capture(seq_len=64, head_dim=64)
+    _, _, compress_err = run("compress", path, "--method", "kivi", "--group-size", "48", "--residual", "0")
+    code, _, budget_err = run("budget", "--layers", "2", "--kv-heads", "1", "--head-dim", "64", "--method", "kivi",
+                              "--group-size", "48")
+    assert code == 2 and budget_err == compress_err == "kvc: error: kivi: --group-size must divide head_dim 64, got 48\n"
+    code, stdout, err = run("budget", "--layers", "2", "--kv-heads", "1", "--head-dim", "64", "--context", "1024",
+                            "--method", "kivi", "--opt", "group_size=64", "--bits", "4", "--json", "-")
+    assert code == 0, err
+    compressed = json.loads(stdout)["compressed"]
+    assert (compressed["method"], compressed["k_bits"], compressed["fp16_tokens"]) == ("kivi4 --group-size 64", 4.5, 128)
 
 
 def test_from_json(tmp_path, run):
@@ -135,10 +208,17 @@ def test_from_json(tmp_path, run):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--model", "./no/such/model"], "model not found"),
-    (["--method", "int", "--bits", "0"], "--bits must be positive"),
-    (["--method", "kivi", "--bits", "2.5"], "integer --bits"),
-    (["--method", "nope", "--bits", "2"], "known: fp16"),
-    (["--bits", "2"], "--bits needs --method"),
+    (["--method", "int", "--bits", "0"], "kvc: error: int: --bits must be in [1, 8], got 0"),
+    (["--method", "kivi", "--bits", "2.5"], "kvc: error: --bits expects int, got '2.5'"),
+    (["--method", "kivi", "--group-size", "3"], "kvc: error: kivi: --group-size must divide head_dim 8, got 3"),
+    (["--method", "nope", "--bits", "2"], "kvc: error: unknown method 'nope'; valid methods: eoptshrinkq, fp16"),
+    (["--method", "fp16", "--bits", "16"], "kvc: error: method fp16 has no option --bits"),
+    (["--method", "snapkv"], "kvc: error: snapkv declares no nominal bits per entry"),
+    (["--method", "snapkv+kivi"], "kvc: error: snapkv+kivi declares no nominal bits per entry"),
+    (["--bits", "2"], "kvc: error: --bits needs --method"),
+    (["--opt", "bits=2"], "kvc: error: --opt bits=2 needs --method"),
+    (["--method", "kivi", "extra"], "kvc: error: unexpected argument 'extra'"),
+    (["--method", "kivi", "--from-json", "c.json"], "kvc: error: pass either --from-json or --method, not both"),
     (["--context=-5"], "must be positive"),
     (["--context", "1k,abc"], "comma-separated"),
     (["--batch", "0"], "--batch"),

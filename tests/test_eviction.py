@@ -156,14 +156,19 @@ def test_bits_are_kept_fraction_times_16_plus_indices(method):
 
 
 @pytest.mark.parametrize("method,params,message", [
-    ("h2o", {"budget": 0.0}, "--budget must lie in (0, 1], got 0.0"),
-    ("snapkv", {"budget": 1.5}, "--budget must lie in (0, 1], got 1.5"),
-    ("snapkv", {"kernel": 4}, "--kernel must be a positive odd number, got 4"),
-    ("streamingllm", {"sinks": -1}, "--sinks and --window must be >= 0"),
-    ("pyramidkv", {"beta": 0}, "--beta must be >= 1, got 0"),
-    ("gvote", {"nucleus": 0.0}, "--nucleus must lie in (0, 1], got 0.0"),
-    ("gvote", {"samples": 0}, "--samples must be >= 1, got 0"),
+    ("h2o", {"budget": 0.0}, "h2o: --budget must be in (0, 1], got 0"),
+    ("h2o", {"recent": 1.5}, "h2o: --recent must be in [0, 1], got 1.5"),
+    ("snapkv", {"budget": 1.5}, "snapkv: --budget must be in (0, 1], got 1.5"),
+    ("snapkv", {"kernel": 4}, "snapkv: --kernel must be odd, got 4"),
+    ("snapkv", {"kernel": -1}, "snapkv: --kernel must be >= 1, got -1"),
+    ("snapkv", {"window": 0}, "snapkv: --window must be >= 1, got 0"),
+    ("streamingllm", {"sinks": -1}, "streamingllm: --sinks must be >= 0, got -1"),
+    ("streamingllm", {"window": -1}, "streamingllm: --window must be >= 0, got -1"),
+    ("pyramidkv", {"beta": 0}, "pyramidkv: --beta must be >= 1, got 0"),
+    ("gvote", {"nucleus": 0.0}, "gvote: --nucleus must be in (0, 1], got 0"),
+    ("gvote", {"samples": 0}, "gvote: --samples must be >= 1, got 0"),
 ])
 def test_impossible_options_fail(method, params, message):
-    with pytest.raises(KvcError, match=re.escape(message)):
-        build(method, **params).validate(random_layer())
+    """Declared constraints are checked when the method is built, before any layer."""
+    with pytest.raises(KvcError, match="^" + re.escape(message) + "$"):
+        build(method, **params)

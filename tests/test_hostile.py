@@ -386,7 +386,7 @@ def test_synth_refuses_non_finite_numbers(run, tmp_path, args, needle):
 
 
 @pytest.mark.parametrize("options, needle", [
-    (["--method", "kivi", "--bits", "2", "--group-size", "48"], "kivi --group-size 48 must divide the head dimension 16"),
+    (["--method", "kivi", "--bits", "2", "--group-size", "48"], "kivi: --group-size must divide head_dim 16, got 48"),
     (["--method", "eoptshrinkq", "--bits", "2.5"], "--bits expects int, got '2.5'"),
     (["--method", "turboquant", "--bits", "3.3"], "3.3 bits at d = 16"),
 ])

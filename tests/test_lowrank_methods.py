@@ -119,13 +119,13 @@ def test_eoptshrinkq_beats_turboquant_by_the_predicted_margin():
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"bits": 0}, "--bits must be an integer in 1..8, got 0"),
-    ({"factor_bits": 9}, "--factor-bits must be an integer in 1..8, got 9"),
-    ({"block": 2}, "--block 2 at head_dim 64: min(n, d) = 2: the eoptshrinkq rank rule needs at least 3"),
-    ({"block": 0}, "--block must be >= 1, got 0")])
+    ({"bits": 0}, "eoptshrinkq: --bits must be in [1, 8], got 0"),
+    ({"factor_bits": 9}, "eoptshrinkq: --factor-bits must be in [1, 8], got 9"),
+    ({"block": 2}, "eoptshrinkq: --block 2 at head_dim 64: min(n, d) = 2: the eoptshrinkq rank rule needs at least 3"),
+    ({"block": 0}, "eoptshrinkq: --block must be >= 1, got 0")])
 def test_impossible_options_fail(params, message):
     x = spiked(1, 128, 64, [])
-    with pytest.raises(KvcError, match=re.escape(message)):
+    with pytest.raises(KvcError, match="^" + re.escape(message)):
         build("eoptshrinkq", keys="post", **params).validate(layer_of(x, x))
 
 

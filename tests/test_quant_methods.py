@@ -116,15 +116,17 @@ def test_turboquant_deterministic_under_seed(layer):
 
 
 @pytest.mark.parametrize("opts,message", [
-    (dict(bits=0), "--bits must be between 1 and 4, got 0"),
-    (dict(bits=5), "--bits must be between 1 and 4, got 5"),
-    (dict(bits=4.5), "--bits must be between 1 and 4, got 4.5"),
-    (dict(bits=0.5), "--bits must be between 1 and 4, got 0.5"),
-    (dict(bits=2.3), "2.3 bits at d = 64 would need 19.2 channels at 3 bits"),
-    (dict(variant="bad"), "--variant must be one of mse, prod, got 'bad'"),
-    (dict(rotation="dct"), "--rotation must be one of haar, hadamard, got 'dct'")])
+    (dict(bits=0), "turboquant: --bits must be in [1, 4], got 0"),
+    (dict(bits=5), "turboquant: --bits must be in [1, 4], got 5"),
+    (dict(bits=4.5), "turboquant: --bits must be in [1, 4], got 4.5"),
+    (dict(bits=0.5), "turboquant: --bits must be in [1, 4], got 0.5"),
+    (dict(bits=float("nan")), "turboquant: --bits must be in [1, 4], got nan"),
+    (dict(bits=2.3), "2.3 bits at d = 64 would need 19.2 channels at 3 bits; the fractional part times d "
+                     "must be a whole number (e.g. 2.5 bits = 32 channels at 3 + 32 at 2)"),
+    (dict(variant="bad"), "turboquant: --variant must be one of mse, prod, got 'bad'"),
+    (dict(rotation="dct"), "turboquant: --rotation must be one of haar, hadamard, got 'dct'")])
 def test_turboquant_bad_options(layer, opts, message):
-    with pytest.raises(KvcError, match=re.escape(message)):
+    with pytest.raises(KvcError, match="^" + re.escape(message) + "$"):
         _run("turboquant", layer, **opts)
 
 
@@ -158,14 +160,15 @@ def test_kivi_2_gs32_r128_at_32k_is_3_05():
 
 
 @pytest.mark.parametrize("opts,error,message", [
-    (dict(group_size=128), KvcError, "--group-size 128 must divide the head dimension 64"),
-    (dict(group_size=48), KvcError, "--group-size 48 must divide the head dimension 64"),
-    (dict(residual=128), MethodFailure, "96 tokens leave no full group of 32 keys outside the fp16 window of 128"),
-    (dict(bits=0), KvcError, "--bits must be an integer in 1..8, got 0"),
-    (dict(residual=-1), KvcError, "--residual must be an integer >= 0, got -1"),
-    (dict(group_size=0), KvcError, "--group-size must be an integer >= 1, got 0")])
+    (dict(group_size=128), KvcError, "kivi: --group-size must divide head_dim 64, got 128"),
+    (dict(group_size=48), KvcError, "kivi: --group-size must divide head_dim 64, got 48"),
+    (dict(residual=128), MethodFailure, "kivi: 96 tokens leave no full group of 32 keys outside the fp16 "
+                                        "window of 128; nothing would be quantized (lower --residual)"),
+    (dict(bits=0), KvcError, "kivi: --bits must be in [1, 8], got 0"),
+    (dict(residual=-1), KvcError, "kivi: --residual must be >= 0, got -1"),
+    (dict(group_size=0), KvcError, "kivi: --group-size must be >= 1, got 0")])
 def test_kivi_bad_options(layer, opts, error, message):
-    with pytest.raises(error, match=re.escape(message)):
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
         _run("kivi", layer, **opts)
 
 
@@ -192,13 +195,14 @@ def test_qjl_round_trip_and_bits(layer, opts):
 
 
 @pytest.mark.parametrize("opts,error,message", [
-    (dict(sketch_dim=0), KvcError, "--sketch-dim must be an integer >= 1, got 0"),
-    (dict(group_size=128), KvcError, "--group-size 128 must divide the head dimension 64"),
-    (dict(value_bits=9), KvcError, "--value-bits must be an integer in 1..8, got 9"),
-    (dict(outliers=64), KvcError, "--outliers 64 must be smaller than the head dimension 64"),
-    (dict(residual=96), MethodFailure, "no token of 96 is outside the fp16 window")])
+    (dict(sketch_dim=0), KvcError, "qjl: --sketch-dim must be >= 1, got 0"),
+    (dict(group_size=128), KvcError, "qjl: --group-size must divide head_dim 64, got 128"),
+    (dict(value_bits=9), KvcError, "qjl: --value-bits must be in [1, 8], got 9"),
+    (dict(outliers=64), KvcError, "qjl: --outliers must be < head_dim 64, got 64"),
+    (dict(outliers=-1), KvcError, "qjl: --outliers must be >= 0, got -1"),
+    (dict(residual=96), MethodFailure, "qjl: no token of 96 is outside the fp16 window (lower --residual)")])
 def test_qjl_bad_options(layer, opts, error, message):
-    with pytest.raises(error, match=re.escape(message)):
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
         _run("qjl", layer, **opts)
 
 
@@ -245,13 +249,27 @@ def test_kvquant_fisher_proxy_changes_the_codebook(layer):
     assert a.shape == b.shape == (8,) and not torch.equal(a, b)
 
 
+def test_kvquant_fisher_weights_come_from_the_layer_it_is_given(layer):
+    """encode_tensor receives the layer: the Fisher proxy is computed per call, no state on the instance."""
+    method = build("kvquant")
+    whole = method.encode(layer)
+    arrays, _, _ = method.encode_tensor(layer.k_pre, "k", layer, method.generator(layer.layer))
+    assert arrays.keys() == {n[2:] for n in whole.arrays if n.startswith("k.")}
+    assert all(torch.equal(whole.arrays[f"k.{n}"], a) for n, a in arrays.items())
+    other = dataclasses.replace(layer, q=layer.q.flip(-1))  # queries that weight other channels
+    moved, _, _ = method.encode_tensor(layer.k_pre, "k", other, method.generator(layer.layer))
+    assert not torch.equal(moved["codebook"], arrays["codebook"])
+    assert vars(method).keys() == {"options"}
+
+
 @pytest.mark.parametrize("opts,message", [
-    (dict(bits=0), "--bits must be an integer in 1..8, got 0"),
-    (dict(outlier_frac=0.6), "--outlier-frac must be in [0, 0.5), got 0.6"),
-    (dict(fisher="grad"), "--fisher must be one of query, uniform, got 'grad'"),
-    (dict(keys="mid"), "--keys must be one of pre, post, got 'mid'")])
+    (dict(bits=0), "kvquant: --bits must be in [1, 8], got 0"),
+    (dict(outlier_frac=0.6), "kvquant: --outlier-frac must be in [0, 0.5), got 0.6"),
+    (dict(outlier_frac=0.5), "kvquant: --outlier-frac must be in [0, 0.5), got 0.5"),
+    (dict(fisher="grad"), "kvquant: --fisher must be one of query, uniform, got 'grad'"),
+    (dict(keys="mid"), "kvquant: --keys must be one of pre, post, got 'mid'")])
 def test_kvquant_bad_options(layer, opts, message):
-    with pytest.raises(KvcError, match=re.escape(message)):
+    with pytest.raises(KvcError, match="^" + re.escape(message) + "$"):
         _run("kvquant", layer, **opts)
 
 
@@ -275,12 +293,12 @@ def test_int_round_trip_and_bits(layer, opts, scale_count, params):
 
 
 @pytest.mark.parametrize("opts,message", [
-    (dict(bits=0), "--bits must be an integer in 1..8, got 0"),
-    (dict(bits=9), "--bits must be an integer in 1..8, got 9"),
-    (dict(bits=1, symmetric=True), "--bits must be an integer in 2..8, got 1"),
-    (dict(axis="head"), "--axis must be one of token, channel, got 'head'")])
+    (dict(bits=0), "int: --bits must be in [1, 8], got 0"),
+    (dict(bits=9), "int: --bits must be in [1, 8], got 9"),
+    (dict(bits=1, symmetric=True), "int: --bits must be in [2, 8] with --symmetric, got 1"),
+    (dict(axis="head"), "int: --axis must be one of token, channel, got 'head'")])
 def test_int_bad_options(layer, opts, message):
-    with pytest.raises(KvcError, match=re.escape(message)):
+    with pytest.raises(KvcError, match="^" + re.escape(message) + "$"):
         _run("int", layer, **opts)
 
 
@@ -289,7 +307,7 @@ def test_fp8_round_trip_and_bits(layer, fmt, max_rel):
     _, enc, dec = _run("fp8", layer, format=fmt)
     assert enc.nbits() == 2 * (8 * N + 16 * S * H)
     assert _rel(dec.k, layer.k) < max_rel and _rel(dec.v, layer.v) < max_rel
-    with pytest.raises(KvcError, match=re.escape("--format must be one of e4m3, e5m2, got 'e3m4'")):
+    with pytest.raises(KvcError, match=re.escape("fp8: --format must be one of e4m3, e5m2, got 'e3m4'")):
         build("fp8", format="e3m4")
 
 
@@ -299,10 +317,11 @@ def test_unknown_option_lists_valid_ones():
 
 
 def test_integer_options_accept_integral_floats_only(layer):
-    assert _run("kivi", layer, bits=2.0, residual=16)[0]  # 2.0 from a --bits 1,2,2.5 sweep grid is fine
-    with pytest.raises(KvcError, match="integer"):
+    bits = _run("kivi", layer, bits=2.0, residual=16)[0].options.bits  # 2.0 from a --bits 1,2,2.5 grid is fine
+    assert bits == 2 and type(bits) is int
+    with pytest.raises(KvcError, match=r"^kivi: --bits expects int, got 2\.5$"):
         _run("kivi", layer, bits=2.5, residual=16)
-    with pytest.raises(KvcError, match="integer"):
+    with pytest.raises(KvcError, match=r"^int: --bits expects int, got True$"):
         _run("int", layer, bits=True)
 
 

@@ -333,7 +333,7 @@ def _decompress_fails(run, path: Path, tmp_path: Path, *needles) -> str:
     ("params", json.dumps({"bits": "four", "axis": "token", "symmetric": False, "keys": "post", "seed": 0}),
      "metadata params: bits expects int, got 'four'"),
     ("params", json.dumps({"bits": 99, "axis": "token", "symmetric": False, "keys": "post", "seed": 0}),
-     "metadata params: int --bits must be an integer in 1..8, got 99"),
+     "metadata params: int: --bits must be in [1, 8], got 99"),
     ("params", json.dumps({"bits": 4, "axis": "diagonal"}), "metadata params: int: --axis must be one of token, channel"),
     ("params", json.dumps({"bitz": 4}), "metadata params: method int has no option bitz"),
     ("params", "[4]", "metadata params must be an object, got [4]"),

@@ -1,4 +1,5 @@
-"""The wheel carries every kvc package and the kernel sources, and an installed kvc finds its kernels.
+"""The wheel carries every kvc package, the kernel sources and the method catalogue, and an installed
+kvc finds its kernels and lists its methods.
 
 The wheel is built offline from a copy of the tree (``pip wheel --no-deps --no-build-isolation
 --no-index``: the setuptools of the running environment, nothing fetched), installed alone into a
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kvc.compression import catalogue
 from kvc.gpu import sources
 from kvc.gpu.sources import COMMON_HEADER, KERNEL_FILES, kernel_source
 
@@ -62,9 +64,11 @@ def _run(cmd: list, cwd: Path, env: dict) -> str:
 
 PROBE = """
 import importlib.util, json, sys, sysconfig
+from kvc.compression.catalogue import methods
 from kvc.gpu.sources import kernels_dir, kernel_source
 d = kernels_dir()
 print(json.dumps({"kernels_dir": str(d.resolve()), "purelib": sysconfig.get_paths()["purelib"],
+                  "methods": sorted(methods()),
                   "files": sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()),
                   "turboquant": kernel_source("turboquant"),
                   "torch_installed": importlib.util.find_spec("torch") is not None,
@@ -93,6 +97,7 @@ def test_wheel_installed_in_a_fresh_venv_finds_its_kernels(tmp_path, monkeypatch
     packaged = {f"kvc/gpu/cuda/{n}.cu" for n in set(KERNEL_FILES.values())} | {
         f"kvc/gpu/cuda/{COMMON_HEADER}", "kvc/gpu/cuda/emulation/kvc_emu.cpp", "kvc/gpu/cuda/emulation/kvc_emu.hpp"}
     assert packaged <= names, f"kernel sources missing from the wheel: {sorted(packaged - names)}"
+    assert "kvc/compression/catalogue.json" in names
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path, env)
@@ -104,6 +109,7 @@ def test_wheel_installed_in_a_fresh_venv_finds_its_kernels(tmp_path, monkeypatch
 
     assert not probe["torch_installed"], "the fresh venv sees torch: the torch-free import is not tested"
     assert probe["heavy_imported"] == []
+    assert probe["methods"] == sorted(catalogue.methods())  # kvc methods works from the wheel, without torch
     kernels = Path(probe["kernels_dir"])
     assert kernels.is_relative_to(Path(probe["purelib"]).resolve()) and kernels.parts[-3:] == ("kvc", "gpu", "cuda")
     assert {p.removeprefix("kvc/gpu/cuda/") for p in packaged} <= set(probe["files"])

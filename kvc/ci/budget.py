@@ -2,30 +2,26 @@
 
 Pure functions over a :class:`Geometry` (per-layer KV heads, head dims, sliding windows) read from a
 model config, a GGUF header or explicit numbers, and a :class:`Compression` (nominal bits per K and
-V entry from a per-method rule, or measured ones from a ``kvc compress --json`` file). Used by
+V entry declared by the method, or measured ones from a ``kvc compress --json`` file). Used by
 ``kvc budget`` and by ``kvc check``. Rules and formulas: docs/budget.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from ..compression.options import convert, flag
-from ..compression.protocol import LayerKV, build, get, option_fields
+from ..compression.fields import flag
+from ..compression.protocol import Compressor, declares_nominal_bits
 from ..errors import KvcError
 from ..io import schema
 from ..model.load import _first_line, resolve_model, text_config
 
 SCHEMA = "kvc-budget/1"
-METHODS = ("fp16", "fp8", "int", "kivi", "turboquant", "eoptshrinkq")
-KIVI_RESIDUAL = 128  # KIVI keeps the most recent R = 128 tokens in fp16 (docs/methods.md#kivi)
-EOPT_BLOCK, EOPT_RANK, EOPT_FACTOR_BITS = 128, 3, 4  # eOptShrinkQ block n, typical rank r, factor bits b_f
 # llama.cpp's set_swa_pattern(n) for architectures whose GGUF omits sliding_window_pattern
 GGUF_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
@@ -210,43 +206,27 @@ def _hub_config(hub_id: str):
 
 # --- compression ------------------------------------------------------------------------------
 
-def compression_rule(method: str, bits: float | None, key_dim: int, value_dim: int | None = None,
-                     group_size: int = 32) -> Compression:
-    """Nominal stored bits per K and V entry of ``method`` at ``bits`` (docs/budget.md)."""
-    if method not in METHODS:
-        raise KvcError(f"unknown --method {method!r}; known: {', '.join(METHODS)}")
-    if bits is not None and bits <= 0:
-        raise KvcError(f"--bits must be positive, got {bits:g}")
-    if group_size < 1:
-        raise KvcError(f"--group-size must be a positive integer, got {group_size}")
-    fixed = {"fp16": 16.0, "fp8": 8.0}
-    if method in fixed:
-        if bits not in (None, fixed[method]):
-            raise KvcError(f"--method {method} stores {fixed[method]:g} bits; drop --bits {bits:g}")
-        return Compression(method, fixed[method], fixed[method])
-    if bits is None:
-        raise KvcError(f"--method {method} needs --bits")
-    dims = (key_dim, value_dim or key_dim)
-    if method in ("int", "kivi"):
-        if bits != int(bits) or not 1 <= bits <= 8:
-            raise KvcError(f"--method {method} takes integer --bits from 1 to 8, got {bits:g}")
-        rate = bits + 32 / group_size  # fp16 scale + zero point per group of G (docs/methods.md#nominal-bits)
-        return Compression(f"{method}{bits:g}-g{group_size}", rate, rate,
-                           KIVI_RESIDUAL if method == "kivi" else 0)
-    if not 1 <= bits <= 4:
-        raise KvcError(f"--method {method} takes --bits from 1 to 4, got {bits:g}")
-    if method == "turboquant":
-        norms = 1 if bits == int(bits) else 2  # fractional widths: two channel-split instances
-        k, v = (bits + 16 * norms / d for d in dims)  # + fp16 norm per vector (docs/methods.md#nominal-bits)
-    else:
-        k, v = (_eopt_bits(bits, d) for d in dims)
-    return Compression(f"{method}{bits:g}", k, v)
+def compression_rule(compressor: Compressor, key_dim: int, value_dim: int | None = None) -> Compression:
+    """Nominal stored bits per K and V entry of a configured method, declared by the method
+    (``nominal_bits``, docs/methods.md#nominal-bits); its options are checked at both head dims
+    as ``kvc compress`` checks them on a layer."""
+    value_dim = value_dim or key_dim
+    cls = type(compressor)
+    if not declares_nominal_bits(cls):
+        raise KvcError(f"{compressor.name} declares no nominal bits per entry (its size depends on the "
+                       "data); measure it with kvc compress --json and pass --from-json")
+    for d in dict.fromkeys((key_dim, value_dim)):
+        compressor.check_options(d)
+    nominal = cls.nominal_bits(compressor.options, key_dim, value_dim)
+    return Compression(_label(compressor), nominal.k_bits, nominal.v_bits, nominal.fp16_tokens)
 
 
-def _eopt_bits(bits: float, d: int) -> float:
-    """eOptShrinkQ fully counted at block n, rank r, factor bits b_f (docs/methods.md#eoptshrinkq-bits)."""
-    n, r, bf = EOPT_BLOCK, EOPT_RANK, EOPT_FACTOR_BITS
-    return bits + 16 / d + r * (n + d) * bf / (n * d) + 16 * r / (n * d) + 16 * 2 ** bf / (n * d)
+def _label(compressor: Compressor) -> str:
+    """The method's name with its bit width (``kivi2``), then the options not at their default."""
+    params, defaults = compressor.params(), dataclasses.asdict(type(compressor).Options())
+    label = compressor.name + (f"{params['bits']:g}" if "bits" in params else "")
+    return " ".join([label] + [f"{flag(k)} {v}" for k, v in params.items()
+                               if k not in ("bits", "seed") and v != defaults[k]])
 
 
 def compression_from_json(path: Path) -> Compression:
@@ -283,14 +263,12 @@ def _positive_number(value) -> bool:
 
 def budget_inputs(model: str | None = None, layers: int | None = None, kv_heads: int | None = None,
                   head_dim: int | None = None, sliding_window: int | None = None, sliding: str | None = None,
-                  method: str | None = None, bits: float | None = None, group_size: int = 32,
-                  from_json: Path | None = None) -> tuple[Geometry, Compression | None]:
+                  method: Compressor | None = None, from_json: Path | None = None
+                  ) -> tuple[Geometry, Compression | None]:
     """The geometry (a model's, or explicit layers/kv_heads/head_dim and windows) and the compressed
-    form (a method's nominal rule, measured bits from ``kvc compress --json``, or none) of a budget."""
-    if from_json is not None and (method is not None or bits is not None):
-        raise KvcError("pass either --from-json or --method/--bits, not both")
-    if bits is not None and method is None:
-        raise KvcError("--bits needs --method")
+    form (a configured method's nominal bits, measured bits from ``kvc compress --json``, or none)."""
+    if from_json is not None and method is not None:
+        raise KvcError("pass either --from-json or --method, not both")
     explicit = (layers, kv_heads, head_dim)
     if any(v is not None for v in explicit):
         if model is not None:
@@ -310,21 +288,8 @@ def budget_inputs(model: str | None = None, layers: int | None = None, kv_heads:
     if from_json is not None:
         compression = compression_from_json(from_json)
     elif method is not None:
-        compression = compression_rule(method, bits, geometry.key_dim, geometry.value_dim, group_size)
+        compression = compression_rule(method, geometry.key_dim, geometry.value_dim)
     return geometry, compression
-
-
-def check_as_compress(method: str, bits: float | None, group_size: int, geometry: Geometry, tokens: int) -> None:
-    """--bits and --group-size checked as kvc compress checks them: converted to the method's option
-    types, built, and validated on a layer of this geometry and ``tokens`` (shapes only, no data)."""
-    cls = get(method)
-    fields = option_fields(cls)
-    given = {"bits": bits, "group_size": group_size}
-    compressor = build(cls.name, **{key: convert(f"{value:g}", fields[key][0], flag(key))
-                                    for key, value in given.items() if key in fields and value is not None})
-    for dim in sorted({geometry.key_dim, geometry.value_dim}):
-        kv, q = (torch.empty(1, 1, n, dim, device="meta") for n in (tokens, 0))
-        compressor.validate(LayerKV(layer=0, k=kv, v=kv, q=q, q_positions=torch.empty(0, dtype=torch.int64)))
 
 
 # --- bytes ------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ the kept tokens.
 
 The evictor's kept tokens of each (sequence, KV head) are gathered in position order and padded to
 the largest kept count m by repeating the last kept token, so the tensor compressor sees one
-[S, H, m, D] tensor; the padding is stored, hence counted. Stored arrays: the compressor's own
-(``k.*``, ``v.*``) plus the kept positions (``index``) and counts (``count``) as ``Evictor`` stores
-them. Keys compressed before RoPE are rotated at their true positions after decoding.
+[S, H, m, D] tensor: a layer of the kept tokens, with the layer's queries and RoPE, which the
+compressor's ``validate`` checks before it is encoded. The padding is stored, hence counted. Stored
+arrays: the compressor's own (``k.*``, ``v.*``) plus the kept positions (``index``) and counts
+(``count``) as ``Evictor`` stores them. Keys compressed before RoPE are rotated at their true
+positions after decoding.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ..errors import KvcError
-from .protocol import Compressor, Decoded, Encoded, Evictor, LayerKV, TensorCompressor, eviction_side_bits, keep_arrays, keep_mask, option_fields, rotate_keys
+from .protocol import Compressor, Decoded, Encoded, Evictor, LayerKV, TensorCompressor, eviction_side_bits, keep_arrays, keep_mask, rotate_keys
+from .fields import typed_fields
 
 SHARED = ("seed",)
 
@@ -49,6 +52,7 @@ class Composite(Compressor):
             **{own: values[public] for public, own in self.routes["quant"].items()}))
 
     def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
         self.evictor.validate(layer)
         self.quant.validate(layer)
 
@@ -69,7 +73,9 @@ class Composite(Compressor):
         if not bool(keep.any()):
             raise KvcError(f"{self.name}: the eviction kept no token in layer {layer.layer}")
         positions, _ = kept_slots(keep)
-        inner = self.quant.encode(self._sub_layer(layer, positions, data=True))
+        kept = self._sub_layer(layer, positions, data=True)
+        self.quant.validate(kept)  # the compressor's checks on the data it sees (e.g. enough tokens)
+        inner = self.quant.encode(kept)
         return Encoded({**inner.arrays, **keep_arrays(keep)}, inner.meta)
 
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
@@ -104,7 +110,7 @@ def combine(evictor: type[Compressor], quant: type[Compressor]) -> type[Composit
     if not (issubclass(evictor, Evictor) and issubclass(quant, TensorCompressor)):
         raise KvcError(f"a combination is an eviction method then a tensor compressor (e.g. "
                        f"snapkv+turboquant); {evictor.name}+{quant.name} is not")
-    parts = {"evict": (evictor, option_fields(evictor)), "quant": (quant, option_fields(quant))}
+    parts = {"evict": (evictor, typed_fields(evictor.Options)), "quant": (quant, typed_fields(quant.Options))}
     specs, routes = {}, {"evict": {}, "quant": {}}
     for part, (cls, fields) in parts.items():
         other = parts["quant" if part == "evict" else "evict"][1]

@@ -155,15 +155,14 @@ def encode_decode(compressor: Compressor, layer: LayerKV) -> tuple[Encoded, Deco
     return encoded, decoded, head_bits(compressor, encoded, layer)
 
 
-def measure(compressor: Compressor, layer: LayerKV, encoded: Encoded, decoded: Decoded,
-            bits: dict[str, Tensor], query_stride: int = 1) -> LayerResult:
+def measure(layer: LayerKV, encoded: Encoded, decoded: Decoded, bits: dict[str, Tensor],
+            query_stride: int = 1) -> LayerResult:
     """The tensor metrics of one encoded and decoded layer (``encode_decode``).
 
     The metrics use every ``query_stride``-th captured query.
     """
     metrics = layer_metrics(layer.k, decoded.k, layer.v, decoded.v, layer.q[:, :, ::query_stride],
-                            layer.q_positions[::query_stride], decoded.keep,
-                            lambda q: compressor.score(encoded, layer, q), layer.attention)
+                            layer.q_positions[::query_stride], decoded.keep, layer.attention)
     metrics = {t: {m: x.detach().cpu() for m, x in ms.items()} for t, ms in metrics.items()}
     S, H, T, D = layer.shape
     return LayerResult(layer.layer, bits, S * T * D, encoded.bits_paper, metrics, decoded.keep is not None)
@@ -173,7 +172,7 @@ def measure_layer(compressor: Compressor, layer: LayerKV, query_stride: int = 1
                   ) -> tuple[LayerResult, Encoded]:
     """Encode, decode, audit and measure one layer; the method sees every captured query."""
     encoded, decoded, bits = encode_decode(compressor, layer)
-    return measure(compressor, layer, encoded, decoded, bits, query_stride), encoded
+    return measure(layer, encoded, decoded, bits, query_stride), encoded
 
 
 # ----------------------------------------------------------------------------- a run

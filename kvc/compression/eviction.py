@@ -80,12 +80,8 @@ class BudgetEvictor(Evictor):
 
     @dataclass
     class Options(Evictor.Options):
-        budget: float = option(0.25, "fraction of the tokens kept per (sequence, KV head)")
-
-    def validate(self, layer: LayerKV) -> None:
-        super().validate(layer)
-        if not 0 < self.options.budget <= 1:
-            raise KvcError(f"{self.name}: --budget must lie in (0, 1], got {self.options.budget}")
+        budget: float = option(0.25, "fraction of the tokens kept per (sequence, KV head)",
+                               low=0, high=1, low_open=True)
 
     def count(self, layer: LayerKV) -> int:
         """Tokens kept per (sequence, KV head) in this layer."""

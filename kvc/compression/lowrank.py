@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,9 +37,10 @@ from ..quant.packing import pack_codes, unpack_codes
 from ..quant.rotation import draw_seed, make_rotation
 from ..quant.turboquant import tq_codebook, tq_mse_decode, tq_mse_encode
 from ..analysis.rmt import Shrinkage, eoptshrink, rank_rule_unfit
-from .protocol import Encoded, LayerKV, TensorCompressor, option
+from .protocol import Encoded, LayerKV, Nominal, TensorCompressor, option
 
 RAGGED = ("u_codes", "v_codes", "weights")  # arrays whose size follows the per-block ranks
+NOMINAL_RANK = 3  # typical rank r per block of the nominal count (docs/methods.md#eoptshrinkq-bits)
 
 
 def paper_bits(bits: int, rank: Tensor | float, n: int, d: int, factor_bits: int) -> Tensor:
@@ -80,35 +81,39 @@ class LowRankQuant(TensorCompressor):
     q.k with the real queries 0.011; post 2.51 bits/entry, 0.030, 0.018.
     """
 
-    default_keys: ClassVar[str] = "pre"
-
     @dataclass
     class Options(TensorCompressor.Options):
         keys: str = option("pre", "compress keys before (pre, measured better) or after (post) RoPE",
-                          ("pre", "post"))
-        bits: int = option(2, "TurboQuant-mse bits per residual entry")
-        factor_bits: int = option(4, "bits per low-rank factor entry (fitted Lloyd-Max codebook)")
-        block: int = option(128, "tokens per block; the unfinished last block stays fp16")
+                          choices=("pre", "post"))
+        bits: int = option(2, "TurboQuant-mse bits per residual entry", low=1, high=8)
+        factor_bits: int = option(4, "bits per low-rank factor entry (fitted Lloyd-Max codebook)", low=1, high=8)
+        block: int = option(128, "tokens per block; the unfinished last block stays fp16", low=1)
         rank_rule: str = option("eoptshrinkq", "rank rule (matlab: v5 rule and pseudo-noise imputation)",
-                                ("eoptshrinkq", "matlab"))
+                                choices=("eoptshrinkq", "matlab"))
 
     @abstractmethod
     def weights(self, shrinkage: Shrinkage) -> Tensor:
         """Weights [..., r_max] of the components (zero where not usable)."""
 
-    def validate(self, layer) -> None:
+    def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
         o = self.options
-        for flag, value in (("bits", o.bits), ("factor-bits", o.factor_bits)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-                raise KvcError(f"{self.name}: --{flag} must be an integer in 1..8, got {value!r}")
-        if o.block < 1:
-            raise KvcError(f"{self.name}: --block must be >= 1, got {o.block}")
         if o.block <= layer.shape[2]:
             why = rank_rule_unfit(o.rank_rule, min(o.block, layer.shape[3]))
             if why:
                 raise KvcError(f"{self.name}: --block {o.block} at head_dim {layer.shape[3]}: {why}")
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        """Fully counted at the typical rank r = NOMINAL_RANK, block n, factor bits b_f:
+        b + 16/d + r (n + d) b_f/(n d) + 16 r/(n d) + 16 2^b_f/(n d) (docs/methods.md#eoptshrinkq-bits)."""
+        def rate(d: int) -> float:
+            n, r, bf = options.block, NOMINAL_RANK, options.factor_bits
+            return options.bits + 16 / d + r * (n + d) * bf / (n * d) + 16 * r / (n * d) + 16 * 2 ** bf / (n * d)
+
+        return Nominal(rate(key_dim), rate(value_dim))
+
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         o = self.options
         S, H, T, D = x.shape

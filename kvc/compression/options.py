@@ -2,88 +2,23 @@
 for keyword arguments in Python (``kvc.method(name, **options)``), and the registry's description.
 
 Options come from the method's ``Options`` dataclass; hyphens and underscores both work in names, and
-values are converted to (command line) or checked against (Python) the field's type. ``build`` then
-checks the declared choices, and the method its own constraints on the first layer.
+values are converted to (command line) or checked against (Python) the field's type
+(:mod:`kvc.compression.fields`). ``build`` then checks the declared constraints, and ``validate``
+those on the head dimension on the first layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from typing import Any, Mapping
 
 import torch
 
 from ..errors import KvcError
-from .protocol import Compressor, Evictor, TensorCompressor, available, build, get, option_fields
+from .fields import coerce, convert, flag, type_name, typed_fields, valid_of
+from .protocol import Compressor, Evictor, TensorCompressor, available, build, declares_nominal_bits, get
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def type_name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
-
-
-def _optional(kind: Any) -> tuple[Any, bool]:
-    """(the type inside Optional[...], whether None is allowed)."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        args = typing.get_args(kind)
-        return next(a for a in args if a is not type(None)), type(None) in args
-    return kind, False
-
-
-def convert(text: str, kind: Any, option: str) -> Any:
-    """A command-line string as a value of the option's type (bool, int, float, str, optional, tuple)."""
-    inner, nullable = _optional(kind)
-    if inner is not kind:
-        if text.lower() in ("none", "null") and nullable:
-            return None
-        return convert(text, inner, option)
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (tuple, list):
-        return typing.get_origin(kind)(convert(t.strip(), args[0], option) for t in text.split(",") if t.strip())
-    try:
-        if kind is bool:
-            if text.lower() not in TRUE + FALSE:
-                raise ValueError
-            return text.lower() in TRUE
-        if kind is int:
-            value = float(text)
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        return kind(text)
-    except ValueError:
-        raise KvcError(f"{option} expects {type_name(kind)}, got {text!r}") from None
-
-
-def coerce(value: Any, kind: Any, option: str) -> Any:
-    """A Python value as the option's type: strings go through :func:`convert`; other values must
-    already be of the type (an integral float for an int, an int for a float, a list for a tuple)."""
-    if isinstance(value, str):
-        return convert(value, kind, option)
-    inner, nullable = _optional(kind)
-    if value is None and nullable:
-        return None
-    origin = typing.get_origin(inner)
-    if origin in (tuple, list) and isinstance(value, (tuple, list)):
-        return origin(coerce(v, typing.get_args(inner)[0], option) for v in value)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if inner is bool and isinstance(value, bool):
-        return value
-    if inner is int and number and float(value).is_integer():
-        return int(value)
-    if inner is float and number:
-        return float(value)
-    if inner is str and isinstance(value, str):
-        return value
-    raise KvcError(f"{option} expects {type_name(kind)}, got {value!r}")
 
 
 def _field(cls: type[Compressor], name: str, fields: Mapping[str, Any], spell=flag) -> str:
@@ -97,7 +32,7 @@ def _field(cls: type[Compressor], name: str, fields: Mapping[str, Any], spell=fl
 def parse_method_args(cls: type[Compressor], tokens: list[str], assignments: list[str]
                       ) -> tuple[dict[str, Any], list[str]]:
     """(options, positional arguments) from ``--name value`` tokens and ``key=value`` assignments."""
-    fields = option_fields(cls)
+    fields = typed_fields(cls.Options)
     params: dict[str, Any] = {}
     positional: list[str] = []
     i = 0
@@ -134,7 +69,7 @@ def parse_method_args(cls: type[Compressor], tokens: list[str], assignments: lis
 
 def method_options(cls: type[Compressor], options: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments as the method's option values, checked like the command line's."""
-    fields = option_fields(cls)
+    fields = typed_fields(cls.Options)
     params = {}
     for name, value in options.items():
         key = _field(cls, name, fields, spell=str)
@@ -146,8 +81,8 @@ def method(name: str, **options: Any) -> Compressor:
     """A configured compressor: ``method("turboquant", bits=2.5)``; ``evictor+compressor`` combines two.
 
     Options are validated as ``kvc compress --name value`` validates them (unknown names, types,
-    choices); constraints that depend on the data (e.g. a group size dividing head_dim) are
-    checked on the first layer compressed.
+    declared constraints); those on the head dimension (e.g. a group size dividing head_dim) and
+    those that depend on the data are checked on the first layer compressed.
     """
     cls = get(name)
     return build(cls.name, **method_options(cls, options))
@@ -173,17 +108,18 @@ def compute_dtype(name: str) -> torch.dtype:
 
 
 def describe() -> list[dict]:
-    """Every registered method: name, kind, summary, paper and options (flag, type, default, help)."""
+    """Every registered method: name, kind, summary, paper, whether ``kvc budget`` takes it
+    (``nominal_bits``) and options (name, flag, type, default, choices, valid values, help)."""
     methods = []
     for name, cls in available().items():
         kind = "eviction" if issubclass(cls, Evictor) else "tensor" if issubclass(cls, TensorCompressor) else "other"
         options = []
-        for field_name, (kind_, f) in option_fields(cls).items():
+        for field_name, (kind_, f) in typed_fields(cls.Options).items():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
+            valid = valid_of(f)
             options.append({"name": field_name, "flag": flag(field_name), "type": type_name(kind_),
-                            "default": default, "choices": list(choices) if choices else None,
-                            "help": f.metadata.get("help", "")})
+                            "default": default, "choices": list(valid.choices) if valid.choices else None,
+                            "valid": valid.text(), "help": f.metadata.get("help", "")})
         methods.append({"name": name, "kind": kind, "summary": cls.summary, "paper": cls.paper,
-                        "options": options})
+                        "nominal_bits": declares_nominal_bits(cls), "options": options})
     return methods

@@ -6,8 +6,11 @@ arrays that would be stored (packed codes, fp16 norms and scales, codebooks, ind
 its size in bits is counted from the arrays themselves and cannot drift from what is written to disk.
 
 Adding a method = one new module in ``kvc/compression/methods/`` that defines a ``Compressor``
-subclass with a ``name``; the registry discovers it. Options are a dataclass (``Options``) whose
-fields carry ``help`` metadata; the CLI, ``kvc methods`` and the JSON output read them from there.
+subclass with a ``name``; the registry discovers it (then ``python -m kvc.compression.catalogue``
+refreshes the torch-free list ``kvc methods`` shows). Options are a dataclass (``Options``) whose
+fields are declared with :func:`option`: help text and valid values, checked in one place
+(:func:`kvc.compression.fields.checked`) when the compressor is built and, for the constraints on
+the head dimension, in :meth:`Compressor.validate`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,17 +28,7 @@ from torch import Tensor
 from ..attention import AttentionSpec
 from ..errors import KvcError, MethodFailure
 from ..io import schema
-
-
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field for a method option, with its help text (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def option_fields(cls: type["Compressor"]) -> dict[str, tuple[Any, dataclasses.Field]]:
-    """Option name -> (resolved type, dataclass field) of a method."""
-    hints = typing.get_type_hints(cls.Options)
-    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls.Options)}
+from .fields import checked, option
 
 
 @dataclass
@@ -100,6 +92,16 @@ class Decoded:
     k_pre: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Nominal:
+    """Nominal stored bits per K and per V entry at steady state, and how many tokens stay in fp16
+    (a recent window or a sink): what ``kvc budget`` sizes a cache with (docs/methods.md#nominal-bits)."""
+
+    k_bits: float
+    v_bits: float
+    fp16_tokens: int = 0
+
+
 class Compressor(ABC):
     """One KV-cache compression method. Subclasses set ``name``, ``summary`` and ``Options``."""
 
@@ -113,9 +115,24 @@ class Compressor(ABC):
 
     def __init__(self, options: "Compressor.Options | None" = None):
         self.options = options if options is not None else self.Options()
+        self.check_options()
+
+    def check_options(self, head_dim: int | None = None) -> None:
+        """Check the options (KvcError naming the flag): their declared types and constraints
+        (:func:`kvc.compression.fields.checked`; those on the head dimension when it is given).
+        Subclasses add rules between options here, and call this one."""
+        self.options = checked(self.name, self.options, head_dim)
 
     def validate(self, layer: LayerKV) -> None:
-        """Raise KvcError for options impossible on this layer's shape (bits 0, group > d, ...)."""
+        """Raise KvcError for options impossible on this layer: :meth:`check_options` at its head
+        dimension; subclasses add checks that depend on the data (and call this one)."""
+        self.check_options(layer.shape[3])
+
+    @classmethod
+    def nominal_bits(cls, options: "Compressor.Options", key_dim: int, value_dim: int) -> Nominal | None:
+        """Nominal bits per entry at these head dims (``kvc budget``, docs/methods.md#nominal-bits);
+        None: the method declares none. ``options`` passed :meth:`check_options` at both head dims."""
+        return None
 
     @abstractmethod
     def encode(self, layer: LayerKV) -> Encoded:
@@ -124,10 +141,6 @@ class Compressor(ABC):
     @abstractmethod
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
         """Reconstruct one layer; ``layer`` supplies shapes, positions and RoPE (not the data)."""
-
-    def score(self, encoded: Encoded, layer: LayerKV, q: Tensor) -> Tensor | None:
-        """Optional direct logits q K_hat^T from the compressed form; None when not offered."""
-        return None
 
     def head_bits(self, encoded: Encoded, layer: LayerKV) -> dict[str, Tensor] | None:
         """Stored bits per KV head, {"k": [H], "v": [H]}, for methods whose heads differ (ragged
@@ -140,6 +153,11 @@ class Compressor(ABC):
     def generator(self, layer: int, device: torch.device | str = "cpu") -> torch.Generator:
         """Deterministic generator per (seed, layer)."""
         return torch.Generator(device=device).manual_seed(self.options.seed * 1_000_003 + layer)
+
+
+def declares_nominal_bits(cls: type[Compressor]) -> bool:
+    """Whether a method declares its nominal bits per entry (``kvc budget --method`` takes it)."""
+    return cls.nominal_bits.__func__ is not Compressor.nominal_bits.__func__
 
 
 def check_finite(name: str, layer: int, tensor: Tensor) -> None:
@@ -186,18 +204,14 @@ def get(name: str) -> type[Compressor]:
 
 
 def build(name: str, **params: Any) -> Compressor:
-    """A compressor from its name and option values (unknown options list the valid ones)."""
+    """A compressor from its name and option values (unknown options list the valid ones); the
+    values are checked against their declared types and constraints."""
     cls = get(name)
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    fields = [f.name for f in dataclasses.fields(cls.Options)]
     unknown = sorted(set(params) - set(fields))
     if unknown:
         raise KvcError(f"method {name} has no option {', '.join(unknown)}; valid options: "
                        f"{', '.join(fields)}")
-    for key, value in params.items():
-        choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise KvcError(f"{name}: --{key.replace('_', '-')} must be one of "
-                           f"{', '.join(map(str, choices))}, got {value!r}")
     return cls(cls.Options(**params))
 
 
@@ -223,16 +237,16 @@ class TensorCompressor(Compressor):
     RoPE and rotates them after decoding (KVQuant sec. 3.2).
     """
 
-    default_keys: ClassVar[str] = "post"
-
     @dataclass
     class Options(Compressor.Options):
-        keys: str = option("post", "compress keys before (pre) or after (post) RoPE", ("pre", "post"))
+        keys: str = option("post", "compress keys before (pre) or after (post) RoPE", choices=("pre", "post"))
 
     @abstractmethod
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
-        """Compress x [S, H, T, D]; kind is 'k' or 'v'. Returns (arrays, meta, paper bits/entry)."""
+        """Compress x [S, H, T, D], the layer's keys (kind 'k', before or after RoPE per ``--keys``)
+        or values ('v'); ``layer`` is the context (queries, RoPE, positions), ``generator`` the
+        layer's. Returns (arrays, meta, paper bits/entry)."""
 
     @abstractmethod
     def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,
@@ -249,8 +263,8 @@ class TensorCompressor(Compressor):
 
     def encode(self, layer: LayerKV) -> Encoded:
         gen = self.generator(layer.layer, layer.k.device)
-        k_arrays, k_meta, k_paper = self.encode_tensor(self._keys_source(layer), "k", gen)
-        v_arrays, v_meta, v_paper = self.encode_tensor(layer.v, "v", gen)
+        k_arrays, k_meta, k_paper = self.encode_tensor(self._keys_source(layer), "k", layer, gen)
+        v_arrays, v_meta, v_paper = self.encode_tensor(layer.v, "v", layer, gen)
         arrays = {**{f"k.{n}": a for n, a in k_arrays.items()}, **{f"v.{n}": a for n, a in v_arrays.items()}}
         paper = None if k_paper is None or v_paper is None else (k_paper + v_paper) / 2
         return Encoded(arrays, {"k": k_meta, "v": v_meta}, paper)
@@ -274,6 +288,7 @@ class Evictor(Compressor):
     """
 
     def validate(self, layer: LayerKV) -> None:
+        super().validate(layer)
         if not layer.attention.causal:
             raise KvcError(f"{self.name} evicts tokens from a decoder's cache; layer {layer.layer} "
                            "attends bidirectionally (an encoder), which keeps no cache to evict from")

@@ -16,8 +16,8 @@ from ..metrics.pareto import ATTENTION_METRICS, METRICS, VIEWS, fronts, pareto_f
 from ..model.load import DEFAULT_MODEL_NAME, open_model
 from ..model.text import load_corpus
 from . import engine
-from .options import coerce
-from .protocol import build, get, option_fields
+from .fields import coerce, typed_fields, valid_of
+from .protocol import build, get
 
 Progress = Callable[[int, int, str], None]
 
@@ -48,7 +48,7 @@ def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool, op
     jobs, skipped = [], []
     for name in methods:
         cls = get(name)
-        fields = option_fields(cls)
+        fields = typed_fields(cls.Options)
         extra = {}
         for label, target, key, value in parsed:
             if target in ("", name) and key in fields:
@@ -59,7 +59,7 @@ def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool, op
             continue
         placements = [None]
         if "keys" in fields:
-            choices = fields["keys"][1].metadata.get("choices") or ("pre", "post")
+            choices = valid_of(fields["keys"][1]).choices or ("pre", "post")
             placements = [k for k in keys if k in choices and (k == "post" or has_pre)]
             for k in keys:
                 if k not in placements:

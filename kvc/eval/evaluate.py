@@ -232,7 +232,7 @@ def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dty
         with torch.inference_mode():
             encoded, decoded, head_bits = engine.encode_decode(compressor, layer)
             if measure:
-                proxies.append(engine.measure(compressor, layer, encoded, decoded, head_bits))
+                proxies.append(engine.measure(layer, encoded, decoded, head_bits))
         out.append(decoded_layer(decoded, layer, dtype))
         bits += encoded.nbits()
         entries += 2 * layer.entries

@@ -17,8 +17,6 @@ Metrics by tensor row:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -27,8 +25,6 @@ from ..attention import AttentionSpec
 TOPK = 8
 CHUNK_ELEMENTS = 1 << 22  # logits per query chunk ([S, H_q, chunk, T]); bounds peak memory
 NEG = -1e30  # mask value of a logit: exp underflows to 0, while 0 * NEG stays 0 (no NaN)
-
-Scorer = Callable[[Tensor], Tensor | None]
 
 
 def mse_rel(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -71,17 +67,15 @@ def attention_output(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor,
     out = torch.einsum("shgmt,shtd->shgmd", logits.softmax(-1), v.to(logits.dtype))
     return out.reshape(S, q.shape[1], *out.shape[-2:])
 def chunk_stats(q: Tensor, q_positions: Tensor, k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor,
-                keep: Tensor | None = None, y: Tensor | None = None,
-                spec: AttentionSpec = AttentionSpec()) -> dict[str, Tensor]:
+                keep: Tensor | None = None, spec: AttentionSpec = AttentionSpec()) -> dict[str, Tensor]:
     """Additive sufficient statistics per head [H] for one chunk of queries q [S, H, G, M, D].
 
-    ``y`` optionally gives the compressed inner products <q, k_hat> [S, H, G, M, T] directly (a
-    method's own scoring); by default they are q k_hat^T. Rows (one query, T keys) are summed in
-    the compute dtype, everything across rows in float64. ``spec`` is the layer's attention.
+    The compressed inner products are y = q k_hat^T. Rows (one query, T keys) are summed in the
+    compute dtype, everything across rows in float64. ``spec`` is the layer's attention.
     """
     D = k.shape[-1]
     x = torch.einsum("shgmd,shtd->shgmt", q, k)
-    y = torch.einsum("shgmd,shtd->shgmt", q, k_hat.to(k.dtype)) if y is None else y.to(x.dtype)
+    y = torch.einsum("shgmd,shtd->shgmt", q, k_hat.to(k.dtype))
     logits, visible = masked_logits(x, q_positions, spec, D)
     seen = visible if keep is None else visible & keep[:, :, None, None, :]  # [M, T] or [S, H, 1, M, T]
     logits_hat = spec.logits(y, D).masked_fill(~seen, NEG)
@@ -126,14 +120,11 @@ def attention_metrics(stats: dict[str, Tensor], logit_scale: float) -> tuple[dic
 
 
 def layer_metrics(k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor, q: Tensor, q_positions: Tensor,
-                  keep: Tensor | None = None, score: Scorer | None = None,
-                  spec: AttentionSpec = AttentionSpec()) -> dict[str, dict[str, Tensor]]:
+                  keep: Tensor | None = None, spec: AttentionSpec = AttentionSpec()
+                  ) -> dict[str, dict[str, Tensor]]:
     """All metrics per KV head: {"k": {...}, "v": {...}, "kv": {...}}, each value a float64 [H].
 
-    ``spec`` is the layer's attention (mask, logit scale, soft cap).
-
-    ``score(q_chunk [S, H_q, M, D])`` may return the method's own <q, k_hat> [S, H_q, M, T]; when it
-    returns None (or is None) they are q k_hat^T. Queries are processed in chunks.
+    ``spec`` is the layer's attention (mask, logit scale, soft cap). Queries are processed in chunks.
     """
     S, H, T, D = k.shape
     qg = grouped(q, H)
@@ -141,10 +132,7 @@ def layer_metrics(k: Tensor, k_hat: Tensor, v: Tensor, v_hat: Tensor, q: Tensor,
     stats: dict[str, Tensor] = {}
     for start in range(0, q.shape[2], chunk):
         part = slice(start, start + chunk)
-        y = score(q[:, :, part]) if score is not None else None
-        if y is not None:
-            y = y.reshape(S, H, -1, y.shape[-2], T)
-        chunk_sum = chunk_stats(qg[:, :, :, part], q_positions[part], k, k_hat, v, v_hat, keep, y, spec)
+        chunk_sum = chunk_stats(qg[:, :, :, part], q_positions[part], k, k_hat, v, v_hat, keep, spec)
         stats = {n: stats.get(n, 0) + s for n, s in chunk_sum.items()}
     keys, attn = attention_metrics(stats, spec.scale(D))
     mk, mv = mse_rel(k, k_hat), mse_rel(v, v_hat)

@@ -8,5 +8,4 @@
 - ``qjl``: 1-bit JL sign sketch, asymmetric inner-product estimator, optional orthogonal rows.
 - ``uniform``: asymmetric min/max (KIVI) and symmetric integer group quantization, fp16 parameters.
 - ``fp8``: e4m3 / e5m2 storage with a calibrated scale.
-- ``options``: integer option validation shared by the method modules.
 """

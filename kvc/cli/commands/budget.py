@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import List
 
 import typer
 from rich.table import Table
@@ -11,12 +12,17 @@ from rich.table import Table
 import kvc
 
 from ..console import human_bytes, out
+from ...compression.options import parse_method_args
+from ...compression.protocol import get
+from ...errors import KvcError
 from ...io.safetensors import check_outputs, write_json
 
 NAME = "budget"
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def command(
+    ctx: typer.Context,
     model: str = typer.Option(None, "--model", "-m", help="Hub id, HF directory, config.json or GGUF file (default: the default model)."),
     layers: int = typer.Option(None, "--layers", help="Explicit geometry: number of layers."),
     kv_heads: int = typer.Option(None, "--kv-heads", help="Explicit geometry: KV heads per layer (GQA)."),
@@ -25,18 +31,27 @@ def command(
     sliding: str = typer.Option(None, "--sliding-layers", help="Which layers slide: all (default), '0-4,6' or pattern:N (every N-th layer full)."),
     context: str = typer.Option("1024,4k,32k,128k", "--context", help="Context lengths, comma-separated (k = 1024)."),
     batch: int = typer.Option(1, "--batch", help="Sequences held at once."),
-    method: str = typer.Option(None, "--method", help="Compressed form by nominal rule: fp16, fp8, int, kivi, turboquant, eoptshrinkq."),
-    bits: float = typer.Option(None, "--bits", help="Bit width of --method."),
-    group_size: int = typer.Option(32, "--group-size", help="Group size of int and kivi (one fp16 scale and zero per group)."),
+    method: str = typer.Option(None, "--method", help="Compressed form by the method's nominal bits per entry (kvc methods: nominal bits); its options follow as --name value."),
+    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
     from_json: Path = typer.Option(None, "--from-json", help="Take the measured bits per entry from kvc compress --json output."),
     json_path: Path = typer.Option(None, "--json", help="Also write the budget as JSON to FILE ('-' for stdout only)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file."),
 ) -> None:
-    """KV-cache bytes per token, per sequence and per batch across context lengths."""
+    """KV-cache bytes per token, per sequence and per batch across context lengths.
+
+    Method options (see kvc methods) follow --method as --name value, e.g. --bits 2 --group-size 32.
+    """
     check_outputs([json_path], force, inputs=[from_json, model])
+    params, extra = {}, list(ctx.args)
+    if method is not None:
+        params, extra = parse_method_args(get(method), extra, opt)
+    elif extra or opt:
+        raise KvcError(f"{extra[0] if extra else '--opt ' + opt[0]} needs --method")
+    if extra:
+        raise KvcError(f"unexpected argument {extra[0]!r}")
     report = kvc.budget(model, layers=layers, kv_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window,
-                        sliding_layers=sliding, context=context, batch=batch, method=method, bits=bits,
-                        group_size=group_size, from_json=from_json).to_json()
+                        sliding_layers=sliding, context=context, batch=batch, method=method,
+                        from_json=from_json, **params).to_json()
     if str(json_path) == "-":
         out.print_json(json.dumps(report))
         return

@@ -1,4 +1,7 @@
-"""``kvc methods``: the compression methods with their options, defaults and help."""
+"""``kvc methods``: the compression methods with their options, defaults, valid values and help.
+
+Read from the committed catalogue (``kvc.methods()``, :mod:`kvc.compression.catalogue`), without torch.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ def command(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
                   box=box.SIMPLE_HEAD, show_lines=True)
     table.add_column("method", style="bold")
     table.add_column("kind")
-    table.add_column("options (default)", overflow="fold")
+    table.add_column("options (default, valid values)", overflow="fold")
     for m in methods:
         cell = Text(m["summary"], "italic")
         for o in m["options"]:
-            choices = f" ({'|'.join(map(str, o['choices']))})" if o["choices"] else ""
-            cell.append(f"\n{o['flag']} {o['default']}{choices}: {o['help']}", "not italic")
+            valid = f" (valid: {o['valid']})" if o["valid"] else ""
+            cell.append(f"\n{o['flag']} {o['default']}{valid}: {o['help']}", "not italic")
+        if m["nominal_bits"]:
+            cell.append("\ndeclares nominal bits per entry (kvc budget --method)", "dim not italic")
         table.add_row(m["name"], m["kind"], cell)
     out.print(table)
     out.print("Combine an eviction method with a tensor compressor as EVICTOR+COMPRESSOR, "

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import KvcError
 from ...quant.fp8 import FORMATS, fp8_decode, fp8_encode
-from ..protocol import LayerKV, TensorCompressor, option
+from ..protocol import LayerKV, Nominal, TensorCompressor, option
 
 _DIMS = (-2, -1)  # per-head scale: reduce over tokens and channels
 
@@ -26,13 +25,13 @@ class FP8(TensorCompressor):
 
     @dataclass
     class Options(TensorCompressor.Options):
-        format: str = option("e4m3", "fp8 format: e4m3 (max 448) or e5m2 (max 57344)", tuple(FORMATS))
+        format: str = option("e4m3", "fp8 format: e4m3 (max 448) or e5m2 (max 57344)", choices=tuple(FORMATS))
 
-    def validate(self, layer: LayerKV) -> None:
-        if self.options.format not in FORMATS:
-            raise KvcError(f"fp8 --format must be one of {', '.join(FORMATS)}, got {self.options.format!r}")
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        return Nominal(8.0, 8.0)  # the per-head scale, 16/(T D), vanishes (docs/methods.md#nominal-bits)
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         codes, scale = fp8_encode(x, self.options.format, _DIMS)
         return {"codes": codes, "scale": scale}, {"format": self.options.format}, None

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...errors import KvcError
 from ...rope import apply_rope
 from ..protocol import Evictor, LayerKV, option
 from ..eviction import attention, grouped_queries, nucleus_keep
@@ -34,15 +33,9 @@ class GVote(Evictor):
 
     @dataclass
     class Options(Evictor.Options):
-        samples: int = option(8, "Monte-Carlo future queries per head (paper: S >= 8)")
-        nucleus: float = option(0.95, "attention mass each query's kept set must reach (p_nuc)")
-
-    def validate(self, layer: LayerKV) -> None:
-        super().validate(layer)
-        if self.options.samples < 1:
-            raise KvcError(f"{self.name}: --samples must be >= 1, got {self.options.samples}")
-        if not 0 < self.options.nucleus <= 1:
-            raise KvcError(f"{self.name}: --nucleus must lie in (0, 1], got {self.options.nucleus}")
+        samples: int = option(8, "Monte-Carlo future queries per head (paper: S >= 8)", low=1)
+        nucleus: float = option(0.95, "attention mass each query's kept set must reach (p_nuc)",
+                                low=0, high=1, low_open=True)
 
     def sample_queries(self, layer: LayerKV) -> Tensor:
         """Future queries [S, H, G, samples, D] (after RoPE at position T) from the per-head Gaussian fit."""

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ...errors import KvcError
 from ..protocol import LayerKV, option
 from ..eviction import BudgetEvictor, attention_mass, grouped_queries, recent, topk_keep
 
@@ -25,12 +24,7 @@ class H2O(BudgetEvictor):
 
     @dataclass
     class Options(BudgetEvictor.Options):
-        recent: float = option(0.5, "share of the budget kept as the most recent tokens")
-
-    def validate(self, layer: LayerKV) -> None:
-        super().validate(layer)
-        if not 0 <= self.options.recent <= 1:
-            raise KvcError(f"{self.name}: --recent must lie in [0, 1], got {self.options.recent}")
+        recent: float = option(0.5, "share of the budget kept as the most recent tokens", low=0, high=1)
 
     def select(self, layer: LayerKV) -> Tensor:
         count = self.count(layer)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..protocol import TensorCompressor
+from ..protocol import LayerKV, Nominal, TensorCompressor
 
 
 class FP16(TensorCompressor):
@@ -16,7 +16,11 @@ class FP16(TensorCompressor):
     name = "fp16"
     summary = "baseline: K and V in float16 (16 bits per entry)"
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    @classmethod
+    def nominal_bits(cls, options: TensorCompressor.Options, key_dim: int, value_dim: int) -> Nominal:
+        return Nominal(16.0, 16.0)
+
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         return {"x": x.to(torch.float16)}, {}, None
 

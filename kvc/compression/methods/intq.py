@@ -15,10 +15,9 @@ import torch
 from torch import Tensor
 
 from ...errors import KvcError
-from ...quant.options import int_option
 from ...quant.packing import check_code_bits, pack_codes, unpack_codes
 from ...quant.uniform import minmax_dequantize, minmax_quantize, symmetric_dequantize, symmetric_quantize
-from ..protocol import LayerKV, TensorCompressor, option
+from ..protocol import LayerKV, Nominal, TensorCompressor, option
 
 
 class IntQuant(TensorCompressor):
@@ -28,24 +27,27 @@ class IntQuant(TensorCompressor):
 
     @dataclass
     class Options(TensorCompressor.Options):
-        bits: int = option(4, "bits per entry, 1..8 (2..8 with --symmetric)")
+        bits: int = option(4, "bits per entry (2..8 with --symmetric)", low=1, high=8)
         axis: str = option("token", "one scale per token (over channels) or per channel (over tokens)",
-                           ("token", "channel"))
+                           choices=("token", "channel"))
         symmetric: bool = option(False, "symmetric absmax scale, no zero point")
 
-    def _check(self) -> int:
-        o = self.options
-        if o.axis not in ("token", "channel"):
-            raise KvcError(f"int --axis must be token or channel, got {o.axis!r}")
-        return int_option("int", "bits", o.bits, 2 if o.symmetric else 1, 8)
+    def check_options(self, head_dim: int | None = None) -> None:
+        super().check_options(head_dim)
+        if self.options.symmetric and self.options.bits < 2:  # 2^B - 1 levels around zero
+            raise KvcError(f"int: --bits must be in [2, 8] with --symmetric, got {self.options.bits}")
 
-    def validate(self, layer: LayerKV) -> None:
-        self._check()
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        """B + 32/D (asymmetric) or B + 16/D (symmetric) per token; B per channel (its scale over
+        the tokens vanishes at steady state)."""
+        side = 0 if options.axis == "channel" else 16 if options.symmetric else 32
+        return Nominal(options.bits + side / key_dim, options.bits + side / value_dim)
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
-        bits = self._check()
         o = self.options
+        bits = o.bits
         xv = x.transpose(-1, -2) if o.axis == "channel" else x
         if o.symmetric:
             codes, scale = symmetric_quantize(xv, bits)

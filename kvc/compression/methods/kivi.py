@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import KvcError, MethodFailure
-from ...quant.options import int_option
+from ...errors import MethodFailure
 from ...quant.packing import check_code_bits, pack_codes, unpack_codes
 from ...quant.uniform import minmax_dequantize, minmax_quantize
-from ..protocol import LayerKV, TensorCompressor, option
+from ..protocol import LayerKV, Nominal, TensorCompressor, option
 
 
 def quantized_tokens(kind: str, T: int, group: int, residual: int) -> int:
@@ -39,30 +38,27 @@ class KIVI(TensorCompressor):
 
     @dataclass
     class Options(TensorCompressor.Options):
-        bits: int = option(2, "bits per quantized entry (1..8; KIVI-2 and KIVI-4 in the paper)")
-        group_size: int = option(32, "group size G: tokens per key group, channels per value group")
-        residual: int = option(128, "fp16 window R of the most recent tokens")
-
-    def _check(self, T: int, D: int) -> tuple[int, int, int]:
-        o = self.options
-        bits = int_option("kivi", "bits", o.bits, 1, 8)
-        group = int_option("kivi", "group_size", o.group_size, 1)
-        residual = int_option("kivi", "residual", o.residual, 0)
-        if group > D or D % group:
-            raise KvcError(f"kivi --group-size {group} must divide the head dimension {D} "
-                           "(values are grouped over channels)")
-        if quantized_tokens("k", T, group, residual) == 0:
-            raise MethodFailure(f"kivi: {T} tokens leave no full group of {group} keys outside the "
-                                f"fp16 window of {residual}; nothing would be quantized (lower --residual)")
-        return bits, group, residual
+        bits: int = option(2, "bits per quantized entry (KIVI-2 and KIVI-4 in the paper)", low=1, high=8)
+        group_size: int = option(32, "group size G: tokens per key group, channels per value group",
+                                 low=1, divides_head_dim=True)
+        residual: int = option(128, "fp16 window R of the most recent tokens", low=0)
 
     def validate(self, layer: LayerKV) -> None:
-        self._check(layer.shape[2], layer.shape[3])
+        super().validate(layer)
+        T, G, R = layer.shape[2], self.options.group_size, self.options.residual
+        if quantized_tokens("k", T, G, R) == 0:
+            raise MethodFailure(f"kivi: {T} tokens leave no full group of {G} keys outside the "
+                                f"fp16 window of {R}; nothing would be quantized (lower --residual)")
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        rate = options.bits + 32 / options.group_size  # fp16 scale and zero point per group of G
+        return Nominal(rate, rate, options.residual)
+
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
-        T, D = x.shape[-2:]
-        B, G, R = self._check(T, D)
+        T = x.shape[-2]
+        B, G, R = self.options.bits, self.options.group_size, self.options.residual
         n = quantized_tokens(kind, T, G, R)
         xq = x[..., :n, :]
         # KIVI sec. 3.2/3.3: keys per channel (groups along tokens), values per token (groups along channels)

@@ -34,13 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import KvcError, MethodFailure
+from ...errors import MethodFailure
 from ...quant.lloyd_max import fit_codebook, nearest_codes
-from ...quant.options import int_option
 from ...quant.packing import check_code_bits, index_dtype, pack_codes, unpack_codes
 from ...quant.uniform import fp16_ceil
 from ...rope import rope_params
-from ..protocol import LayerKV, TensorCompressor, option
+from ..protocol import LayerKV, Nominal, TensorCompressor, option
 from ..eviction import grouped_queries
 
 
@@ -54,33 +53,31 @@ class KVQuant(TensorCompressor):
     name = "kvquant"
     summary = "pre-RoPE per-channel keys, nuqX k-means codebook per layer, 1% fp16 outliers, fp16 sink"
     paper = "Hooper et al. 2024, KVQuant, arXiv:2401.18079"
-    default_keys = "pre"
 
     @dataclass
     class Options(TensorCompressor.Options):
-        keys: str = option("pre", "compress keys before (pre) or after (post) RoPE", ("pre", "post"))
-        bits: int = option(3, "bits X of the non-uniform codebook (nuqX), 1..8")
-        outlier_frac: float = option(0.01, "fraction of entries per vector kept in fp16 (dense-and-sparse)")
+        keys: str = option("pre", "compress keys before (pre) or after (post) RoPE", choices=("pre", "post"))
+        bits: int = option(3, "bits X of the non-uniform codebook (nuqX)", low=1, high=8)
+        outlier_frac: float = option(0.01, "fraction of entries per vector kept in fp16 (dense-and-sparse)",
+                                     low=0, high=0.5, high_open=True)
         fisher: str = option("query", "k-means weights standing in for Fisher information: query "
                              "(keys weighted by mean squared query per channel) or uniform",
-                             ("query", "uniform"))
-
-    _key_weights: Tensor | None = None
-
-    def _check(self, T: int) -> int:
-        o = self.options
-        bits = int_option("kvquant", "bits", o.bits, 1, 8)
-        if isinstance(o.outlier_frac, bool) or not isinstance(o.outlier_frac, (int, float)) \
-                or not 0 <= o.outlier_frac < 0.5:
-            raise KvcError(f"kvquant --outlier-frac must be in [0, 0.5), got {o.outlier_frac!r}")
-        if o.fisher not in ("query", "uniform"):
-            raise KvcError(f"kvquant --fisher must be query or uniform, got {o.fisher!r}")
-        if T < 2:
-            raise MethodFailure("kvquant needs at least 2 tokens (the first stays in fp16)")
-        return bits
+                             choices=("query", "uniform"))
 
     def validate(self, layer: LayerKV) -> None:
-        self._check(layer.shape[2])
+        super().validate(layer)
+        if layer.shape[2] < 2:
+            raise MethodFailure("kvquant needs at least 2 tokens (the first stays in fp16)")
+
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        """Keys: X + 32 f (the paper's count: fp16 value + 16-bit index per outlier; the per-channel
+        scale and zero point vanish over the tokens). Values: X + 32/D + round(f D) (16 + i_b)/D
+        (fp16 scale and zero point per token, fp16 outliers with i_b-bit indices, uint8 for
+        D <= 256). The first token stays in fp16."""
+        X, f = options.bits, options.outlier_frac
+        outliers = round(f * value_dim) * (16 + 8 * index_dtype(value_dim).itemsize) / value_dim
+        return Nominal(paper_bits(X, f), X + 32 / value_dim + outliers, 1)
 
     def _fisher_proxy(self, layer: LayerKV) -> Tensor | None:
         """Per-channel key weights [S, H, D] = E[q_c^2] over the query group and positions."""
@@ -95,18 +92,10 @@ class KVQuant(TensorCompressor):
             w = torch.cat([pair, pair, w[..., r:]], dim=-1)
         return w
 
-    def encode(self, layer: LayerKV):
-        self._check(layer.shape[2])
-        self._key_weights = self._fisher_proxy(layer)
-        try:
-            return super().encode(layer)
-        finally:
-            self._key_weights = None
-
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         o = self.options
-        bits = self._check(x.shape[-2])
+        bits = o.bits
         xr = x[..., 1:, :].float()
         # KVQuant sec. 3.1-3.2: keys per channel (vector = channel over tokens), values per token
         xv = xr.transpose(-1, -2) if kind == "k" else xr
@@ -125,9 +114,8 @@ class KVQuant(TensorCompressor):
         scale = fp16_ceil(torch.maximum(hi - zero.float(), zero.float() - lo))
         s = scale.float()[..., None]
         u = torch.where(s > 0, (xv - z) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(xv))
-        weights = None
-        if kind == "k" and self._key_weights is not None:
-            weights = self._key_weights.to(xv.device)[..., None].expand_as(xv)[~mask]
+        key_weights = self._fisher_proxy(layer) if kind == "k" else None  # from this call's layer
+        weights = None if key_weights is None else key_weights.to(xv.device)[..., None].expand_as(xv)[~mask]
         # KVQuant sec. 3.4 (nuqX): argmin sum_i F_ii (A_i - Q(A_i))^2 = weighted 1-D k-means
         cb = fit_codebook(u[~mask], bits, weights).to(device=x.device, dtype=torch.float32)
         codes = nearest_codes(u, cb)

@@ -23,12 +23,10 @@ class PyramidKV(SnapKV):
 
     @dataclass
     class Options(SnapKV.Options):
-        beta: int = option(20, "pyramid steepness: the last layer keeps (C - w) / beta + w")
+        beta: int = option(20, "pyramid steepness: the last layer keeps (C - w) / beta + w", low=1)
 
     def validate(self, layer: LayerKV) -> None:
         super().validate(layer)
-        if self.options.beta < 1:
-            raise KvcError(f"{self.name}: --beta must be >= 1, got {self.options.beta}")
         if not 0 <= layer.layer < layer.num_layers:
             raise KvcError(f"{self.name}: layer {layer.layer} outside 0..{layer.num_layers - 1}")
 

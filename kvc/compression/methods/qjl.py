@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import KvcError, MethodFailure
-from ...quant.options import int_option
+from ...errors import MethodFailure
 from ...quant.packing import check_code_bits, pack_codes, seed_array, unpack_codes
 from ...quant.qjl import qjl_decode, qjl_encode, qjl_sketch
 from ...quant.rotation import draw_seed
 from ...quant.uniform import minmax_dequantize, minmax_quantize
-from ..protocol import LayerKV, TensorCompressor, option
+from ..protocol import LayerKV, Nominal, TensorCompressor, option
 
 
 class QJL(TensorCompressor):
@@ -38,69 +37,67 @@ class QJL(TensorCompressor):
 
     @dataclass
     class Options(TensorCompressor.Options):
-        sketch_dim: int = option(256, "sketch rows m = key sign bits per token")
+        sketch_dim: int = option(256, "sketch rows m = key sign bits per token", low=1)
         orthogonal: bool = option(True, "orthogonalize the sketch rows in chunks of d (QR, scaled by sqrt(d))")
-        outliers: int = option(0, "outlier channels per token group sketched separately (authors: 8)")
-        outlier_sketch_dim: int = option(256, "sketch rows for the outlier channels")
-        value_bits: int = option(2, "bits per value entry (asymmetric min/max per token)")
-        group_size: int = option(32, "channels per value group; tokens per outlier-selection group")
-        residual: int = option(0, "most recent tokens kept in fp16 (authors' buffer: 128)")
+        outliers: int = option(0, "outlier channels per token group sketched separately (authors: 8)",
+                               low=0, below_head_dim=True)
+        outlier_sketch_dim: int = option(256, "sketch rows for the outlier channels", low=1)
+        value_bits: int = option(2, "bits per value entry (asymmetric min/max per token)", low=1, high=8)
+        group_size: int = option(32, "channels per value group; tokens per outlier-selection group",
+                                 low=1, divides_head_dim=True)
+        residual: int = option(0, "most recent tokens kept in fp16 (authors' buffer: 128)", low=0)
 
-    def _settings(self, T: int, D: int) -> dict[str, int]:
-        """Validated integer options plus ``tokens``, the number of quantized (leading) tokens."""
+    def _tokens(self, T: int) -> int:
+        """The number of quantized (leading) tokens; with outliers, whole groups of G tokens."""
         o = self.options
-        c = {"sketch_dim": int_option("qjl", "sketch_dim", o.sketch_dim, 1),
-             "outliers": int_option("qjl", "outliers", o.outliers, 0),
-             "outlier_sketch_dim": int_option("qjl", "outlier_sketch_dim", o.outlier_sketch_dim, 1),
-             "group_size": int_option("qjl", "group_size", o.group_size, 1),
-             "residual": int_option("qjl", "residual", o.residual, 0),
-             "value_bits": int_option("qjl", "value_bits", o.value_bits, 1, 8)}
-        if c["group_size"] > D or D % c["group_size"]:
-            raise KvcError(f"qjl --group-size {c['group_size']} must divide the head dimension {D}")
-        if c["outliers"] >= D:
-            raise KvcError(f"qjl --outliers {c['outliers']} must be smaller than the head dimension {D}")
-        free = max(T - c["residual"], 0)
-        c["tokens"] = (free // c["group_size"]) * c["group_size"] if c["outliers"] else free
-        if c["tokens"] == 0:
-            raise MethodFailure(f"qjl: no token of {T} is outside the fp16 window (lower --residual)")
-        return c
+        free = max(T - o.residual, 0)
+        return (free // o.group_size) * o.group_size if o.outliers else free
 
     def validate(self, layer: LayerKV) -> None:
-        self._settings(layer.shape[2], layer.shape[3])
+        super().validate(layer)
+        if self._tokens(layer.shape[2]) == 0:
+            raise MethodFailure(f"qjl: no token of {layer.shape[2]} is outside the fp16 window (lower --residual)")
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        """Keys (m + 16 [+ m_o + 16 with outlier channels]) / D: sign bits and fp16 norms per token;
+        values B + 32/G; the fp16 window of R tokens."""
+        key = options.sketch_dim + 16 + (options.outlier_sketch_dim + 16 if options.outliers else 0)
+        return Nominal(key / key_dim, options.value_bits + 32 / options.group_size, options.residual)
+
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
         S, H, T, D = x.shape
-        c = self._settings(T, D)
-        n = c["tokens"]
+        o = self.options
+        n = self._tokens(T)
         xq = x[..., :n, :]
         arrays: dict[str, Tensor] = {"window": x[..., n:, :].to(torch.float16)}
         meta: dict[str, Any] = {"tokens": n}
         if kind == "v":
-            codes, scale, zero = minmax_quantize(xq, c["value_bits"], c["group_size"])
-            arrays.update(codes=pack_codes(codes, c["value_bits"]), scale=scale, zero=zero)
-            check_code_bits("qjl values", [arrays["codes"]], xq.numel(), c["value_bits"])
-            return arrays, {**meta, "bits": c["value_bits"], "group": c["group_size"]}, None
+            codes, scale, zero = minmax_quantize(xq, o.value_bits, o.group_size)
+            arrays.update(codes=pack_codes(codes, o.value_bits), scale=scale, zero=zero)
+            check_code_bits("qjl values", [arrays["codes"]], xq.numel(), o.value_bits)
+            return arrays, {**meta, "bits": o.value_bits, "group": o.group_size}, None
         seed = draw_seed(generator)
-        rows = max(c["sketch_dim"], c["outlier_sketch_dim"] if c["outliers"] else 0)
-        sketch = qjl_sketch(D, rows, seed, bool(self.options.orthogonal), device=x.device)
+        rows = max(o.sketch_dim, o.outlier_sketch_dim if o.outliers else 0)
+        sketch = qjl_sketch(D, rows, seed, bool(o.orthogonal), device=x.device)
         arrays["seed"] = seed_array(seed)
-        meta.update(rows=rows, m=c["sketch_dim"], orthogonal=bool(self.options.orthogonal), outliers=c["outliers"])
+        meta.update(rows=rows, m=o.sketch_dim, orthogonal=bool(o.orthogonal), outliers=o.outliers)
         inl = xq
-        if c["outliers"]:
-            g = xq.reshape(S, H, n // c["group_size"], c["group_size"], D)
+        if o.outliers:
+            g = xq.reshape(S, H, n // o.group_size, o.group_size, D)
             # QJL code (QJLKeyQuantizer.build_sketch): top channel norms over each group of G tokens
-            idx = torch.linalg.vector_norm(g, dim=-2).topk(c["outliers"], dim=-1).indices
-            mask = torch.zeros(S, H, n // c["group_size"], D, dtype=torch.bool, device=x.device)
+            idx = torch.linalg.vector_norm(g, dim=-2).topk(o.outliers, dim=-1).indices
+            mask = torch.zeros(S, H, n // o.group_size, D, dtype=torch.bool, device=x.device)
             mask = mask.scatter(-1, idx, True)[..., None, :].expand_as(g).reshape(xq.shape)
             out = torch.where(mask, xq, torch.zeros_like(xq))
             inl = xq - out
-            osigns, onorm = qjl_encode(out, sketch[:c["outlier_sketch_dim"]])
+            osigns, onorm = qjl_encode(out, sketch[:o.outlier_sketch_dim])
             arrays.update(out_signs=pack_codes(osigns, 1), out_norm=onorm)
-            meta["out_m"] = c["outlier_sketch_dim"]
-        signs, norms = qjl_encode(inl, sketch[:c["sketch_dim"]])
+            meta["out_m"] = o.outlier_sketch_dim
+        signs, norms = qjl_encode(inl, sketch[:o.sketch_dim])
         arrays.update(signs=pack_codes(signs, 1), norm=norms)
-        check_code_bits("qjl keys", [arrays["signs"]], S * H * n * c["sketch_dim"], 1)
+        check_code_bits("qjl keys", [arrays["signs"]], S * H * n * o.sketch_dim, 1)
         return arrays, meta, None
 
     def decode_tensor(self, arrays: dict[str, Tensor], meta: dict[str, Any], kind: str,

@@ -26,15 +26,8 @@ class SnapKV(BudgetEvictor):
 
     @dataclass
     class Options(BudgetEvictor.Options):
-        window: int = option(64, "observation window: the last queries that vote, kept themselves")
-        kernel: int = option(5, "average-pooling kernel over the votes (odd)")
-
-    def validate(self, layer: LayerKV) -> None:
-        super().validate(layer)
-        if self.options.window < 1:
-            raise KvcError(f"{self.name}: --window must be >= 1, got {self.options.window}")
-        if self.options.kernel < 1 or self.options.kernel % 2 == 0:
-            raise KvcError(f"{self.name}: --kernel must be a positive odd number, got {self.options.kernel}")
+        window: int = option(64, "observation window: the last queries that vote, kept themselves", low=1)
+        kernel: int = option(5, "average-pooling kernel over the votes", low=1, odd=True)
 
     def select(self, layer: LayerKV) -> Tensor:
         """keep [S, H, T]: the last min(window, count) tokens + the top rest by pooled window votes."""

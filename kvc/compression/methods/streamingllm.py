@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...errors import KvcError
 from ..protocol import LayerKV, option
 from ..eviction import BudgetEvictor, recent
 
@@ -24,13 +23,8 @@ class StreamingLLM(BudgetEvictor):
 
     @dataclass
     class Options(BudgetEvictor.Options):
-        sinks: int = option(4, "first tokens always kept (attention sinks)")
-        window: int = option(0, "recent tokens kept; 0 = the budget minus the sinks")
-
-    def validate(self, layer: LayerKV) -> None:
-        super().validate(layer)
-        if self.options.sinks < 0 or self.options.window < 0:
-            raise KvcError(f"{self.name}: --sinks and --window must be >= 0")
+        sinks: int = option(4, "first tokens always kept (attention sinks)", low=0)
+        window: int = option(0, "recent tokens kept; 0 = the budget minus the sinks", low=0)
 
     def select(self, layer: LayerKV) -> Tensor:
         S, H, T, _ = layer.shape

@@ -26,14 +26,13 @@ import torch
 from torch import Tensor
 
 from ... import gpu
-from ...errors import KvcError
 from ...quant.packing import check_code_bits, pack_codes, seed_array, unpack_codes
 from ...quant.rotation import KINDS, draw_seed, make_rotation
 from ...quant.qjl import qjl_sketch
 from ...quant.turboquant import (channel_permutation, outlier_channels, split_bits,
                                  tq_codebook, tq_prod_decode,
                                  tq_prod_encode)
-from ..protocol import LayerKV, TensorCompressor, option
+from ..protocol import LayerKV, Nominal, TensorCompressor, option
 
 
 class TurboQuant(TensorCompressor):
@@ -44,29 +43,32 @@ class TurboQuant(TensorCompressor):
     @dataclass
     class Options(TensorCompressor.Options):
         variant: str = option("mse", "mse (Algorithm 1) or prod (mse at b-1 bits + 1-bit QJL residual)",
-                              ("mse", "prod"))
-        bits: float = option(3.0, "bits per coordinate, 1..4; fractional (e.g. 2.5, 3.5) splits the "
-                             "channels: f*d high-energy channels at ceil(b), the rest at floor(b)")
+                              choices=("mse", "prod"))
+        bits: float = option(3.0, "bits per coordinate; fractional (e.g. 2.5, 3.5) splits the channels: "
+                             "f*d high-energy channels at ceil(b), the rest at floor(b)", low=1, high=4)
         rotation: str = option("haar", "random rotation: haar (QR of a Gaussian) or hadamard "
-                               "(random signs + fast Walsh-Hadamard)", KINDS)
+                               "(random signs + fast Walsh-Hadamard)", choices=KINDS)
 
-    def _split(self, d: int) -> list[tuple[int, int]]:
-        b = self.options.bits
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 <= b <= 4:
-            raise KvcError(f"turboquant --bits must be between 1 and 4, got {b!r}")
-        if self.options.variant not in ("mse", "prod"):
-            raise KvcError(f"turboquant --variant must be mse or prod, got {self.options.variant!r}")
-        if self.options.rotation not in KINDS:
-            raise KvcError(f"turboquant --rotation must be one of {', '.join(KINDS)}")
-        return split_bits(b, d)
+    def check_options(self, head_dim: int | None = None) -> None:
+        super().check_options(head_dim)
+        if head_dim is not None:
+            split_bits(self.options.bits, head_dim)  # a fractional width must split d into whole channels
 
-    def validate(self, layer: LayerKV) -> None:
-        self._split(layer.shape[-1])
+    @classmethod
+    def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
+        """b + 16/d per channel-split part for the fp16 norm of each row (when it has mse bits), and
+        another 16/d for the residual norm gamma of ``prod``; codebooks, seeds and the split's channel
+        mask are left out."""
+        def rate(d: int) -> float:
+            prod = options.variant == "prod"
+            parts = split_bits(options.bits, d)
+            return options.bits + sum(16 * ((b - prod > 0) + prod) for _, b in parts) / d
 
-    def encode_tensor(self, x: Tensor, kind: str, generator: torch.Generator
+        return Nominal(rate(key_dim), rate(value_dim))
+
+    def encode_tensor(self, x: Tensor, kind: str, layer: LayerKV, generator: torch.Generator
                       ) -> tuple[dict[str, Tensor], dict[str, Any], float | None]:
-        d = x.shape[-1]
-        split = self._split(d)
+        split = split_bits(self.options.bits, x.shape[-1])
         prod = self.options.variant == "prod"
         arrays: dict[str, Tensor] = {}
         if len(split) == 2:
