@@ -33,7 +33,8 @@ from .compression.protocol import Compressor
 from .errors import KvcError
 from .gpu import require_device
 from .io.capture import CaptureFile
-from .io.safetensors import check_outputs, save_safetensors
+from .io.safetensors import save_safetensors
+from .io.atomic import check_outputs
 from .metrics.pareto import METRICS
 from .model import capture as recorder
 from .model.load import (DTYPES, check_positions, model_revision, open_model, resolve_device, text_config,

@@ -9,11 +9,10 @@ derived from them (`default_inv_freq`), with ``attention_scaling`` 1 when absent
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 
 import torch
 
+from .errors import KvcError
 from .io.capture import rope_layer
 
 

@@ -57,8 +57,8 @@ def read_header(path: str | os.PathLike) -> Header:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
             if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-                raise KvcError(f"{path} is not a safetensors file (header length {n} does not fit its "
-                               f"{size} bytes)")
+                raise KvcError(f"{path} is not a readable safetensors file (header length {n} does not fit "
+                               f"its {size} bytes)")
             text = f.read(n)
     except OSError as err:
         raise KvcError(f"{path}: cannot read ({err.strerror or err})") from None
@@ -79,8 +79,8 @@ def read_header(path: str | os.PathLike) -> Header:
                            "(tensors must tile the data without gaps or overlaps)")
         end = info.end
     if end != size - 8 - n:
-        raise KvcError(f"{where}: the tensors hold {end} bytes but the file has {size - 8 - n} bytes of "
-                       "data (truncated or padded)")
+        raise KvcError(f"{path} is not a readable safetensors file (its tensors hold {end} bytes but it has "
+                       f"{size - 8 - n} bytes of data: truncated or padded)")
     return Header(path, dict(metadata), tensors, 8 + n)
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 import kvc
 
 from ..console import human_bytes, out
-from ...io.safetensors import check_outputs, write_json
+from ...io.atomic import check_outputs, write_json
 
 NAME = "budget"
 
