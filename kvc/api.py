@@ -41,6 +41,7 @@ from .model.load import (DTYPES, check_positions, model_revision, open_model, re
                          weights_description)
 from .model.synth import SpikedSpec, synthesize
 from .model.text import framing, load_corpus, token_windows
+from .selection import parse_layers
 
 Progress = Callable[[int, int, str], None]
 PathLike = str | os.PathLike
@@ -197,7 +198,7 @@ def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, s
                                  check=lambda config: check_positions(config, seq_len, "--seq-len"))
     frame = framing(tok, special_tokens)
     input_ids = token_windows(tok, corpus, seq_len, num_seqs, frame)
-    selected = recorder.parse_layers(_spec(layers), text_config(lm.config).num_hidden_layers)
+    selected = parse_layers(_spec(layers), text_config(lm.config).num_hidden_layers)
     positions = recorder.parse_query_positions(_spec(query_positions), seq_len)
     meta = {"model": source.name, "model_revision": model_revision(source, revision),
             "text_source": corpus.source, "text_sha256": corpus.sha256,

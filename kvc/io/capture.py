@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..attention import AttentionSpec
 from ..errors import KvcError
+from ..selection import parse_layers
 from . import schema
 from .header import ITEM_BYTES, read_header
 
@@ -338,8 +339,6 @@ class CaptureFile:
 
     def select_layers(self, spec: str | None) -> list[int]:
         """``--layers``: 'all' (every layer the file holds) or a list like '0,2,5-9' of held layers."""
-        from ..model.capture import parse_layers
-
         if spec in (None, "", "all"):
             return self.layers
         chosen = parse_layers(spec, self.meta.num_layers)
