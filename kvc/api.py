@@ -33,13 +33,15 @@ from .compression.protocol import Compressor
 from .errors import KvcError
 from .gpu import require_device
 from .io.capture import CaptureFile
-from .io.safetensors import check_outputs, save_safetensors
+from .io.safetensors import save_safetensors
+from .io.atomic import check_outputs
 from .metrics.pareto import METRICS
 from .model import capture as recorder
 from .model.load import (DTYPES, check_positions, model_revision, open_model, resolve_device, text_config,
                          weights_description)
 from .model.synth import SpikedSpec, synthesize
 from .model.text import framing, load_corpus, token_windows
+from .selection import parse_layers
 
 Progress = Callable[[int, int, str], None]
 PathLike = str | os.PathLike
@@ -196,7 +198,7 @@ def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, s
                                  check=lambda config: check_positions(config, seq_len, "--seq-len"))
     frame = framing(tok, special_tokens)
     input_ids = token_windows(tok, corpus, seq_len, num_seqs, frame)
-    selected = recorder.parse_layers(_spec(layers), text_config(lm.config).num_hidden_layers)
+    selected = parse_layers(_spec(layers), text_config(lm.config).num_hidden_layers)
     positions = recorder.parse_query_positions(_spec(query_positions), seq_len)
     meta = {"model": source.name, "model_revision": model_revision(source, revision),
             "text_source": corpus.source, "text_sha256": corpus.sha256,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class AttentionSpec:
             return seen
         if self.sliding_window is not None:
             return distance.abs() <= self.sliding_window
-        return torch.ones(distance.shape, dtype=torch.bool, device=distance.device)
+        return distance.new_ones(distance.shape, dtype=bool)
 
     def scale(self, head_dim: int) -> float:
         """s in logits = s <q, k>."""
@@ -50,7 +50,7 @@ class AttentionSpec:
         """The model's attention logits from raw inner products <q, k>."""
         logits = scores * self.scale(head_dim)
         if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
+            logits = self.softcap * (logits / self.softcap).tanh()
         return logits
 
     def to_json(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from kvc.io.capture import CaptureFile  # noqa: E402
 from kvc.cli import main  # noqa: E402
 from kvc.metrics.pareto import METRICS, VIEWS, view_points  # noqa: E402
-from kvc.io.safetensors import write_text  # noqa: E402
+from kvc.io.atomic import write_text  # noqa: E402
 
 METHODS = "eoptshrinkq,svdq,turboquant,kivi,kvquant"
 BITS = "1,1.5,2,2.5,3,4"

@@ -69,7 +69,7 @@ def test_every_public_name_resolves():
     assert set(kvc.__all__) <= set(dir(kvc))
     for name in kvc.__all__:
         assert callable(getattr(kvc, name)), name
-    assert kvc.compressing is kvc.eval.compressing and kvc.load is kvc.api.load
+    assert kvc.compressing is kvc.eval.generate.compressing and kvc.load is kvc.api.load
     assert kvc.Capture.__doc__ and "Attributes" in kvc.Compression.__doc__
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         kvc.nope  # noqa: B018

@@ -60,12 +60,3 @@ def test_kvc_methods_api_imports_no_torch():
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [len(kvc.methods()), []]
 
-
-@pytest.mark.xfail(strict=True, reason="kvc/cli/app.py imports every command module at start-up "
-                   "(kvc.cli.commands.compress -> kvc.compression.engine -> torch); remove this mark "
-                   "when the app loads its commands lazily (issue 13 point 5)")
-def test_kvc_methods_from_the_entry_point_imports_no_torch():
-    proc = _python(f"import json, sys; from kvc.cli import main; main(['methods', '--json']); "
-                   f"print(json.dumps(sorted(set({HEAVY}) & set(sys.modules))), file=sys.stderr)")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 
 from kvc.compression.protocol import build
 from kvc.errors import KvcError
-from kvc.eval import compressing
+from kvc.eval.generate import compressing
 from kvc.eval import evaluate as ev
 
 PROMPT, NEW, WINDOW = 24, 16, 8  # prompts three times the sliding window; generation slides past it too

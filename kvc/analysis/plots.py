@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from .report import LABELS, Report  # noqa: E402
 from ..io.capture import CaptureFile  # noqa: E402
-from ..io.safetensors import atomic_path  # noqa: E402
+from ..io.atomic import atomic_path  # noqa: E402
 
 PLOT_FILES = ("scree.png", "rank_heatmap.png", "channel_magnitude.png")
 COLORS = ("tab:red", "tab:blue", "tab:green")

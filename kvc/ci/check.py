@@ -37,7 +37,7 @@ from ..compression.options import method_options
 from ..compression.protocol import build, get
 from ..errors import KvcError
 from ..io import schema
-from ..model.capture import parse_layers
+from ..selection import parse_layers
 from ..model.load import load_config, resolve_device, resolve_model, text_config
 
 SCHEMA = "kvc-check/1"  # the --json report, which is also the baseline format

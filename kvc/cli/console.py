@@ -6,12 +6,12 @@ cursor), whatever a file, a path or metadata holds. Styled text is built with ``
 """
 
 import re
-
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -39,6 +39,20 @@ class TextConsole(Console):
 
     def render_str(self, text: str, **kwargs):
         return super().render_str(printable(text), **kwargs)
+
+    def print(self, *objects, **kwargs) -> None:
+        """Off a terminal (a pipe, a file) tables print at their natural width: rich would cut them
+        to 80 columns (``-2.7e-...`` for a number, ``eoptshri...`` for a header)."""
+        tables = [o for o in objects if isinstance(o, Table)]
+        if not tables or self.is_terminal:
+            return super().print(*objects, **kwargs)
+        width = self.width
+        unbounded = self.options.update_width(1_000_000)
+        self.width = max(width, *(self.measure(t, options=unbounded).maximum for t in tables))
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            self.width = width
 
 
 out = TextConsole()

@@ -39,7 +39,7 @@ def methods() -> dict[str, dict]:
 if __name__ == "__main__":  # regenerate from the registry, which imports torch
     from pathlib import Path
 
-    from ..io.safetensors import write_text
+    from ..io.atomic import write_text
     from .options import describe
 
     target = Path(__file__).with_name(FILE)

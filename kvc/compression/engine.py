@@ -27,9 +27,9 @@ from torch import Tensor
 from .. import __version__
 from ..io import schema
 from ..io.capture import CaptureFile, CaptureMeta, tensor_key
-from ..io.compressed import CompressedFile, write_compressed_file
+from ..io.compressed import CompressedFile, array_key, compressed_metadata
 from ..errors import KvcError, MethodFailure
-from ..io.safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter
+from ..io.safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, save_safetensors
 from ..rope import apply_rope
 from .options import method_options
 from .protocol import Compressor, Decoded, Encoded, LayerKV, build, check_finite, get
@@ -274,9 +274,11 @@ def run(compressor: Compressor, capture: CaptureFile, layers: list[int] | None =
 def write_compressed(path: str | os.PathLike, result: RunResult, capture: CaptureFile,
                      force: bool = False) -> None:
     """The compressed form of a run (``keep_encoded=True``), written atomically."""
-    write_compressed_file(path, result.method, result.params,
-                          {L: (enc.arrays, enc.meta, enc.bits_paper) for L, enc in result.encoded.items()},
-                          any(r.evicts for r in result.layers), capture.meta, result.bits_per_entry(), force)
+    tensors = {array_key(L, name): a for L, enc in result.encoded.items() for name, a in enc.arrays.items()}
+    metadata = compressed_metadata(result.method, result.params,
+                                   {L: (enc.meta, enc.bits_paper) for L, enc in result.encoded.items()},
+                                   any(r.evicts for r in result.layers), capture.meta, result.bits_per_entry())
+    save_safetensors(path, tensors, metadata, force)
 
 
 def compressor_of(cf: CompressedFile) -> Compressor:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import KvcError, MethodFailure
 from ..io.capture import CaptureFile
-from ..io.safetensors import atomic_path
+from ..io.atomic import atomic_path
 from ..metrics.pareto import ATTENTION_METRICS, METRICS, VIEWS, fronts, pareto_front, savings, view_points
 from ..model.load import DEFAULT_MODEL_NAME, open_model
 from ..model.text import load_corpus

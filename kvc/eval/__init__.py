@@ -1,6 +1,2 @@
-"""A method's compressed cache inside the model: perplexity and needle retrieval (``kvc eval``),
-and generation with it (``compressing``)."""
-
-from .generate import compressing
-
-__all__ = ["compressing"]
+"""A method's compressed cache inside the model: perplexity and needle retrieval (``kvc eval``,
+:mod:`kvc.eval.evaluate`), and generation with it (``kvc.compressing``, :mod:`kvc.eval.generate`)."""

@@ -39,7 +39,7 @@ from ..compression.composite import kept_slots
 from ..model.hooks import AttentionCall, Hooks, Recorder, hooked
 from ..model.text import Corpus, framing
 from ..errors import KvcError
-from ..io.safetensors import atomic_path
+from ..io.atomic import atomic_path
 from ..model.load import check_positions, is_causal_lm, text_config
 
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")

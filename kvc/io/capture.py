@@ -13,15 +13,21 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
+from safetensors import safe_open
 
 from ..attention import AttentionSpec
 from ..errors import KvcError
-from ..rope import rope_params
+from ..selection import parse_layers
 from . import schema
-from .safetensors import open_safetensors
+from .header import ITEM_BYTES, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "kvc-capture"
 FORMAT_VERSION = 1
@@ -127,6 +133,66 @@ class CaptureMeta:
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
 
 
+@dataclass(frozen=True)
+class RopeLayer:
+    """The RoPE of one layer: stored ``inv_freq`` (None: derived from ``theta``), rotary dims, scaling."""
+
+    inv_freq: list[float] | None
+    theta: float | None
+    rotary_dims: int
+    attention_scaling: float
+
+
+def _positive(value, what: str, layer: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise KvcError(f"rope metadata, layer {layer}: {what} must be a positive number, got {schema.show(value)}")
+    return float(value)
+
+
+def rope_layer(rope: dict, layer: int) -> RopeLayer:
+    """The validated RoPE of one layer (docs/format.md): a ``per_layer`` entry overrides the top level.
+
+    inv_freq is the stored list when the layer's override holds one, or when the override changes
+    neither theta nor rotary_dims and the top level holds one; otherwise it is derived from theta and
+    rotary_dims (:func:`kvc.rope.default_inv_freq`).
+    """
+    if not isinstance(rope, dict):
+        raise KvcError("rope metadata must be a JSON object or null")
+    per_layer = rope.get("per_layer")
+    per_layer = {} if per_layer is None else per_layer
+    if not isinstance(per_layer, dict):
+        raise KvcError("rope metadata: 'per_layer' must be an object")
+    override = per_layer.get(str(layer), {})
+    if not isinstance(override, dict):
+        raise KvcError(f"rope metadata, layer {layer}: the per_layer entry must be an object")
+    entry = {**rope, **override}
+    if entry.get("style", "rotate_half") != "rotate_half":
+        raise KvcError(f"rope metadata, layer {layer}: unsupported rope style {schema.show(entry['style'])} "
+                       "(kvc reads rotate_half)")
+    stored = "inv_freq" in override or ("inv_freq" in rope and not {"theta", "rotary_dims"} & override.keys())
+    inv_freq = theta = None
+    if stored:
+        inv_freq = entry["inv_freq"]
+        if not isinstance(inv_freq, list) or not inv_freq or not all(
+                isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in inv_freq):
+            raise KvcError(f"rope metadata, layer {layer}: inv_freq must be a non-empty list of numbers")
+        rotary_dims = entry.get("rotary_dims", 2 * len(inv_freq))
+    else:
+        if "rotary_dims" not in entry or "theta" not in entry:
+            raise KvcError(f"rope metadata, layer {layer}: needs inv_freq, or theta and rotary_dims")
+        rotary_dims = entry["rotary_dims"]
+    if isinstance(rotary_dims, bool) or not isinstance(rotary_dims, int) or rotary_dims < 2 or rotary_dims % 2:
+        raise KvcError(f"rope metadata, layer {layer}: rotary_dims must be a positive even integer, "
+                       f"got {schema.show(rotary_dims)}")
+    if not stored:
+        theta = _positive(entry["theta"], "theta", layer)
+    elif len(inv_freq) != rotary_dims // 2:
+        raise KvcError(f"rope metadata, layer {layer}: inv_freq has {len(inv_freq)} entries, "
+                       f"rotary_dims {rotary_dims} needs {rotary_dims // 2}")
+    scaling = _positive(entry.get("attention_scaling", 1.0), "attention_scaling", layer)
+    return RopeLayer([float(v) for v in inv_freq] if stored else None, theta, rotary_dims, scaling)
+
+
 def _check_rope(rope, num_layers: int, head_dim: int, source: str) -> None:
     """``rope`` is null or an object that every layer can be rotated with (kvc.rope.rope_params):
     the top level and each ``per_layer`` override, whose keys are layer indices."""
@@ -144,7 +210,7 @@ def _check_rope(rope, num_layers: int, head_dim: int, source: str) -> None:
     plain = next((L for L in range(num_layers) if str(L) not in per_layer), None)
     for layer in layers + ([plain] if plain is not None else []):
         try:
-            rotary_dims = rope_params(rope, layer)[2]
+            rotary_dims = rope_layer(rope, layer).rotary_dims
         except KvcError as err:
             raise KvcError(f"{where}: {err}") from None
         if rotary_dims > head_dim:
@@ -185,11 +251,12 @@ class CaptureFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._handle, raw, keys = open_safetensors(self.path)
-        self.meta = CaptureMeta.from_strings(raw, str(self.path))
+        self._header = read_header(self.path)
+        self._handle = None  # safetensors' reader, opened on the first tensor loaded (it imports torch)
+        self.meta = CaptureMeta.from_strings(self._header.metadata, str(self.path))
+        keys = set(self._header.tensors)
         self._keys = keys
-        self._shapes = {k: (tuple(self._handle.get_slice(k).get_shape()), self._handle.get_slice(k).get_dtype())
-                        for k in keys}
+        self._shapes = {k: (info.shape, info.dtype) for k, info in self._header.tensors.items()}
         self._names: dict[int, set[str]] = {}
         for key in keys:
             match = _LAYER_KEY.match(key)
@@ -237,10 +304,20 @@ class CaptureFile:
         largest = max(math.prod(shape) * 4 for shape, _ in self._shapes.values())
         schema.check_allocation(largest, "one tensor in float32", where)
         if Tq:
-            positions = self._load("q_positions", None, None)
-            if int(positions.min()) < 0 or int(positions.max()) >= T:
+            positions = self._integers("q_positions")
+            if min(positions) < 0 or max(positions) >= T:
                 raise KvcError(f"{where}: q_positions must lie in 0..{T - 1} (metadata seq_len {T}), got "
-                               f"{int(positions.min())}..{int(positions.max())}")
+                               f"{min(positions)}..{max(positions)}")
+
+    def _integers(self, key: str) -> list[int]:
+        """A small integer tensor's values, read from the file's bytes (no torch needed)."""
+        info = self._header.tensors[key]
+        with open(self.path, "rb") as f:
+            f.seek(self._header.data_start + info.begin)
+            data = f.read(info.nbytes)
+        width = ITEM_BYTES[info.dtype]
+        signed = info.dtype.startswith("I")
+        return [int.from_bytes(data[i:i + width], "little", signed=signed) for i in range(0, len(data), width)]
 
     def _check(self, key: str, dtypes: tuple[str, ...], dims: tuple[tuple[str, int | None], ...]) -> None:
         """Tensor ``key`` has a dtype in ``dtypes`` and one dimension per (source, size) of ``dims``
@@ -262,8 +339,6 @@ class CaptureFile:
 
     def select_layers(self, spec: str | None) -> list[int]:
         """``--layers``: 'all' (every layer the file holds) or a list like '0,2,5-9' of held layers."""
-        from ..model.capture import parse_layers
-
         if spec in (None, "", "all"):
             return self.layers
         chosen = parse_layers(spec, self.meta.num_layers)
@@ -289,13 +364,15 @@ class CaptureFile:
     def _load(self, key, dtype, device) -> torch.Tensor:
         """A tensor as stored (then converted); floating-point data must be finite."""
         try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt")
             t = self._handle.get_tensor(key)
         except Exception as err:
             raise KvcError(f"{self.path}: cannot read tensor {key} ({err})") from err
         if dtype is not None:
             t = t.to(dtype)
         if t.is_floating_point():
-            bad = ~torch.isfinite(t)
+            bad = ~t.isfinite()
             if bad.any():  # per head for [S, H, T, D] tensors
                 counts = bad.sum((0, 2, 3)).tolist() if t.dim() == 4 else [int(bad.sum())]
                 found = ", ".join(f"head {h} ({c} entries)" if t.dim() == 4 else f"{c} entries"

@@ -19,13 +19,18 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
+from typing import TYPE_CHECKING
+
+from safetensors import safe_open
 
 from .. import __version__
 from ..errors import KvcError
 from . import schema
 from .capture import CaptureMeta
-from .safetensors import open_safetensors, save_safetensors
+from .header import read_header
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "kvc-compressed"
 FORMAT_VERSION = 1
@@ -33,20 +38,23 @@ _ARRAY_KEY = re.compile(r"^layers\.(0|[1-9][0-9]*)\.(.+)$")
 _LAYER_META = re.compile(r"^layers\.([^.]*)\.(meta|bits_paper)$")
 
 
-def write_compressed_file(path: str | os.PathLike, method: str, params: dict[str, Any],
-                          layers: Mapping[int, tuple[Mapping[str, torch.Tensor], dict, float | None]],
-                          evicts: bool, source: CaptureMeta, bits_per_entry: float, force: bool = False) -> None:
-    """Write, atomically, ``layers``: layer -> (arrays, meta, bits_paper)."""
-    tensors = {f"layers.{L}.{name}": a for L, (arrays, _, _) in layers.items() for name, a in arrays.items()}
+def compressed_metadata(method: str, params: dict[str, Any], layers: Mapping[int, tuple[dict, float | None]],
+                        evicts: bool, source: CaptureMeta, bits_per_entry: float) -> dict[str, str]:
+    """The metadata strings of a compressed file; ``layers``: layer -> (Encoded.meta, bits_paper).
+    Its tensors are ``layers.{L}.{array}`` (:func:`array_key`)."""
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "method": method,
                 "params": json.dumps(params), "layers": json.dumps(sorted(layers)),
                 "evicts": json.dumps(evicts), "source": json.dumps(source.to_strings()),
                 "bits_per_entry": json.dumps(bits_per_entry), "kvc_version": __version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for L, (_, meta, bits_paper) in layers.items():
+    for L, (meta, bits_paper) in layers.items():
         metadata[f"layers.{L}.meta"] = json.dumps(meta)
         metadata[f"layers.{L}.bits_paper"] = json.dumps(bits_paper)
-    save_safetensors(path, tensors, metadata, force=force)
+    return metadata
+
+
+def array_key(layer: int, name: str) -> str:
+    return f"layers.{layer}.{name}"
 
 
 class CompressedFile:
@@ -59,7 +67,9 @@ class CompressedFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._handle, raw, keys = open_safetensors(self.path)
+        self._header = read_header(self.path)
+        self._handle = None  # safetensors' reader, opened on the first array loaded (it imports torch)
+        raw, keys = self._header.metadata, set(self._header.tensors)
         where = f"{self.path}: metadata"
         if raw.get("format") != FORMAT:
             raise KvcError(f"{self.path} is not a kvc compressed file (metadata 'format' is "
@@ -105,7 +115,7 @@ class CompressedFile:
             if not match or int(match.group(1)) not in names:
                 raise KvcError(f"{self.path}: tensor {key} belongs to no layer that the metadata's "
                                f"'layers' lists ({self.layers})")
-            names[int(match.group(1))][match.group(2)] = self._handle.get_slice(key).get_dtype()
+            names[int(match.group(1))][match.group(2)] = self._header.tensors[key].dtype
         first = self.layers[0]
         for L in self.layers:
             if not names[L]:
@@ -124,7 +134,9 @@ class CompressedFile:
     def arrays(self, layer: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The stored arrays of one layer."""
         try:
-            return {name: self._handle.get_tensor(f"layers.{layer}.{name}").to(device)
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt")
+            return {name: self._handle.get_tensor(array_key(layer, name)).to(device)
                     for name in self._arrays[layer]}
         except Exception as err:  # safetensors' own errors on an unreadable tensor
             raise KvcError(f"{self.path}: cannot read the arrays of layer {layer} ({err})") from err

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from kvc.errors import KvcError
+from ..errors import KvcError, MethodFailure
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -96,8 +96,6 @@ def seed_array(*seeds: int) -> torch.Tensor:
 
 def check_code_bits(name: str, packed: list[torch.Tensor], entries: int, bits: float) -> None:
     """MethodFailure unless the packed code arrays hold ``bits`` per entry (up to byte padding)."""
-    from kvc.errors import MethodFailure
-
     have = sum(p.numel() * p.element_size() * 8 for p in packed)
     want = bits * entries
     if not want - 1e-6 <= have < want + 8 * max(len(packed), 1):

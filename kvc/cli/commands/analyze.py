@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -13,9 +13,14 @@ from rich.text import Text
 
 import kvc
 
-from ...analysis.report import Report, band_label
 from ..console import err, out, printable, progress_task
-from ...io.safetensors import check_outputs, emit_json
+from ...io.atomic import check_outputs, emit_json
+from ..lazy import LazyModule
+
+if TYPE_CHECKING:
+    from ...analysis.report import Report
+
+reports = LazyModule("kvc.analysis.report")
 
 NAME = "analyze"
 
@@ -63,7 +68,7 @@ def _outlier_cell(cell: dict) -> str:
 def _flagged(record: dict) -> str:
     """'3,17, ch 40-47 (band, 8 channels)': isolated outlier channels, then bands; '-' for none."""
     parts = [",".join(map(str, record["outlier_channels"]))] if record["outlier_channels"] else []
-    return ", ".join(parts + [band_label(b) for b in record["bands"]]) or "-"
+    return ", ".join(parts + [reports.band_label(b) for b in record["bands"]]) or "-"
 
 
 def _fmt(x, spec: str = ".2f") -> str:

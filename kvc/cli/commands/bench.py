@@ -14,7 +14,7 @@ from rich.table import Table
 from ..console import err, out
 from ... import gpu
 from ...errors import KvcError
-from ...io.safetensors import check_outputs, write_json
+from ...io.atomic import check_outputs, write_json
 
 NAME = "bench"
 

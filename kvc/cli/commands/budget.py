@@ -12,10 +12,11 @@ from rich.table import Table
 import kvc
 
 from ..console import human_bytes, out
-from ...compression.options import parse_method_args
-from ...compression.protocol import get
 from ...errors import KvcError
-from ...io.safetensors import check_outputs, write_json
+from ...io.atomic import check_outputs, write_json
+from ..lazy import LazyModule
+
+options = LazyModule("kvc.compression.options")
 
 NAME = "budget"
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -44,7 +45,7 @@ def command(
     check_outputs([json_path], force, inputs=[from_json, model])
     params, extra = {}, list(ctx.args)
     if method is not None:
-        params, extra = parse_method_args(get(method), extra, opt)
+        params, extra = options.parse_method_args(options.get(method), extra, opt)
     elif extra or opt:
         raise KvcError(f"{extra[0] if extra else '--opt ' + opt[0]} needs --method")
     if extra:

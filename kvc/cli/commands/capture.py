@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 import kvc
 
-from ...model.capture import CaptureSummary
 from ..console import human_bytes, out, progress_task
-from ...io.safetensors import check_outputs
+from ...io.atomic import check_outputs
+
+if TYPE_CHECKING:
+    from ...model.capture import CaptureSummary
 
 
 NAME = "capture"

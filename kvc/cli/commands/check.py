@@ -11,12 +11,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ...ci import check as lib
-from ...ci.budget import geometry_from_model
 from ..console import err, out
 from ...errors import KvcError
 from ...io import schema
-from ...io.safetensors import check_outputs, write_json, write_text
+from ...io.atomic import check_outputs, write_json, write_text
+from ..lazy import LazyModule
+
+budgets = LazyModule("kvc.ci.budget")
+lib = LazyModule("kvc.ci.check")
 
 NAME = "check"
 
@@ -38,7 +40,7 @@ def command(
     geometry = None  # resolved before a long run, so a bad model fails fast
     if policy.budget is not None:
         model = policy.budget.model or (policy.run.model if policy.run else None)
-        geometry = geometry_from_model(model)
+        geometry = budgets.geometry_from_model(model)
     if results:
         loaded = [r for path in results for r in lib.parse_results(schema.load_json(path), str(path))]
     elif policy.run is not None:

@@ -16,12 +16,13 @@ from rich.table import Table
 
 import kvc
 
-from ...compression.engine import aggregate
-from ...compression.options import parse_method_args
-from ...compression.protocol import get
 from ..console import err, human_bytes, out, progress_task
 from ...errors import KvcError
-from ...io.safetensors import check_outputs, emit_json
+from ...io.atomic import check_outputs, emit_json
+from ..lazy import LazyModule
+
+engine = LazyModule("kvc.compression.engine")
+options = LazyModule("kvc.compression.options")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -45,7 +46,7 @@ def results_tables(result: dict, worst: int = 5) -> list[Table]:
     for title, _, _ in COLUMNS:
         per_layer.add_column(title, justify="right")
     for L in sorted({r["layer"] for r in heads}):
-        summary = aggregate([r for r in heads if r["layer"] == L])
+        summary = engine.aggregate([r for r in heads if r["layer"] == L])
         per_layer.add_row(str(L), *(fmt(summary[t].get(m)) for _, t, m in COLUMNS))
     per_layer.add_row("all", *(fmt(result["summary"][t].get(m)) for _, t, m in COLUMNS), style="bold")
     rows = {(r["layer"], r["head"], r["tensor"]): r for r in heads}
@@ -94,8 +95,8 @@ def command(
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2 --group-size 32.
     """
-    cls = get(method)
-    params, positional = parse_method_args(cls, ([capture] if capture else []) + list(ctx.args), opt)
+    cls = options.get(method)
+    params, positional = options.parse_method_args(cls, ([capture] if capture else []) + list(ctx.args), opt)
     if len(positional) != 1:
         raise KvcError(f"expected one CAPTURE file, got {len(positional)}: {' '.join(positional) or 'none'}")
     if seed is not None:

@@ -10,7 +10,7 @@ import typer
 import kvc
 
 from ..console import human_bytes, out, progress_task
-from ...io.safetensors import check_outputs
+from ...io.atomic import check_outputs
 
 NAME = "decompress"
 

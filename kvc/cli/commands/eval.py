@@ -11,12 +11,14 @@ from rich.table import Table
 
 import kvc
 
-from ...ci.budget import parse_contexts
-from ...compression.options import parse_method_args
-from ...compression.protocol import get
 from ..console import err, out, progress_task
 from ...errors import KvcError
-from ...io.safetensors import check_outputs, emit_json
+from ...io.atomic import check_outputs, emit_json
+from ..lazy import LazyModule
+
+budgets = LazyModule("kvc.ci.budget")
+ev = LazyModule("kvc.eval.evaluate")
+options = LazyModule("kvc.compression.options")
 from .compress import fmt
 
 NAME = "eval"
@@ -51,10 +53,8 @@ def command(
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2.
     """
-    from ...eval import evaluate as ev
-
-    cls = get(method)
-    params, positional = parse_method_args(cls, list(ctx.args), opt)
+    cls = options.get(method)
+    params, positional = options.parse_method_args(cls, list(ctx.args), opt)
     if positional:
         raise KvcError(f"unexpected argument(s): {' '.join(positional)}")
     if seed is not None:
@@ -80,9 +80,7 @@ def command(
 def settings_from_options(contexts: str, windows: int, continuation: int, depths: str, trials: int,
                           needles: int, retrieval: bool, special_tokens: bool = True):
     """``evaluate.Settings`` from the command-line values."""
-    from ...eval.evaluate import Settings
-
-    return Settings(contexts=tuple(parse_contexts(contexts, "--contexts")), windows=windows, continuation=continuation,
+    return ev.Settings(contexts=tuple(budgets.parse_contexts(contexts, "--contexts")), windows=windows, continuation=continuation,
                     depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval,
                     special_tokens=special_tokens)
 

@@ -12,14 +12,15 @@ from ...io.capture import FORMAT as CAPTURE_FORMAT, CaptureFile
 from ...io.compressed import FORMAT as COMPRESSED_FORMAT, CompressedFile
 from ..console import human_bytes, out
 from ...errors import KvcError
-from ...io.safetensors import open_safetensors
+from ...io.header import ITEM_BYTES, read_header
 
 
 def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
     """Metadata and {tensor: (shape, dtype)} of a kvc safetensors file, checked to be one of ours
     and validated by its format's reader."""
-    handle, meta, keys = open_safetensors(path)
-    shapes = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in keys}
+    header = read_header(path)
+    meta = header.metadata
+    shapes = {k: (list(info.shape), info.dtype) for k, info in header.tensors.items()}
     if not str(meta.get("format", "")).startswith("kvc-"):
         raise KvcError(f"{path} is a safetensors file but not a kvc file (no 'format: kvc-*' metadata)")
     if meta["format"] == CAPTURE_FORMAT:
@@ -50,12 +51,10 @@ def command(path: Path = typer.Argument(..., help="A kvc file (capture or compre
     tensors = Table(title="tensors")
     for col in ("name", "shape", "dtype", "size"):
         tensors.add_column(col, justify="right" if col == "size" else "left")
-    item = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
     total = 0
     for name in sorted(shapes, key=_natural):
         shape, dtype = shapes[name]
-        size = item.get(dtype, 0)
+        size = ITEM_BYTES[dtype]
         for s in shape:
             size *= s
         total += size

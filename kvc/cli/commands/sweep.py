@@ -16,11 +16,13 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
-from ...compression.sweep import parse_opts, skip_reason
 from ...errors import KvcError, MethodFailure
-from ...io.safetensors import check_outputs, write_json
-from ...metrics.pareto import METRICS, VIEWS, in_view, view_points, view_tensor
+from ...io.atomic import check_outputs, write_json
 from .compress import fmt
+from ..lazy import LazyModule
+
+pareto = LazyModule("kvc.metrics.pareto")
+sweeps = LazyModule("kvc.compression.sweep")
 
 
 # ----------------------------------------------------------------------------- output
@@ -44,14 +46,14 @@ def e2e_table(runs: list[dict], correlation: dict[str, float | None]) -> Table:
 
 def grid_table(runs: list[dict], view: str, metric: str, bits: list[float]) -> Table:
     """Methods x bits asked: the metric (raw value) @ bits per entry."""
-    tensor = view_tensor(view, metric)
+    tensor = pareto.view_tensor(view, metric)
     table = Table(title=f"{view}: {metric} @ bits per entry", box=box.SIMPLE_HEAD)
     table.add_column("method")
     for b in bits:
         table.add_column(f"--bits {b:g}", justify="right")
     cells: dict[str, dict[float, str]] = {}
     for run in runs:
-        if in_view(run, view):
+        if pareto.in_view(run, view):
             s = run["result"]["summary"][tensor]
             cells.setdefault(run["method"], {})[run["bits"]] = f"{fmt(s.get(metric))} @ {s['bits_per_entry']:.2f}"
     for method, row in cells.items():
@@ -108,25 +110,25 @@ def command(
         bit_values = sorted({float(b) for b in bits.split(",") if b.strip()})
     except ValueError:
         raise KvcError(f"--bits {bits!r}: expected comma-separated numbers") from None
-    check_outputs([out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in METRICS], force,
+    check_outputs([out_dir / "sweep.json"] + [out_dir / f"pareto_{m}.png" for m in pareto.METRICS], force,
                   inputs=[capture])
     with progress_task("sweep") as progress:
         result = kvc.sweep(capture, methods=methods, bits=bit_values, keys=keys, compare=compare,
-                           options=parse_opts(opt), layers=layers, device=device, dtype=dtype, seed=seed,
+                           options=sweeps.parse_opts(opt), layers=layers, device=device, dtype=dtype, seed=seed,
                            query_stride=query_stride, e2e=e2e, model=model, progress=progress)
     runs = result.runs
-    for metric, views in (("mse_rel", VIEWS), ("attn_out_rel", VIEWS[:2])):
+    for metric, views in (("mse_rel", pareto.VIEWS), ("attn_out_rel", pareto.VIEWS[:2])):
         for view in views:
-            if view_points(runs, view, metric):  # a view with no runs (e.g. --keys pre only) is left out
+            if pareto.view_points(runs, view, metric):  # a view with no runs (e.g. --keys pre only) is left out
                 out.print(grid_table(runs, view, metric, bit_values))
     for s in result.skipped:
-        err.print(f"skipped {skip_reason(s)}")
+        err.print(f"skipped {sweeps.skip_reason(s)}")
     for line in saving_lines(result.savings):
         out.print(line)
     if result.e2e_rank_correlation is not None:
         out.print(e2e_table(runs, result.e2e_rank_correlation))
     result.plot(out_dir, force)
     write_json(out_dir / "sweep.json", result.to_json(), force=force)
-    out.print(f"wrote {out_dir}/sweep.json and {len(METRICS)} Pareto plots")
+    out.print(f"wrote {out_dir}/sweep.json and {len(pareto.METRICS)} Pareto plots")
     if result.failures:
-        raise MethodFailure("; ".join(map(skip_reason, result.failures)))
+        raise MethodFailure("; ".join(map(sweeps.skip_reason, result.failures)))

@@ -10,7 +10,7 @@ import kvc
 
 from ..console import human_bytes, out
 from ...errors import KvcError
-from ...io.safetensors import check_outputs
+from ...io.atomic import check_outputs
 
 
 def _numbers(text: str, option: str, kind: type = float) -> list:

@@ -1,0 +1,5 @@
+"""``python -m kvc``: the command line."""
+
+from .cli import entry
+
+entry()
