@@ -23,7 +23,8 @@ from scipy.stats import spearmanr
 
 from kvc.eval import evaluate as ev
 from kvc.compression.options import parse_method_args
-from kvc.compression.protocol import Evictor, build, get
+from kvc.compression.protocol import Evictor
+from kvc.compression.registry import build, get
 from kvc.compression.composite import Composite
 from kvc.model.text import load_corpus
 from kvc.errors import KvcError

@@ -19,7 +19,7 @@ import transformers
 import kvc
 from kvc.ci.check import RunSpec, run_policy
 from kvc.compression.options import parse_method_args
-from kvc.compression.protocol import get
+from kvc.compression.registry import get
 from kvc.errors import KvcError
 from kvc.io.capture import CaptureFile
 from kvc.model.load import ModelSource, model_revision

@@ -7,7 +7,8 @@ import torch
 
 from kvc.ci.budget import FP16, budget, compression_from_json, compression_rule, geometry_from_dims, geometry_from_model, sequence_bytes, sliding_layers
 from kvc.compression.catalogue import methods
-from kvc.compression.protocol import LayerKV, available, build, declares_nominal_bits
+from kvc.compression.protocol import LayerKV, declares_nominal_bits
+from kvc.compression.registry import available, build
 from kvc.errors import KvcError
 
 OPT_30B = {"model_type": "opt", "num_hidden_layers": 48, "hidden_size": 7168, "num_attention_heads": 56,

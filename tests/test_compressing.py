@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers.cache_utils import DynamicCache
 
-from kvc.compression.protocol import build
+from kvc.compression.registry import build
 from kvc.errors import KvcError
 from kvc.eval.generate import compressing
 from kvc.eval import evaluate as ev

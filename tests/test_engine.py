@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kvc.io.capture import CaptureFile
-from kvc.compression import protocol as base
-from kvc.compression.protocol import Evictor, TensorCompressor, available, option
+from kvc.compression import registry
+from kvc.compression.protocol import Evictor, TensorCompressor, option
+from kvc.compression.registry import available
 from kvc.compression.engine import CompressedFile
 from kvc.metrics.fidelity import mse_rel
 from kvc.metrics.pareto import bit_saving, pareto_front
@@ -186,7 +187,7 @@ class _Cheat(TensorCompressor):
 
 
 def test_methods_that_cheat_fail_loudly(run, capture, monkeypatch):
-    monkeypatch.setitem(base._REGISTRY, "cheat", _Cheat)
+    monkeypatch.setitem(registry._REGISTRY, "cheat", _Cheat)
     code, _, err = run("compress", capture, "--method", "cheat", "--device", "cpu")
     assert code == 2 and "asked for 4" in err
     code, _, err = run("compress", capture, "--method", "cheat", "--bits", "1", "--nan", "--device", "cpu")

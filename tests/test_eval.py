@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvc.eval import evaluate as ev
-from kvc.compression.protocol import Compressor, Decoded, Encoded, Evictor, LayerKV, build
+from kvc.compression.protocol import Compressor, Decoded, Encoded, Evictor, LayerKV
+from kvc.compression.registry import build
 from kvc.errors import MethodFailure
 from kvc.model.text import load_corpus
 

@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from kvc.compression.protocol import LayerKV, build
+from kvc.compression.protocol import LayerKV
+from kvc.compression.registry import build
 from kvc.compression.eviction import keep_count
 from kvc.errors import KvcError
 from kvc.rope import apply_rope

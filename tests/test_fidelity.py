@@ -23,7 +23,7 @@ from kvc.io.capture import CaptureFile
 from kvc.metrics.fidelity import attention_output, layer_metrics
 from kvc.model.text import Corpus
 from kvc.eval.evaluate import Settings, continuation_logprobs, evaluate, prefill, uncompressed_cache
-from kvc.compression.protocol import build
+from kvc.compression.registry import build
 
 TOKENS, SEQS, WINDOW = 24, 2, 8  # contexts three times the sliding window
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from kvc.compression.protocol import build
+from kvc.compression.registry import build
 from kvc.eval import evaluate as ev
 from kvc.model.hooks import Hooks, LayersDone, Recorder, hooked
 

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from kvc.compression.protocol import LayerKV, build
+from kvc.compression.protocol import LayerKV
+from kvc.compression.registry import build
 from kvc.compression.lowrank import paper_bits
 from kvc.errors import KvcError
 from kvc.quant.rotation import make_rotation

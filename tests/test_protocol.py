@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kvc.compression.fields import Valid, checked, option
-from kvc.compression.protocol import LayerKV, available, build
+from kvc.compression.protocol import LayerKV
+from kvc.compression.registry import available, build
 from kvc.errors import KvcError
 
 

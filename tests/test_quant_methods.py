@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from kvc.compression.protocol import LayerKV, TensorCompressor, available, build, rotate_keys
+from kvc.compression.protocol import LayerKV, TensorCompressor, rotate_keys
+from kvc.compression.registry import available, build
 from kvc.compression.methods.kivi import quantized_tokens
 from kvc.compression.methods.kvquant import paper_bits
 from kvc.errors import KvcError, MethodFailure

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from kvc.attention import AttentionSpec
 from kvc.ci.check import load_policy, parse_baseline, parse_results
 from kvc.compression import engine
-from kvc.compression.protocol import build
+from kvc.compression.registry import build
 from kvc.errors import KvcError
 from kvc.io import schema
 from kvc.io.capture import CaptureFile, CaptureMeta

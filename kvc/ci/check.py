@@ -34,7 +34,7 @@ from .. import __version__
 from .budget import Geometry, measured_compression, parse_contexts, sequence_bytes
 from ..cli.console import human_bytes
 from ..compression.options import method_options
-from ..compression.protocol import build, get
+from ..compression.registry import build, get
 from ..errors import KvcError
 from ..io import schema
 from ..selection import parse_layers

@@ -32,7 +32,8 @@ from ..errors import KvcError, MethodFailure
 from ..io.safetensors import SAFETENSORS_DTYPES, StreamingSafetensorsWriter, save_safetensors
 from ..rope import apply_rope
 from .options import method_options
-from .protocol import Compressor, Decoded, Encoded, LayerKV, build, check_finite, get
+from .protocol import Compressor, Decoded, Encoded, LayerKV, check_finite
+from .registry import build, get
 from ..metrics.fidelity import layer_metrics
 
 TENSORS = ("k", "v", "kv")

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import KvcError
 from .fields import coerce, convert, flag, type_name, typed_fields, valid_of
-from .protocol import Compressor, Evictor, TensorCompressor, available, build, declares_nominal_bits, get
+from .protocol import Compressor, Evictor, TensorCompressor, declares_nominal_bits
+from .registry import available, build, get
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

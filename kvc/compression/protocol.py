@@ -16,8 +16,6 @@ the head dimension, in :meth:`Compressor.validate`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,7 +25,7 @@ from torch import Tensor
 
 from ..attention import AttentionSpec
 from ..errors import KvcError, MethodFailure
-from ..io import schema
+from ..rope import apply_rope
 from .fields import checked, option
 
 
@@ -166,63 +164,12 @@ def check_finite(name: str, layer: int, tensor: Tensor) -> None:
         raise MethodFailure(f"method {name} produced NaN/Inf in layer {layer}")
 
 
-_REGISTRY: dict[str, type[Compressor]] = {}
-
-
-def _discover() -> dict[str, type[Compressor]]:
-    if not _REGISTRY:
-        from . import methods
-
-        for info in pkgutil.iter_modules(methods.__path__):
-            module = importlib.import_module(f"{methods.__name__}.{info.name}")
-            for obj in vars(module).values():
-                if (isinstance(obj, type) and issubclass(obj, Compressor)
-                        and obj.__module__ == module.__name__ and "name" in vars(obj)):
-                    _REGISTRY[obj.name] = obj
-    return _REGISTRY
-
-
-def available() -> dict[str, type[Compressor]]:
-    """Method name -> class, sorted by name."""
-    return dict(sorted(_discover().items()))
-
-
-def get(name: str) -> type[Compressor]:
-    """The class of a method; ``evictor+compressor`` names a combination (``composite``)."""
-    if "+" in name:
-        from .composite import combine
-
-        first, _, rest = name.partition("+")
-        if "+" in rest:
-            raise KvcError(f"method {name!r}: a combination is one eviction method and one tensor "
-                           "compressor, e.g. snapkv+turboquant")
-        return combine(get(first), get(rest))
-    methods = available()
-    if name not in methods:
-        raise KvcError(f"unknown method {schema.show(name)}; valid methods: {', '.join(methods)}")
-    return methods[name]
-
-
-def build(name: str, **params: Any) -> Compressor:
-    """A compressor from its name and option values (unknown options list the valid ones); the
-    values are checked against their declared types and constraints."""
-    cls = get(name)
-    fields = [f.name for f in dataclasses.fields(cls.Options)]
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise KvcError(f"method {name} has no option {', '.join(unknown)}; valid options: "
-                       f"{', '.join(fields)}")
-    return cls(cls.Options(**params))
-
-
 # ----------------------------------------------------------------------------- shared shapes
 
 
 def rotate_keys(k_pre: Tensor, layer: LayerKV, positions: Tensor | None = None) -> Tensor:
     """Keys after RoPE from keys before it, at the layer's ``positions`` ([T] or [S, H, T]; default
     0..T-1), counted from its first token (absolute position ``layer.offset``)."""
-    from ..rope import apply_rope
-
     if layer.rope is None:
         return k_pre
     if positions is None:

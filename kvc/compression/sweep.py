@@ -17,7 +17,7 @@ from ..model.load import DEFAULT_MODEL_NAME, open_model
 from ..model.text import load_corpus
 from . import engine
 from .fields import coerce, typed_fields, valid_of
-from .protocol import build, get
+from .registry import build, get
 
 Progress = Callable[[int, int, str], None]
 
