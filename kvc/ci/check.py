@@ -32,12 +32,12 @@ import kvc
 
 from .. import __version__
 from .budget import Geometry, measured_compression, parse_contexts, sequence_bytes
-from ..cli.console import human_bytes
 from ..compression.options import method_options
 from ..compression.registry import build, get
 from ..errors import KvcError
 from ..io import schema
 from ..selection import parse_layers
+from ..units import human_bytes
 from ..model.load import load_config, resolve_device, resolve_model, text_config
 
 SCHEMA = "kvc-check/1"  # the --json report, which is also the baseline format
