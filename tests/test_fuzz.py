@@ -742,7 +742,7 @@ def _names_hub_model(blob: bytes, cwd: Path) -> bool:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     models = [t.get("model") for t in (policy.get("run"), policy.get("budget")) if isinstance(t, dict)]
-    return any(isinstance(m, str) and HUB_ID.match(m) and not (cwd / m).exists() for m in models)
+    return any(isinstance(m, str) and HUB_ID.match(m) and not os.path.exists(cwd / m) for m in models)
 
 
 def assert_markdown_safe(path: Path, where: str) -> None:
@@ -755,6 +755,7 @@ def assert_markdown_safe(path: Path, where: str) -> None:
 
 
 def squash(text: str) -> str:
+    """``text`` without whitespace and table borders, to find a value that a table wrapped."""
     return re.sub(r"[\s│┃|]", "", text)
 
 
