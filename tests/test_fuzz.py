@@ -54,7 +54,6 @@ import kvc
 import kvc.cli.commands
 import kvc.model.load
 from kvc.cli.app import app, main
-from kvc.cli.commands.methods import describe
 from kvc.io.safetensors import save_safetensors
 from kvc.model.synth import SpikedSpec, synthesize
 
@@ -961,7 +960,7 @@ PATHS = ("cap.safetensors", "real.safetensors", "c.kvcz", "r.json", "base.json",
          "[b]o.json", "-", "", "o.json", "o.kvcz", "o.safetensors", "o.md", "o.xml", "sub/o.png")
 INTS = ("0", "1", "2", "3", "-1", "8", "16", "abc", "", "1.5", "99999999999999999999", "0x10", " 4", "nan")
 FLOATS = ("0", "1", "2.5", "-1", "nan", "inf", "-inf", "1e309", "abc", "", "0.0001", "4")
-METHOD_OPTIONS = {m["name"]: m["options"] for m in describe()}
+METHOD_OPTIONS = {name: m["options"] for name, m in kvc.methods().items()}
 METHOD_NAMES = tuple(METHOD_OPTIONS)
 VALUES = {  # parameter name -> plausible and hostile values of a text option; numbers by their type
     "layers": ("all", "0", "1", "0,1", "1-0", "0-99", "-1", "a", "", "0,0", "29"),

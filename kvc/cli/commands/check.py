@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..console import err, out
+from ..console import err, one_line, out
 from ...errors import KvcError
 from ...io import schema
 from ...io.atomic import check_outputs, write_json, write_text
@@ -62,9 +62,12 @@ def command(
     if markdown is not None:
         write_text(markdown, lib.render_markdown(loaded, checks), force=force)
     failed = sum(not c.passed for c in checks)
-    out.print(Text.assemble(("FAIL", "bold red"), f": {failed} of {len(checks)} checks failed") if failed
-              else Text.assemble(("PASS", "bold green"), f": {len(checks)} checks"))
-    return 1 if failed else 0
+    if failed:  # exit 1: the verdict on stdout with the table, and one line on stderr
+        out.print(Text.assemble(("FAIL", "bold red"), f": {failed} of {len(checks)} checks failed"))
+        err.print(one_line(f"kvc: check failed: {', '.join(c.name for c in checks if not c.passed)}"), soft_wrap=True)
+        return 1
+    out.print(Text.assemble(("PASS", "bold green"), f": {len(checks)} checks"))
+    return 0
 
 
 def _table(checks: list[lib.Check]) -> Table:
