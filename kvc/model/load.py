@@ -7,6 +7,7 @@ safetensors under ``$KVC_CACHE_DIR`` (default ``~/.cache/kvc``) and reloads in a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -105,10 +106,24 @@ def load_config(source: ModelSource, *, revision: str | None = None, trust_remot
 
     location, kwargs = _location(source, revision, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
+        with _hub_errors_only():
+            config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
     return config
+
+
+@contextlib.contextmanager
+def _hub_errors_only() -> Iterator[None]:
+    """huggingface_hub's retry warnings stay off stderr while a model loads: kvc reports a failure
+    in one line (with the hub's own reason)."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def text_config(config):
@@ -172,8 +187,9 @@ def load_model(source: ModelSource, *, revision: str | None = None, dtype: str =
     location, kwargs = _location(source, revision, trust_remote_code)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
-        model = auto.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        with _hub_errors_only():
+            model = auto.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
     return model.to(torch_device).eval(), tokenizer
