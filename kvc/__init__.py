@@ -23,9 +23,10 @@ __version__ = "0.1.0"
 _API = "kvc.api"
 # name -> (module, attribute)
 _EXPORTS = {name: (_API, name) for name in (
-    "capture", "load", "synth", "analyze", "compress", "decompress", "methods", "method", "sweep",
+    "capture", "load", "load_model", "synth", "analyze", "compress", "decompress", "methods", "method", "sweep",
     "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
+_EXPORTS["write_text"] = ("kvc.io.atomic", "write_text")  # atomic, as every file kvc writes: no torch
 _EXPORTS["methods"] = ("kvc.compression.catalogue", "methods")  # the committed catalogue: no torch
 _EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")  # with kvc.compressing(model, ...): generate
 

@@ -34,8 +34,8 @@ from .errors import KvcError
 from .gpu import require_device
 from .io.capture import CaptureFile
 from .io.safetensors import save_safetensors
-from .io.atomic import check_outputs
-from .metrics.pareto import METRICS
+from .io.atomic import check_outputs, write_json
+from .metrics.pareto import METRICS, VIEWS, view_points
 from .model import capture as recorder
 from .model.load import (DTYPES, check_positions, model_revision, open_model, resolve_device, text_config,
                          weights_description)
@@ -145,6 +145,33 @@ def load(path: PathLike) -> Capture:
     Capture
     """
     return Capture(path)
+
+
+def load_model(model: PathLike | None = None, *, revision: str | None = None, dtype: str = "auto",
+               device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A model and its tokenizer as kvc loads them (``kvc capture --model``): to pass to
+    :func:`capture` and :func:`evaluate` (``tokenizer=``) several times without loading it again, or
+    to generate inside :func:`kvc.compressing`.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or None
+        A hub id, a local transformers directory or a GGUF file (dequantized to float32 unless
+        ``dtype`` says otherwise); None: the default model, SmolLM2-135M-Instruct.
+    revision, dtype, device, trust_remote_code
+        As for :func:`capture`.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The transformers model in eval mode on ``device`` (a causal LM with its LM head, an encoder
+        as its bare model) and its tokenizer.
+    """
+    if not (model is None or isinstance(model, (str, os.PathLike))):
+        raise KvcError(f"model: expected a hub id, a directory or a GGUF file, got {type(model).__name__}")
+    _, lm, tok = open_model(model, revision=revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+    return lm, tok
 
 
 def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, seq_len: int = 512,
@@ -505,14 +532,23 @@ class Sweep:
         view -> metric -> method -> Pareto front [(bits per entry, error, bits asked)].
     e2e_rank_correlation : dict or None
         Spearman correlation of each tensor proxy with the perplexity delta (with e2e).
+    metrics : dict
+        metric -> its axis label, for every metric plotted (``pareto_{metric}.png``).
 
     Methods
     -------
     to_json()
         What ``kvc sweep`` writes to sweep.json.
+    points(view, metric)
+        method -> every run's (bits per entry, error, bits asked) in that view, by bits per entry:
+        the points the Pareto fronts are taken from (error as plotted: lower is better).
     plot(directory, force=False)
         Write one PNG of Pareto fronts per metric (``pareto_{metric}.png``); returns their paths.
+    save(directory, force=False)
+        Write sweep.json and the plots (``kvc sweep --out-dir``); returns their paths.
     """
+
+    metrics = {metric: label for metric, (label, _) in METRICS.items()}
 
     def __init__(self, report: dict):
         self._json = report
@@ -527,12 +563,25 @@ class Sweep:
     def to_json(self) -> dict:
         return copy.deepcopy(self._json)
 
+    def points(self, view: str, metric: str) -> dict[str, list[tuple[float, float, float]]]:
+        if view not in VIEWS or metric not in METRICS:
+            raise KvcError(f"no view {view!r} or metric {metric!r}: views {', '.join(VIEWS)}; metrics "
+                           f"{', '.join(METRICS)}")
+        return view_points(self.runs, view, metric)
+
     def plot(self, directory: PathLike, force: bool = False) -> list[Path]:
         paths = [Path(directory) / f"pareto_{metric}.png" for metric in METRICS]
         check_outputs(paths, force)
         for metric, path in zip(METRICS, paths):
             sweeps.plot(self.runs, metric, self._json["methods"], path, force)
         return paths
+
+    def save(self, directory: PathLike, force: bool = False) -> list[Path]:
+        path = Path(directory) / "sweep.json"
+        check_outputs([path, *(Path(directory) / f"pareto_{metric}.png" for metric in METRICS)], force)
+        paths = self.plot(directory, force)
+        write_json(path, self._json, force=force)
+        return [path, *paths]
 
     def __repr__(self) -> str:
         return f"Sweep({len(self.runs)} runs, {len(self.skipped)} skipped, {len(self.failures)} failed)"

@@ -2,7 +2,7 @@
 
 Usage: python scripts/eval_correlation.py [--contexts 512] [--windows 4] [--continuation 128]
        python scripts/eval_correlation.py --from-json docs/eval_correlation.json   (re-render only)
-Runs ``kvc.eval.evaluate`` (perplexity only, with the compress engine's metrics measured on the very
+Runs ``kvc.evaluate`` (perplexity only, with the compress engine's metrics measured on the very
 prefills whose cache is compressed) for a grid of methods and bit widths on the default model, then
 the Spearman rank correlation of mse_rel (K, V), attn_out_rel and attn_kl with the perplexity delta
 and the next-token KL, over all methods and over the quantizers alone. Writes
@@ -18,17 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from scipy.stats import spearmanr
 
-from kvc.eval import evaluate as ev
-from kvc.compression.options import parse_method_args
-from kvc.compression.protocol import Evictor
-from kvc.compression.registry import build, get
-from kvc.compression.composite import Composite
-from kvc.model.text import load_corpus
-from kvc.errors import KvcError
-from kvc.model.load import load_model, resolve_model
+import kvc
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["turboquant --bits 1", "turboquant --bits 2", "turboquant --bits 3", "turboquant --bits 4",
@@ -42,11 +34,23 @@ PROXIES = [("K mse_rel", "k", "mse_rel"), ("V mse_rel", "v", "mse_rel"),
 TARGETS = [("ppl delta", "delta_rel"), ("next-token KL", "kl")]
 
 
-def parse(spec: str):
-    """'turboquant --bits 2' -> a compressor (through the CLI's own option parser)."""
-    name, *rest = shlex.split(spec)
-    params, _ = parse_method_args(get(name), rest, [])
-    return build(name, **params)
+def parse(spec: str) -> tuple[str, dict[str, str | bool]]:
+    """'int --bits 4 --axis channel' -> ('int', {'bits': '4', 'axis': 'channel'}): the method and its
+    options as ``kvc.method`` takes them (strings are converted as on the command line; a flag
+    without a value, like --symmetric, is True)."""
+    name, *words = shlex.split(spec)
+    options: dict[str, str | bool] = {}
+    while words:
+        flag = words.pop(0)
+        if not flag.startswith("--"):
+            raise kvc.KvcError(f"{spec!r}: expected METHOD --option value ..., got {flag!r}")
+        options[flag[2:].replace("-", "_")] = words.pop(0) if words and not words[0].startswith("--") else True
+    return name, options
+
+
+def evicts(name: str) -> bool:
+    """Whether a method (or EVICTOR+COMPRESSOR) drops tokens."""
+    return any(kvc.methods()[part]["kind"] == "eviction" for part in name.split("+"))
 
 
 def spearman(rows: list[dict], tensor: str, metric: str, target: str) -> tuple[float, float, int]:
@@ -78,7 +82,7 @@ def render(report: dict) -> str:
         f"Made by `python scripts/eval_correlation.py` ({report['date']}, {report['seconds'] / 60:.0f} min on CPU). "
         f"Default model, contexts {settings['contexts']} tokens x {settings['windows']} windows of the CPython docs, "
         f"{settings['continuation']} continuation tokens scored per window with the method's compressed cache "
-        "(`kvc.eval.evaluate`). The proxies are `kvc compress`'s metrics (compress engine), measured on the very "
+        "(`kvc.evaluate`). The proxies are `kvc compress`'s metrics (compress engine), measured on the very "
         "prefills whose cache is compressed, averaged over layers and heads.",
         "",
         "| method | bits/entry | K mse_rel | V mse_rel | attn_out_rel | attn_kl | ppl delta | next-token KL | top-1 agree |",
@@ -124,30 +128,29 @@ def main() -> None:
         report = json.loads(args.from_json.read_text())
     else:
         report = run(args)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+        kvc.write_text(args.out.with_suffix(".json"), json.dumps(report, indent=1, allow_nan=True) + "\n",
+                       force=True)
     text = render(report)
-    args.out.write_text(text)
+    kvc.write_text(args.out, text, force=True)
     print(text)
 
 
 def run(args) -> dict:
     """Evaluate every method of the grid; the rows, the failures, the settings and the time."""
-    settings = ev.Settings(contexts=tuple(int(c) for c in args.contexts.split(",")), windows=args.windows,
-                           continuation=args.continuation, retrieval=False)
-    model, tokenizer = load_model(resolve_model(None), dtype="float32", device="cpu")
-    corpus = load_corpus(None)
+    model, tokenizer = kvc.load_model(dtype="float32", device="cpu")
+    contexts = [int(c) for c in args.contexts.split(",")]
     rows, failed = [], []
     start = time.perf_counter()
     for spec in args.methods:
         try:
-            compressor = parse(spec)
-            torch.manual_seed(compressor.options.seed)
-            result = ev.evaluate(model, tokenizer, corpus, [compressor], settings, measure=True)[0]
-        except KvcError as err:
+            name, options = parse(spec)
+            result = kvc.evaluate(kvc.method(name, **options), model, tokenizer=tokenizer, contexts=contexts,
+                                  windows=args.windows, continuation=args.continuation, retrieval=False).to_json()
+        except kvc.KvcError as err:
             failed.append((spec, str(err)))
             print(f"{spec}: FAILED {err}", file=sys.stderr)
             continue
-        result["spec"], result["evicts"] = spec, isinstance(compressor, (Evictor, Composite))
+        result["spec"], result["evicts"] = spec, evicts(name)
         rows.append(result)
         print(f"{spec}: {result['bits_per_entry']:.3f} bits, ppl {100 * result['perplexity']['delta_rel']:+.2f}%",
               file=sys.stderr)

@@ -2,14 +2,15 @@
 
     python scripts/results.py [--capture out/default.safetensors] [--layers 0,6,12,18,24,29]
 
-Runs ``kvc capture`` first when the capture is missing, then ``kvc sweep`` (JSON of every run in
-out/results/sweep.json), and writes the tables and the verdicts from the measured numbers only.
+Captures the default model first when the capture is missing (``kvc.capture``), then sweeps it
+(``kvc.sweep``; JSON of every run in out/results/sweep.json), and writes the tables and the verdicts
+from the measured numbers only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,15 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvc.io.capture import CaptureFile  # noqa: E402
-from kvc.cli import main  # noqa: E402
-from kvc.metrics.pareto import METRICS, VIEWS, view_points  # noqa: E402
-from kvc.io.atomic import write_text  # noqa: E402
+import kvc  # noqa: E402
 
 METHODS = "eoptshrinkq,svdq,turboquant,kivi,kvquant"
 BITS = "1,1.5,2,2.5,3,4"
 SUBJECT, REFERENCES = "eoptshrinkq", ("turboquant", "svdq")
 VIEW_NAMES = {"k_pre": "keys compressed before RoPE", "k": "keys compressed after RoPE", "v": "values"}
+VIEWS = tuple(VIEW_NAMES)
 
 
 def g(x: float | None, digits: int = 3) -> str:
@@ -70,12 +69,12 @@ def equal_mse_verdict(saved: dict, reference: str) -> list[str]:
     return lines
 
 
-def same_bits_verdict(runs: list[dict], reference: str) -> list[str]:
+def same_bits_verdict(sweep: kvc.Sweep, reference: str) -> list[str]:
     """Subject vs reference at the same --bits: bits per entry, mse and attention-output error."""
     lines = []
     for view in VIEWS:
         for metric in ("mse_rel", "attn_out_rel") if view != "v" else ("mse_rel",):
-            points = view_points(runs, view, metric)
+            points = sweep.points(view, metric)
             mine = {asked: (b, e) for b, e, asked in points.get(SUBJECT, [])}
             theirs = {asked: (b, e) for b, e, asked in points.get(reference, [])}
             common = sorted(set(mine) & set(theirs))
@@ -97,7 +96,8 @@ def _framing(special_tokens: dict | None) -> str:
     return f"each window framed as `{special_tokens['text']}`"
 
 
-def report(sweep: dict, capture: CaptureFile, command: list[str]) -> str:
+def report(result: kvc.Sweep, capture: kvc.Capture, command: list[str]) -> str:
+    sweep = result.to_json()
     runs, bits = sweep["runs"], sweep["bits"]
     meta = capture.meta
     lines = ["# Results on the default model", "",
@@ -119,7 +119,7 @@ def report(sweep: dict, capture: CaptureFile, command: list[str]) -> str:
         lines += [f"### {SUBJECT} vs {reference}", "", "At equal MSE:", ""]
         lines += equal_mse_verdict(sweep["savings"], reference) or [f"- no run pairs with {reference}"]
         lines += ["", "At the same `--bits`:", ""]
-        lines += same_bits_verdict(runs, reference) or [f"- no shared bit widths with {reference}"]
+        lines += same_bits_verdict(result, reference) or [f"- no shared bit widths with {reference}"]
         lines.append("")
     lines += ["## Sweep tables", "", "Each cell: value @ bits per entry.", ""]
     for view in VIEWS:
@@ -132,7 +132,7 @@ def report(sweep: dict, capture: CaptureFile, command: list[str]) -> str:
                       f"{'K' if tensor == 'k' else 'K and V'})", ""]
             lines += grid(runs, view, tensor, metric, bits) + [""]
     lines += ["## Pareto fronts", ""]
-    for metric, (label, _) in METRICS.items():
+    for metric, label in result.metrics.items():
         lines += [f"![{label}](results/pareto_{metric}.png)", ""]
     if sweep["skipped"] or sweep["failures"]:
         lines += ["## Skipped and failed runs", ""]
@@ -144,6 +144,10 @@ def report(sweep: dict, capture: CaptureFile, command: list[str]) -> str:
     return "\n".join(lines)
 
 
+def progress(done: int, total: int, what: str) -> None:
+    print(f"[{done}/{total}] {what}", file=sys.stderr)
+
+
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capture", default="out/default.safetensors")
@@ -151,25 +155,32 @@ def run() -> int:
     parser.add_argument("--query-stride", default="4")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    capture = ROOT / args.capture
-    if not capture.exists() and main(["capture", "-o", str(capture)]) != 0:
-        return 1
-    work, docs = ROOT / "out" / "results", ROOT / "docs" / "results"
-    command = ["sweep", str(capture.relative_to(ROOT)), "--methods", METHODS, "--bits", BITS,
-               "--compare", f"{SUBJECT}:{REFERENCES[0]},{SUBJECT}:{REFERENCES[1]}", "--layers", args.layers,
-               "--query-stride", args.query_stride, "--device", args.device, "--out-dir", str(work.relative_to(ROOT)),
-               "--force"]
-    code = main(command)
-    if not (work / "sweep.json").exists():
-        return code or 1
+    os.chdir(ROOT)  # the report names the capture by its path relative to the repository
+    capture = Path(args.capture)
+    if not capture.exists():
+        print(kvc.capture(out=capture, progress=progress), file=sys.stderr)
+    work, docs = Path("out") / "results", Path("docs") / "results"
+    compare = f"{SUBJECT}:{REFERENCES[0]},{SUBJECT}:{REFERENCES[1]}"
+    command = ["sweep", str(capture), "--methods", METHODS, "--bits", BITS, "--compare", compare, "--layers",
+               args.layers, "--query-stride", args.query_stride, "--device", args.device, "--out-dir", str(work),
+               "--force"]  # the same sweep from the command line, recorded in the report
+    result = kvc.sweep(capture, methods=METHODS, bits=[float(b) for b in BITS.split(",")], compare=compare,
+                       layers=args.layers, query_stride=int(args.query_stride), device=args.device,
+                       progress=progress)
+    result.save(work, force=True)
     docs.mkdir(parents=True, exist_ok=True)
     for png in work.glob("pareto_*.png"):
         shutil.copyfile(png, docs / png.name)
-    sweep = json.loads((work / "sweep.json").read_text())
-    write_text(ROOT / "docs" / "results.md", report(sweep, CaptureFile(capture), command) + "\n", force=True)
+    kvc.write_text(Path("docs") / "results.md", report(result, kvc.load(capture), command) + "\n", force=True)
     print(f"wrote docs/results.md and {len(list(docs.glob('pareto_*.png')))} plots in docs/results/")
-    return code
+    for failure in result.failures:
+        print(f"FAILED {failure['method']} --bits {failure['bits']:g} --keys {failure['keys']}: {failure['reason']}",
+              file=sys.stderr)
+    return 1 if result.failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    try:
+        sys.exit(run())
+    except kvc.KvcError as err:
+        sys.exit(f"scripts/results.py: error: {err}")

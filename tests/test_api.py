@@ -3,6 +3,7 @@ inputs; ``import kvc`` stays light; options are validated as the command line va
 
 from __future__ import annotations
 
+import ast
 import gc
 import inspect
 import json
@@ -22,6 +23,7 @@ from kvc.compression.options import parse_method_args
 from kvc.compression.registry import get
 from kvc.errors import KvcError
 from kvc.io.capture import CaptureFile
+from kvc.metrics.pareto import pareto_front
 from kvc.model.load import ModelSource, model_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,55 @@ def test_decompress_to_a_temporary_file(synth_capture, tmp_path):
         kvc.compress(cap, "kivi", bits=4, residual=0, keep=False, device="cpu").save(tmp_path / "x.safetensors")
 
 
+def test_sweep_points_fronts_and_files(synth_capture, tmp_path):
+    sweep = kvc.sweep(synth_capture(seq_len=64), methods="turboquant,int", bits=[2, 4], keys="post",
+                      compare="turboquant:int", device="cpu")
+    points = sweep.points("k", "mse_rel")
+    expected = {}
+    for run in sweep.runs:
+        k = run["result"]["summary"]["k"]
+        expected.setdefault(run["method"], []).append((k["bits_per_entry"], k["mse_rel"], run["bits"]))
+    assert points == {m: sorted(p) for m, p in expected.items()} and [len(p) for p in points.values()] == [2, 2]
+    for view, metric in (("k", "mse_rel"), ("k", "attn_out_rel"), ("v", "mse_rel")):
+        assert {m: pareto_front(p) for m, p in sweep.points(view, metric).items()} == sweep.pareto[view][metric]
+    assert sweep.points("k_pre", "mse_rel") == {} and sweep.points("v", "attn_kl") == {}
+    with pytest.raises(KvcError, match=r"^no view 'q' or metric 'mse_rel': views k_pre, k, v; metrics mse_rel, "):
+        sweep.points("q", "mse_rel")
+    assert sweep.metrics["mse_rel"] == "relative MSE" and len(sweep.metrics) == 8
+
+    paths = sweep.save(tmp_path / "out")
+    assert [p.name for p in paths] == ["sweep.json", *(f"pareto_{m}.png" for m in sweep.metrics)]
+    assert all(p.is_file() for p in paths)
+    assert json.loads(paths[0].read_text()) == json.loads(json.dumps(sweep.to_json()))
+    with pytest.raises(KvcError, match=r"sweep\.json already exists; pass --force to overwrite it$"):
+        sweep.save(tmp_path / "out")
+    assert sweep.save(tmp_path / "out", force=True) == paths
+
+
+def test_write_text_is_atomic_and_overwrites_only_with_force(tmp_path):
+    path = tmp_path / "new" / "report.md"
+    kvc.write_text(path, "pi \u2248 3.14\n")
+    assert path.read_bytes() == "pi \u2248 3.14\n".encode("utf-8")
+    with pytest.raises(KvcError, match=r"report\.md already exists; pass --force to overwrite it$"):
+        kvc.write_text(path, "other")
+    kvc.write_text(path, "other", force=True)
+    assert path.read_text() == "other" and [p.name for p in path.parent.iterdir()] == ["report.md"]
+
+
+def test_scripts_use_only_the_public_api():
+    """scripts/ import ``kvc`` and use its public names only (make_ci_baseline.py runs ``kvc check``
+    itself, through the command line)."""
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        allowed = {"kvc", "kvc.cli"} if script.name == "make_ci_baseline.py" else {"kvc"}
+        assert {m for m in modules if m.split(".")[0] == "kvc"} <= allowed, script.name
+        used = {node.attr for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kvc"}
+        assert used <= set(kvc.__all__), (script.name, used - set(kvc.__all__))
+
+
 def test_model_revision_of_a_gguf_file_is_its_content_hash(tmp_path):
     import hashlib
 
@@ -255,6 +306,22 @@ def test_python_gives_the_clis_numbers(run, tiny, tmp_path):
                       compare=[("turboquant", "kivi")], options={"kivi.residual": 8, "group_size": 8}, device="cpu")
     cli = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(sweep.runs) == 4 and _drop(sweep.to_json()) == _drop(cli)
+
+
+def test_load_model_loads_once_for_capture_and_evaluate(tiny, tmp_path):
+    model, text = tiny
+    lm, tokenizer = kvc.load_model(model, device="cpu")
+    assert isinstance(lm, transformers.LlamaForCausalLM) and not lm.training and lm.device.type == "cpu"
+    common = {"seq_len": SEQ_LEN, "num_seqs": NUM_SEQS, "device": "cpu"}
+    _same_capture(kvc.capture(str(model), text, out=tmp_path / "path.safetensors", **common),
+                  kvc.capture(lm, text, tokenizer=tokenizer, out=tmp_path / "loaded.safetensors", **common))
+    settings = {"contexts": [32], "windows": 1, "continuation": 8, "retrieval": False, "device": "cpu"}
+    assert _drop(kvc.evaluate("int", lm, text, tokenizer=tokenizer, bits=4, **settings).perplexity) == \
+        _drop(kvc.evaluate("int", str(model), text, bits=4, **settings).perplexity)
+    with pytest.raises(KvcError, match=r"^model: expected a hub id, a directory or a GGUF file, got LlamaForCausalLM$"):
+        kvc.load_model(lm)
+    with pytest.raises(KvcError, match=r"^model not found: .*missing \(neither a file, a directory nor a hub id\)$"):
+        kvc.load_model(tmp_path / "missing")
 
 
 def test_check_writes_the_capture_metadata_of_kvc_capture(run, tiny, tmp_path):

@@ -123,8 +123,9 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str, force: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; an existing file only with ``force``."""
     with atomic_path(path, force) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj, force: bool = False) -> None:

@@ -17,7 +17,7 @@ import kvc
 
 from ..console import err, out, progress_task
 from ...errors import KvcError, MethodFailure
-from ...io.atomic import check_outputs, write_json
+from ...io.atomic import check_outputs
 from .compress import fmt
 from ..lazy import LazyModule
 
@@ -119,7 +119,7 @@ def command(
     runs = result.runs
     for metric, views in (("mse_rel", pareto.VIEWS), ("attn_out_rel", pareto.VIEWS[:2])):
         for view in views:
-            if pareto.view_points(runs, view, metric):  # a view with no runs (e.g. --keys pre only) is left out
+            if result.points(view, metric):  # a view with no runs (e.g. --keys pre only) is left out
                 out.print(grid_table(runs, view, metric, bit_values))
     for s in result.skipped:
         err.print(f"skipped {sweeps.skip_reason(s)}")
@@ -127,8 +127,7 @@ def command(
         out.print(line)
     if result.e2e_rank_correlation is not None:
         out.print(e2e_table(runs, result.e2e_rank_correlation))
-    result.plot(out_dir, force)
-    write_json(out_dir / "sweep.json", result.to_json(), force=force)
+    result.save(out_dir, force)
     out.print(f"wrote {out_dir}/sweep.json and {len(pareto.METRICS)} Pareto plots")
     if result.failures:
         raise MethodFailure("; ".join(map(sweeps.skip_reason, result.failures)))
