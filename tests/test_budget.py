@@ -104,8 +104,8 @@ def test_explicit_sliding_layers(run):
     geometry = geometry_from_dims(6, 1, 8, 16, sliding_layers("pattern:3", 6))
     assert sequence_bytes(geometry, 1000) == (4 * 16 + 2 * 1000) * 2 * 8 * 2
     args = ["budget", "--layers", "6", "--kv-heads", "1", "--head-dim", "8", "--context", "1000"]
-    code, stdout, _ = run(*args, "--sliding-window", "16", "--sliding-layers", "pattern:3", "--json", "-")
-    assert code == 0
+    code, stdout, stderr = run(*args, "--sliding-window", "16", "--sliding-layers", "pattern:3", "--json", "-")
+    assert code == 0 and "fp16 /token" in stderr  # the table goes to stderr, stdout is the JSON
     assert json.loads(stdout)["contexts"][0]["fp16"]["per_sequence"] == (4 * 16 + 2 * 1000) * 32
 
 

@@ -134,7 +134,7 @@ def test_memory_physical_against_nominal():
     assert memory_checks({**result, "memory": None}, 0.05) == []
 
 
-def test_budget_uses_measured_bits(tmp_path, run):
+def test_budget_uses_measured_bits(tmp_path, run, monkeypatch):
     geometry = geometry_from_dims(30, 3, 64)
     result = {**_result(**{"summary.k.bits_per_entry": 2.5, "summary.v.bits_per_entry": 2.0}), "label": "r"}
     spec = parse_policy({"budget": {"context": "32k", "batch": 8, "max_gb": 1.0}}).budget
@@ -155,6 +155,12 @@ def test_budget_uses_measured_bits(tmp_path, run):
     (check,) = [c for c in json.loads((tmp_path / "out.json").read_text())["checks"] if c["unit"] == "GB"]
     assert code == 1 and "FAIL: 1 of 3" in stdout
     assert check["name"] == "KV GB, 4096 tokens x 1" and check["value"] == pytest.approx(0.01327104)
+    # --json -: the report on stdout, the table and the verdict on stderr, no file named '-'
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run("check", results, "--policy", policy, "--json", "-")
+    assert code == 1 and "FAIL: 1 of 3" in stderr and "KV GB, 4096 tokens x 1" in stderr
+    assert json.loads(stdout)["checks"] == json.loads((tmp_path / "out.json").read_text())["checks"]
+    assert not (tmp_path / "-").exists()
 
 
 # ----------------------------------------------------------------------------- baseline

@@ -14,6 +14,7 @@ from rich.text import Text
 import kvc
 
 from ..console import err, out, printable, progress_task
+from ..options import Device, Force, JsonOut, Layers
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
 
@@ -27,17 +28,17 @@ NAME = "analyze"
 
 def command(
     capture: Path = typer.Argument(..., help="A kvc capture file (from `kvc capture` or `kvc synth`)."),
-    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
+    layers: Layers = "all",
     tensors: Optional[str] = typer.Option(None, "--tensors", help="Comma list of k_pre, k, v (default: those in the file)."),
     block: Optional[int] = typer.Option(None, "--block", help="Analyze blocks of N consecutive tokens of each sequence (eOptShrinkQ uses 128)."),
     per_seq: bool = typer.Option(False, "--per-seq", help="One matrix per sequence instead of pooling the sequences."),
     rank_rule: str = typer.Option("eoptshrinkq", "--rank-rule", help="eoptshrinkq | matlab (eOptShrink v5, 1.1 edge factor)."),
     outlier_factor: float = typer.Option(6.0, "--outlier-factor", help="Outlier channel: RMS above this many times the median channel RMS."),
     outlier_topk: Optional[int] = typer.Option(None, "--outlier-topk", help="Flag the K channels of largest RMS instead."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the full report as JSON to this file ('-': stdout)."),
+    json_path: JsonOut = None,
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG figures into this directory."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    device: Device = "auto",
+    force: Force = False,
 ) -> None:
     """Spectra, rank, shrinkage and outlier channels of every (layer, KV head) of a capture."""
     plot_paths = []

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ..console import err, out
+from ..options import Force, JsonOut
 from ... import gpu
 from ...errors import KvcError
 from ...io.atomic import check_outputs, write_json
@@ -37,9 +38,9 @@ def command(
                                    help="Also time scoring and value accumulation from packed codes."),
     device: str = typer.Option("cuda", "--device", help="cuda|cuda:N"),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data and the rotation."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results JSON to this file ('-': stdout)."),
+    json_path: JsonOut = None,
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as markdown (for docs/gpu.md)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing JSON file."),
+    force: Force = False,
 ) -> None:
     """Time the GPU kernels against the device copy bandwidth and the torch reference, side by side.
 

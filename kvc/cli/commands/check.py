@@ -12,9 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..console import err, one_line, out
+from ..options import Force, JsonOut
 from ...errors import KvcError
 from ...io import schema
-from ...io.atomic import check_outputs, write_json, write_text
+from ...io.atomic import check_outputs, emit_json, write_text
 from ..lazy import LazyModule
 
 budgets = LazyModule("kvc.ci.budget")
@@ -29,8 +30,8 @@ def command(
     baseline_path: Optional[Path] = typer.Option(None, "--baseline", help="A kvc check --json report to compare against."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per check)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table for a pull-request comment."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (usable as a --baseline)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the output files."),
+    json_path: JsonOut = None,
+    force: Force = False,
 ) -> int:
     """Check results against a policy: exit 0 pass, 1 regression, 2 usage error."""
     start = time.perf_counter()
@@ -52,21 +53,21 @@ def command(
     if not checks:
         raise KvcError(f"{policy_path} checks nothing on these results: give limits, a [budget], a "
                        "--baseline, or results with physical memory figures")
-    out.print(_table(checks))
+    console = err if json_path == "-" else out
+    console.print(_table(checks))
     for line in filter(None, map(lib.memory_line, loaded)):
-        out.print(line)
-    if json_path is not None:
-        write_json(json_path, lib.report(loaded, checks, str(policy_path)), force=force)
+        console.print(line)
+    emit_json(json_path, lib.report(loaded, checks, str(policy_path)), force)
     if junit is not None:
         write_text(junit, lib.render_junit(checks, time.perf_counter() - start), force=force)
     if markdown is not None:
         write_text(markdown, lib.render_markdown(loaded, checks), force=force)
     failed = sum(not c.passed for c in checks)
-    if failed:  # exit 1: the verdict on stdout with the table, and one line on stderr
-        out.print(Text.assemble(("FAIL", "bold red"), f": {failed} of {len(checks)} checks failed"))
+    if failed:  # exit 1: the verdict with the table (stdout, or stderr with --json -), and one line on stderr
+        console.print(Text.assemble(("FAIL", "bold red"), f": {failed} of {len(checks)} checks failed"))
         err.print(one_line(f"kvc: check failed: {', '.join(c.name for c in checks if not c.passed)}"), soft_wrap=True)
         return 1
-    out.print(Text.assemble(("PASS", "bold green"), f": {len(checks)} checks"))
+    console.print(Text.assemble(("PASS", "bold green"), f": {len(checks)} checks"))
     return 0
 
 

@@ -8,7 +8,7 @@ Method options come from the method's ``Options`` dataclass: ``--group-size 32``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich import box
@@ -17,6 +17,7 @@ from rich.table import Table
 import kvc
 
 from ..console import err, human_bytes, out, progress_task
+from ..options import ComputeDtype, Device, Force, JsonOut, Layers, MethodOptions, MethodSeed, QueryStride
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
@@ -81,15 +82,15 @@ def command(
     ctx: typer.Context,
     capture: Optional[str] = typer.Argument(None, metavar="CAPTURE", help="Capture file (kvc capture, kvc synth)."),
     method: str = typer.Option(..., "--method", "-m", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
-    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
+    opt: MethodOptions = [],
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the compressed form (safetensors)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results JSON to this file ('-': stdout, tables go to stderr)."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
-    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32|float64."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (rotations, sketches, sampling)."),
-    query_stride: int = typer.Option(1, "--query-stride", help="Measure with every N-th captured query (the method sees all)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    json_path: JsonOut = None,
+    device: Device = "auto",
+    layers: Layers = "all",
+    dtype: ComputeDtype = "float32",
+    seed: MethodSeed = None,
+    query_stride: QueryStride = 1,
+    force: Force = False,
 ) -> None:
     """Compress a capture with one method; report bits per entry and fidelity per layer and head.
 

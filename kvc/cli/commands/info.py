@@ -11,6 +11,7 @@ from rich.table import Table
 from ...io.capture import FORMAT as CAPTURE_FORMAT, CaptureFile
 from ...io.compressed import FORMAT as COMPRESSED_FORMAT, CompressedFile
 from ..console import human_bytes, out
+from ..options import PrintJson
 from ...errors import KvcError
 from ...io.header import ITEM_BYTES, read_header
 
@@ -34,7 +35,7 @@ NAME = "info"
 
 
 def command(path: Path = typer.Argument(..., help="A kvc file (capture or compressed)."),
-            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+            as_json: PrintJson = False) -> None:
     """Print the metadata and the tensor table of a kvc file."""
     meta, shapes = read_kvc_header(path)
     if as_json:

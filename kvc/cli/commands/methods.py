@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import typer
 from rich import box
 from rich.table import Table
 from rich.text import Text
@@ -15,12 +14,13 @@ from rich.text import Text
 import kvc
 
 from ..console import out
+from ..options import PrintJson
 
 
 NAME = "methods"
 
 
-def command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def command(as_json: PrintJson = False) -> None:
     """List the compression methods with their options and defaults."""
     methods = list(kvc.methods().values())
     if as_json:

@@ -16,6 +16,7 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
+from ..options import ComputeDtype, Device, Force, Layers, MethodSeed, QueryStride
 from ...errors import KvcError, MethodFailure
 from ...io.atomic import check_outputs
 from .compress import fmt
@@ -96,14 +97,14 @@ def command(
     compare: str = typer.Option("eoptshrinkq:turboquant", "--compare", help="METHOD:REFERENCE pairs for the equal-mse bit saving."),
     opt: List[str] = typer.Option([], "--opt", help="[method.]key=value passed to the methods that have the option."),
     out_dir: Path = typer.Option(Path("sweep"), "--out-dir", "-o", help="Folder for sweep.json and the PNG plots."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N"),
-    layers: str = typer.Option("all", "--layers", help="'all' or a list like '0,2,5-9'."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32|float64."),
-    seed: int = typer.Option(0, "--seed"),
-    query_stride: int = typer.Option(1, "--query-stride", help="Measure with every N-th captured query."),
+    device: Device = "auto",
+    layers: Layers = "all",
+    dtype: ComputeDtype = "float32",
+    seed: MethodSeed = 0,
+    query_stride: QueryStride = 1,
     e2e: bool = typer.Option(False, "--e2e", help="Also run each method inside the model (kvc eval's perplexity) and rank-correlate the proxies with it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (required with it): the one whose cache the capture holds; hub id, local HF directory, GGUF file or SmolLM2-135M-Instruct for the default model."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    force: Force = False,
 ) -> None:
     """Run methods x bit widths x key placement; print and plot Pareto fronts and bit savings."""
     try:

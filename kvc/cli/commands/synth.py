@@ -9,6 +9,7 @@ import typer
 import kvc
 
 from ..console import human_bytes, out
+from ..options import Force
 from ...errors import KvcError
 from ...io.atomic import check_outputs
 
@@ -40,7 +41,7 @@ def command(
     rope: bool = typer.Option(True, "--rope/--no-rope", help="Store k_pre/q_pre and rotate k, q."),
     dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16|float16"),
     seed: int = typer.Option(0, "--seed"),
-    force: bool = typer.Option(False, "--force"),
+    force: Force = False,
 ) -> None:
     """Write a synthetic capture with planted low-rank structure and outlier channels."""
     check_outputs([out_path], force)

@@ -1,0 +1,38 @@
+"""Option types shared by the commands: an option that means the same in several commands is
+declared once here, with its flag and help text; a command gives it a default,
+``device: Device = "auto"``.
+
+Options that share a flag but not a meaning stay in their command: ``kvc bench --device`` (a CUDA
+device, default cuda), ``--layers`` as a number of layers (bench, budget, synth), ``--seed`` of
+synthetic data (bench, synth), ``kvc synth --dtype`` (the stored dtype), ``kvc sweep --opt``
+(``[method.]key=value`` for the methods that have the option).
+
+Only typer here: ``kvc --help`` and ``kvc <command> --help`` import nothing heavy.
+"""
+
+from typing import Annotated, List, Optional
+
+import typer
+
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N")]
+Layers = Annotated[str, typer.Option("--layers", help="'all' or a list like '0,2,5-9'.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+JsonOut = Annotated[Optional[str], typer.Option(
+    "--json", metavar="FILE|-", help="Write the results as JSON to this file ('-': stdout, the tables go to stderr).")]
+PrintJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+# methods
+MethodSeed = Annotated[Optional[int], typer.Option(
+    "--seed", help="The method's random seed (rotations, sketches, sampling).")]
+MethodOptions = Annotated[List[str], typer.Option(
+    "--opt", help="Method option key=value (repeatable); or pass it as --key value.")]
+ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32|float64.")]
+QueryStride = Annotated[int, typer.Option(
+    "--query-stride", help="Measure with every N-th captured query (the method sees all).")]
+
+# models and text
+ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto|float32|bfloat16|float16.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code")]
+Text = Annotated[Optional[str], typer.Option(
+    "--text", help="UTF-8 text file (default: the English docs shipped with CPython).")]
