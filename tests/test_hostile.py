@@ -378,6 +378,7 @@ def test_sweep_e2e_needs_a_model_on_the_command_line(run, files, tmp_path, no_wo
     (["--strengths", "3", "--sigma", "nan"], "must be finite numbers"),
     (["--outlier-scale", "inf"], "must be finite numbers"),
     (["--outlier-channels", "inf"], "--outlier-channels 'inf': expected comma-separated integers"),
+    (["--layers", "99999999999999999999"], "synth: the capture in float32 needs"),  # refused before allocating
 ])
 def test_synth_refuses_non_finite_numbers(run, tmp_path, args, needle):
     out = tmp_path / "s.safetensors"
@@ -410,3 +411,18 @@ def test_sweep_with_nothing_runnable_writes_nothing(run, files, tmp_path):
     out = tmp_path / "sweep"
     refused(run("sweep", files["CAP"], "--methods", "h2o", "-o", out), "nothing to run: h2o: h2o has no --bits option")
     assert not out.exists()
+
+
+def test_info_lists_tensors_whatever_their_names(run, tmp_path):
+    """Names mixing numbers and words in one place sort (numbers by value, before words), no crash."""
+    import torch
+
+    from kvc.io.safetensors import save_safetensors
+
+    path = tmp_path / "odd.safetensors"
+    names = ["x", "layers.10.k", "layers.9.k", "layers.a.k", "layers.\u0663.k"]  # \u0663: Arabic-Indic 3
+    save_safetensors(path, {name: torch.zeros(1) for name in names}, {"format": "kvc-other"})
+    code, out, err = run("info", path)
+    assert (code, err) == (0, "")
+    shown = sorted(names, key=out.index)
+    assert shown == ["layers.\u0663.k", "layers.9.k", "layers.10.k", "layers.a.k", "x"]

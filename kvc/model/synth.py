@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import __version__
+from ..io import schema
 from ..io.capture import CaptureMeta, tensor_key
 from ..errors import KvcError
 from ..rope import apply_rope, default_inv_freq
@@ -64,6 +65,8 @@ class SpikedSpec:
         bad = [c for c in self.outlier_channels if not 0 <= c < self.head_dim]
         if bad:
             raise KvcError(f"synth: outlier channels {bad} outside 0..{self.head_dim - 1}")
+        per_layer = self.num_seqs * self.seq_len * self.head_dim * (3 * self.num_kv_heads + 2 * self.num_heads)
+        schema.check_allocation(4 * self.num_layers * per_layer, "the capture in float32", "synth")
 
 
 def _orthonormal(shape, rank, gen) -> torch.Tensor:

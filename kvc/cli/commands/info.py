@@ -64,5 +64,6 @@ def command(path: Path = typer.Argument(..., help="A kvc file (capture or compre
     out.print(tensors)
 
 
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
+def _natural(name: str) -> list[tuple[int, int, str]]:
+    """'layers.10.k' after 'layers.9.k': numbers by value, before words."""
+    return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in name.split(".")]
