@@ -104,3 +104,11 @@ def test_a_direct_construction_is_checked_too():
 def test_every_declared_default_is_valid():
     for name, cls in available().items():
         cls().validate(_layer(D=64))  # the defaults pass every constraint at the usual head dim
+
+
+def test_repr_names_the_method_and_every_option():
+    compressor = build("kivi", bits=3, group_size=16)
+    text = repr(compressor)
+    assert text.startswith("kivi(") and text.endswith(")")
+    assert all(f"{key}={value!r}" in text for key, value in compressor.params().items())
+    assert "bits=3" in text and "group_size=16" in text

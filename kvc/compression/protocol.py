@@ -148,6 +148,10 @@ class Compressor(ABC):
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
+    def __repr__(self) -> str:
+        """``kivi(bits=2, group_size=32, ...)``: the method's name and its options."""
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
     def generator(self, layer: int, device: torch.device | str = "cpu") -> torch.Generator:
         """Deterministic generator per (seed, layer)."""
         return torch.Generator(device=device).manual_seed(self.options.seed * 1_000_003 + layer)
