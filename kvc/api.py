@@ -42,6 +42,7 @@ from .model.load import (DTYPES, check_positions, model_revision, open_model, re
 from .model.synth import SpikedSpec, synthesize
 from .model.text import framing, load_corpus, token_windows
 from .selection import parse_layers
+from .threads import cpu_threads
 
 Progress = Callable[[int, int, str], None]
 PathLike = str | os.PathLike
@@ -167,6 +168,7 @@ def load_model(model: PathLike | None = None, *, revision: str | None = None, dt
         The transformers model in eval mode on ``device`` (a causal LM with its LM head, an encoder
         as its bare model) and its tokenizer.
     """
+    cpu_threads()
     if not (model is None or isinstance(model, (str, os.PathLike))):
         raise KvcError(f"model: expected a hub id, a directory or a GGUF file, got {type(model).__name__}")
     _, lm, tok = open_model(model, revision=revision, dtype=dtype, device=device,
@@ -214,6 +216,7 @@ def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, s
     Capture
         The written file, with ``summary`` set.
     """
+    cpu_threads()
     if batch_size < 1:
         raise KvcError("--batch-size must be >= 1")
     out = Path(out)
@@ -252,6 +255,7 @@ def synth(out: PathLike, *, layers: int = 2, kv_heads: int = 2, heads: int = 4, 
     -------
     Capture
     """
+    cpu_threads()
     if dtype not in DTYPES:
         raise KvcError(f"--dtype must be one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -343,6 +347,7 @@ def analyze(capture: CaptureFile | PathLike, *, layers: str | Sequence[int] = "a
     -------
     Analysis
     """
+    cpu_threads()
     options = AnalysisOptions(rank_rule=rank_rule, outlier_factor=outlier_factor, outlier_topk=outlier_topk,
                               per_seq=per_seq, block=block)
     torch_device = resolve_device(device)
@@ -462,6 +467,7 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layer
     -------
     Compression
     """
+    cpu_threads()
     compressor = configured(method, options)
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
@@ -498,6 +504,7 @@ def decompress(path: PathLike, out: PathLike | None = None, *, queries: CaptureF
     -------
     Capture
     """
+    cpu_threads()
     torch_device = resolve_device(device)
     temporary = out is None
     if temporary:
@@ -621,6 +628,7 @@ def sweep(capture: CaptureFile | PathLike, *,
     -------
     Sweep
     """
+    cpu_threads()
     if isinstance(compare, str):
         compare = [tuple(p.split(":")) for p in _names(compare)]
     cap = _open(capture)
@@ -728,6 +736,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
     -------
     Evaluation
     """
+    cpu_threads()
     from .eval import evaluate as ev  # transformers only when asked for
 
     compressor = configured(method, options)
@@ -832,6 +841,7 @@ def budget(model: str | None = None, *, layers: int | None = None, kv_heads: int
     -------
     Budget
     """
+    cpu_threads()
     if measured is not None and (from_json is not None or method is not None):
         raise KvcError("pass one of measured=, from_json= or method=")
     if options and method is None:

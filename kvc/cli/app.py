@@ -8,6 +8,7 @@ error, exit 3; Ctrl-C prints "kvc: aborted" and exits 130.
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 
@@ -19,6 +20,7 @@ import typer
 
 from . import commands
 from .console import one_line
+from .lazy import LazyModule
 from ..errors import KvcError
 
 INTERNAL_ERROR = 3  # distinct from 1 (a regression found by `kvc check`) and 2 (bad input)
@@ -31,11 +33,28 @@ ABORTS = tuple({click.exceptions.Abort, typer.Abort, KeyboardInterrupt})
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline KV-cache profiling and compression for transformer LMs.")
 
+threads = LazyModule("kvc.threads")
+
+
+def computing(command):
+    """``command`` run after ``kvc.threads.cpu_threads()``: torch's threads capped at the cores this
+    process may use. Applied when the command runs, after parsing, so ``--help`` stays torch-free."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        threads.cpu_threads()
+        return command(*args, **kwargs)
+
+    return run
+
+
 # Each module in kvc/commands defines NAME and command() (and optionally CONTEXT_SETTINGS for
-# click, e.g. to accept method options); adding a command = adding a module.
+# click, e.g. to accept method options, and TORCH_FREE = True for a command that computes nothing
+# with torch); adding a command = adding a module.
 for _info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
     _module = importlib.import_module(f"{commands.__name__}.{_info.name}")
-    app.command(_module.NAME, context_settings=getattr(_module, "CONTEXT_SETTINGS", None))(_module.command)
+    _command = _module.command if getattr(_module, "TORCH_FREE", False) else computing(_module.command)
+    app.command(_module.NAME, context_settings=getattr(_module, "CONTEXT_SETTINGS", None))(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,11 +62,15 @@ class LayersDone(Exception):
 @dataclass
 class Recorder(Hooks):
     """Records, per layer, k, v and the queries at ``q_positions`` (None: all) of the forward pass in
-    flight, plus k and q before RoPE and the cos/sin used, copied to the CPU; every layer's spec."""
+    flight, plus k and q before RoPE and the cos/sin used, copied to the CPU; every layer's spec.
+
+    With a ``sink``, each layer's tensors go to ``sink(layer, tensors)`` as soon as the layer has run
+    (the model's own tensors, not copied) and are not kept: one layer is held at a time."""
 
     layers: set[int]
     q_positions: Tensor | None = None
     stop_after_last: bool = False  # end the forward pass once the last wanted layer is recorded
+    sink: Callable[[int, dict[str, Tensor]], None] | None = None
     records: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     specs: dict[int, AttentionSpec] = field(default_factory=dict)
     cos_sin: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -79,7 +84,10 @@ class Recorder(Hooks):
             q_pre, k_pre, cos, sin = call.rope
             rec.update(k_pre=k_pre, q_pre=self._queries(q_pre))
             self.cos_sin[call.layer] = (cos[0].float().cpu(), sin[0].float().cpu())
-        self.records[call.layer] = {name: t.detach().to("cpu", copy=True) for name, t in rec.items()}
+        if self.sink is not None:
+            self.sink(call.layer, {name: t.detach() for name, t in rec.items()})
+        else:
+            self.records[call.layer] = {name: t.detach().to("cpu", copy=True) for name, t in rec.items()}
         if self.stop_after_last and call.layer == max(self.layers):
             raise LayersDone
         return None

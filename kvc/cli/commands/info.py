@@ -32,6 +32,7 @@ def read_kvc_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[in
 
 
 NAME = "info"
+TORCH_FREE = True  # reads headers only (kvc info stays torch-free)
 
 
 def command(path: Path = typer.Argument(..., help="A kvc file (capture or compressed)."),

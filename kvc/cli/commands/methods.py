@@ -18,6 +18,7 @@ from ..options import PrintJson
 
 
 NAME = "methods"
+TORCH_FREE = True  # the committed catalogue
 
 
 def command(as_json: PrintJson = False) -> None:

@@ -1,0 +1,124 @@
+"""``kvc analyze`` against a plain per-head NumPy loop over the same file, side by side in one run.
+
+Usage: OMP_NUM_THREADS=1 python benchmarks/analyze_vs_loop.py [--capture /work/out/demo.safetensors] [--runs 3]
+The thread count is OMP_NUM_THREADS (required: NumPy's LAPACK reads it at import), given to torch
+too. One process; each round times, in turn, ``kvc.analyze`` of the capture (everything it computes:
+spectra, ranks, shrinkage, outlier channels per (layer, KV head, tensor)) and the loop: read each
+tensor with safetensors, then per (layer, head, tensor) one float64 SVD of the pooled 2D matrix
+[sequences x tokens, head_dim] (singular values only, and once more with the singular vectors).
+The capture is made with ``kvc capture`` when missing. Rounds are interleaved so that a change of
+machine load hits both alike; the table (medians, ratios) goes to docs/benchmarks/analyze_vs_loop.md.
+Goal (issue 14): analyze at least 3x faster than the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+import kvc
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 3.0
+
+
+def numpy_loop(path: Path, layers: list[int], names: list[str], vectors: bool) -> int:
+    """One SVD per (layer, head, tensor) of the pooled [S*T, D] matrix; returns how many."""
+    count = 0
+    with safe_open(str(path), "np") as f:
+        for layer in layers:
+            for name in names:
+                tensor = f.get_tensor(f"layers.{layer}.{name}")  # [S, H, T, D]
+                for head in range(tensor.shape[1]):
+                    x = tensor[:, head].reshape(-1, tensor.shape[-1]).astype(np.float64)
+                    if vectors:
+                        np.linalg.svd(x, full_matrices=False)
+                    else:
+                        np.linalg.svd(x, compute_uv=False)
+                    count += 1
+    return count
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--capture", type=Path, default=Path("/work/out/demo.safetensors"))
+    parser.add_argument("--layers", default="all")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "analyze_vs_loop.md")
+    args = parser.parse_args()
+    if "OMP_NUM_THREADS" not in os.environ:
+        sys.exit("set OMP_NUM_THREADS: NumPy's LAPACK and torch then run on the same threads")
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    torch.set_num_threads(threads)
+    if not args.capture.exists():
+        print(f"making {args.capture} with kvc capture", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", "from kvc.cli import entry; entry()", "capture", "-o",
+                        str(args.capture)], check=True)
+    cap = kvc.load(args.capture)
+    layers = cap.layers if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    names = [n for n in ("k_pre", "k", "v") if cap.has(layers[0], n)]
+    kvc.analyze(cap, layers=layers)  # warm-up: imports, page cache
+    load_before = os.getloadavg()
+    times: dict[str, list[float]] = {"analyze": [], "loop": [], "loop_uv": []}
+    for r in range(args.runs):
+        seconds, report = timed(lambda: kvc.analyze(args.capture, layers=layers))
+        times["analyze"].append(seconds)
+        seconds, count = timed(lambda: numpy_loop(args.capture, layers, names, vectors=False))
+        times["loop"].append(seconds)
+        times["loop_uv"].append(timed(lambda: numpy_loop(args.capture, layers, names, vectors=True))[0])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), file=sys.stderr)
+    load_after = os.getloadavg()
+    records = len(report.to_json()["heads"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    spread = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in times.items()}
+    speedup = med["loop"] / med["analyze"]
+    m = cap.meta
+    layer_note = "all" if len(layers) == len(cap.layers) else f"{len(layers)} of {len(cap.layers)} (--layers {args.layers})"
+    lines = [
+        "# `kvc analyze` vs a plain per-head NumPy loop",
+        "",
+        f"Capture: `{args.capture}` ({m.model}, {m.num_seqs} x {m.seq_len} tokens, {m.num_kv_heads} KV heads, "
+        f"head_dim {m.head_dim}); layers: {layer_note}; tensors {', '.join(names)}: {records} (layer, head, "
+        f"tensor) records for analyze, {count} SVDs per loop.",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
+        f"{torch.__version__}, NumPy {np.__version__}; OMP_NUM_THREADS={threads} for both; load average "
+        f"{load_before[0]:.1f} before and {load_after[0]:.1f} after (other jobs share these cores).",
+        f"One process, {args.runs} interleaved rounds after a warm-up (imports and the page cache are "
+        "warm for both); each cell the median (min-max) in seconds, reading the file included. analyze: "
+        "`kvc.analyze(capture)` (spectra, ranks, shrinkage, outlier channels); loop: safetensors "
+        "`get_tensor` per (layer, tensor), then `np.linalg.svd` in float64 of each head's pooled "
+        "[S x T, D] matrix, singular values only (loop) or with the singular vectors (loop, U and V).",
+        "",
+        "| analyze (s) | loop (s) | loop, U and V (s) | loop / analyze | loop U,V / analyze | goal >= 3x |",
+        "|---:|---:|---:|---:|---:|:---:|",
+        f"| {med['analyze']:.2f} ({spread['analyze']}) | {med['loop']:.2f} ({spread['loop']}) | "
+        f"{med['loop_uv']:.2f} ({spread['loop_uv']}) | {speedup:.2f}x | {med['loop_uv'] / med['analyze']:.2f}x | "
+        f"{'yes' if speedup >= GOAL else 'no'} |",
+        "",
+        f"Reproduce: `OMP_NUM_THREADS={threads} python benchmarks/analyze_vs_loop.py --capture {args.capture} "
+        f"--layers {args.layers} --runs {args.runs}`.",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
