@@ -37,7 +37,7 @@ from .io.safetensors import save_safetensors
 from .io.atomic import check_outputs, write_json
 from .metrics.pareto import METRICS, VIEWS, view_points
 from .model import capture as recorder
-from .model.load import (DTYPES, check_positions, model_revision, open_model, resolve_device, text_config,
+from .model.load import (DTYPES, check_positions, input_device, model_revision, open_model, resolve_device, text_config,
                          weights_description)
 from .model.synth import SpikedSpec, synthesize
 from .model.text import framing, load_corpus, token_windows
@@ -149,7 +149,8 @@ def load(path: PathLike) -> Capture:
 
 
 def load_model(model: PathLike | None = None, *, revision: str | None = None, dtype: str = "auto",
-               device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
+               device: str = "auto", trust_remote_code: bool = False, device_map: str | None = None,
+               max_memory: str | None = None) -> tuple[Any, Any]:
     """A model and its tokenizer as kvc loads them (``kvc capture --model``): to pass to
     :func:`capture` and :func:`evaluate` (``tokenizer=``) several times without loading it again, or
     to generate inside :func:`kvc.compressing`.
@@ -159,7 +160,7 @@ def load_model(model: PathLike | None = None, *, revision: str | None = None, dt
     model : str, os.PathLike or None
         A hub id, a local transformers directory or a GGUF file (dequantized to float32 unless
         ``dtype`` says otherwise); None: the default model, SmolLM2-135M-Instruct.
-    revision, dtype, device, trust_remote_code
+    revision, dtype, device, trust_remote_code, device_map, max_memory
         As for :func:`capture`.
 
     Returns
@@ -172,15 +173,16 @@ def load_model(model: PathLike | None = None, *, revision: str | None = None, dt
     if not (model is None or isinstance(model, (str, os.PathLike))):
         raise KvcError(f"model: expected a hub id, a directory or a GGUF file, got {type(model).__name__}")
     _, lm, tok = open_model(model, revision=revision, dtype=dtype, device=device,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
     return lm, tok
 
 
 def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, seq_len: int = 512,
             num_seqs: int = 4, layers: str | Sequence[int] = "all", query_positions: str | Sequence[int] = "all",
             batch_size: int = 1, tokenizer: Any = None, revision: str | None = None, dtype: str = "auto",
-            device: str = "auto", trust_remote_code: bool = False, special_tokens: bool = True,
-            force: bool = False, progress: Progress | None = None) -> Capture:
+            device: str = "auto", trust_remote_code: bool = False, device_map: str | None = None,
+            max_memory: str | None = None, special_tokens: bool = True, force: bool = False,
+            progress: Progress | None = None) -> Capture:
     """Run text through a model and write its keys, values and queries per layer (``kvc capture``).
 
     Parameters
@@ -204,6 +206,10 @@ def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, s
         The tokenizer of a loaded ``model`` (a model named by id or path brings its own).
     revision, dtype, device, trust_remote_code
         As the command's options: hub revision; auto|float32|bfloat16|float16; auto|cpu|cuda|cuda:N.
+    device_map, max_memory : str, optional
+        ``device_map="auto"``: a model larger than the device or RAM, its layers placed by accelerate
+        over the GPUs, the CPU and disk within ``max_memory`` ('0=20GB,cpu=60GB'); ``device`` is then
+        not used.
     special_tokens : bool
         Frame each window like a fresh input of the model (its BOS, or [CLS] ... [SEP]).
     force : bool
@@ -224,7 +230,8 @@ def capture(model: Any = None, text: PathLike | None = None, *, out: PathLike, s
     tick = _Ticker(progress, num_seqs, "capturing")
     corpus = load_corpus(None if text is None else str(text))
     source, lm, tok = open_model(model, tokenizer=tokenizer, revision=revision, dtype=dtype, device=device,
-                                 trust_remote_code=trust_remote_code, status=tick.say,
+                                 trust_remote_code=trust_remote_code, device_map=device_map,
+                                 max_memory=max_memory, status=tick.say,
                                  check=lambda config: check_positions(config, seq_len, "--seq-len"))
     frame = framing(tok, special_tokens)
     input_ids = token_windows(tok, corpus, seq_len, num_seqs, frame)
@@ -701,7 +708,8 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
              depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, needles: int = 4,
              retrieval: bool = True, special_tokens: bool = True, proxies: bool = True, tokenizer: Any = None,
              revision: str | None = None, dtype: str = "auto", device: str = "auto",
-             trust_remote_code: bool = False, progress: Progress | None = None, **options: Any) -> Evaluation:
+             trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None,
+             progress: Progress | None = None, **options: Any) -> Evaluation:
     """Perplexity and needle retrieval with a method's compressed cache, against the uncompressed
     one, in the model (``kvc eval``).
 
@@ -727,7 +735,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
         Start each context like a fresh input of the model (its BOS, if it adds one).
     proxies : bool
         Also measure :func:`compress`'s tensor metrics on the perplexity contexts.
-    revision, dtype, device, trust_remote_code
+    revision, dtype, device, trust_remote_code, device_map, max_memory
         As for :func:`capture`.
     progress : callable, optional
         ``progress(done, total, what)`` over the evaluation steps.
@@ -749,7 +757,8 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
     tick = _Ticker(progress, ev.steps(settings, 1), "eval")
     corpus = load_corpus(None if text is None else str(text))
     source, lm, tok = open_model(model, tokenizer=tokenizer, revision=revision, dtype=dtype, device=device,
-                                 trust_remote_code=trust_remote_code, status=tick.say,
+                                 trust_remote_code=trust_remote_code, device_map=device_map,
+                                 max_memory=max_memory, status=tick.say,
                                  check=lambda config: ev.check_model(config, settings))
     torch.manual_seed(compressor.options.seed)
     start = time.perf_counter()
@@ -760,7 +769,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
 
     result = ev.evaluate(lm, tok, corpus, [compressor], settings, measure=proxies, progress=step)[0]
     result["model"] = source.name
-    result["run"] = {"device": str(next(lm.parameters()).device),
+    result["run"] = {"device": str(input_device(lm)),
                      "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source,
                      "seconds": round(time.perf_counter() - start, 3)}
     return Evaluation(result)

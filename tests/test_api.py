@@ -367,3 +367,56 @@ def test_check_and_capture_record_the_same_model_revision(run, tmp_path):
     via_capture = CaptureFile(tmp_path / "cli.safetensors").meta
     assert via_check.model_revision == via_capture.model_revision
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", via_check.model_revision)
+
+
+# ----------------------------------------------------------------------------- models bigger than memory
+
+
+def test_offloaded_capture_equals_the_normal_one(tiny, tmp_path):
+    """--device-map auto with a tiny --max-memory puts the layers on disk (accelerate's offload); the
+    capture is bit for bit the one of the model held in memory."""
+    path, text = tiny
+    lm, _ = kvc.load_model(path, device_map="auto", max_memory="cpu=1KB")
+    assert set(lm.hf_device_map.values()) == {"disk"}  # the probe: the weights really are offloaded
+    normal = kvc.capture(path, text, out=tmp_path / "normal.safetensors", seq_len=32, num_seqs=2)
+    offloaded = kvc.capture(path, text, out=tmp_path / "offloaded.safetensors", seq_len=32, num_seqs=2,
+                            device_map="auto", max_memory="1KB")
+    _same_capture(normal, offloaded)
+
+
+def test_offloaded_eval_equals_the_normal_one(tiny):
+    path, text = tiny
+    settings = dict(contexts=[64], windows=1, continuation=8, retrieval=False, proxies=False)
+    normal = kvc.evaluate("int", path, text, bits=4, **settings).to_json()
+    offloaded = kvc.evaluate("int", path, text, bits=4, device_map="auto", max_memory="cpu=1KB", **settings).to_json()
+    assert _drop(offloaded["perplexity"]) == _drop(normal["perplexity"])
+
+
+@pytest.mark.parametrize("device_map, max_memory, message", [
+    ("auto", "20 gigs", "--max-memory '20 gigs': sizes look like 512MB or 20GB, got '20 gigs'"),
+    ("auto", "gpu0=20GB", "--max-memory 'gpu0=20GB': devices are GPU indices or cpu, got 'gpu0'"),
+    ("balanced", None, "--device-map must be auto, not 'balanced'"),
+    (None, "20GB", "--max-memory goes with --device-map auto"),
+])
+def test_placement_options_are_checked(tiny, tmp_path, device_map, max_memory, message):
+    with pytest.raises(KvcError, match=re.escape(message)):
+        kvc.load_model(tiny[0], device_map=device_map, max_memory=max_memory)
+
+
+def test_max_memory_as_accelerate_takes_it():
+    from kvc.model.load import parse_max_memory
+
+    assert parse_max_memory("0=20GB, 1=18.5gb,cpu=60GiB") == {0: "20GB", 1: "18.5GB", "cpu": "60GiB"}
+    assert parse_max_memory("512MB") == {"cpu": "512MB"}
+
+
+@pytest.mark.model
+def test_default_model_offloaded_to_disk_captures_the_same(tmp_path):
+    """The default model with a tiny --max-memory: most layers on disk, the capture bit for bit the same."""
+    lm, _ = kvc.load_model(device_map="auto", max_memory="cpu=20MB")
+    assert "disk" in set(lm.hf_device_map.values())
+    del lm
+    kwargs = dict(seq_len=24, num_seqs=1, layers="0,15,29")
+    normal = kvc.capture(out=tmp_path / "normal.safetensors", **kwargs)
+    offloaded = kvc.capture(out=tmp_path / "offloaded.safetensors", device_map="auto", max_memory="cpu=20MB", **kwargs)
+    _same_capture(normal, offloaded)

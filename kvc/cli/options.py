@@ -34,5 +34,11 @@ QueryStride = Annotated[int, typer.Option(
 ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto|float32|bfloat16|float16.")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code")]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    "--device-map", help="auto: a model larger than the device or RAM, its layers placed by accelerate over "
+    "the GPUs, the CPU and disk (--device is then not used).")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="With --device-map auto: memory per device, e.g. '0=20GB,cpu=60GB' (a bare size is "
+    "the CPU's); what does not fit is offloaded to disk.")]
 Text = Annotated[Optional[str], typer.Option(
     "--text", help="UTF-8 text file (default: the English docs shipped with CPython).")]

@@ -40,7 +40,7 @@ from ..model.hooks import AttentionCall, Hooks, Recorder, hooked
 from ..model.text import Corpus, framing
 from ..errors import KvcError
 from ..io.atomic import atomic_path
-from ..model.load import check_positions, is_causal_lm, text_config
+from ..model.load import check_positions, input_device, is_causal_lm, text_config
 
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")
 SUBJECTS = ("pass code of the {} door", "serial number of the {} bicycle", "room number of the {} hotel",
@@ -175,7 +175,7 @@ def _forward(model, ids: Tensor, cache: Cache, **kwargs) -> Tensor:
 def prefill(model, input_ids: Tensor) -> list[LayerKV]:
     """Every layer's cached K, V (after and before RoPE) and its queries of ``input_ids`` [B, T]
     (``prefill_layers``)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     recorder = Recorder(set(range(text_config(model.config).num_hidden_layers)))
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), hooked(model, recorder):

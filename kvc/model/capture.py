@@ -27,7 +27,7 @@ from ..attention import describe
 from ..io.capture import CaptureMeta, tensor_key
 from ..errors import KvcError
 from .hooks import LayersDone, Recorder, hooked
-from .load import text_config
+from .load import input_device, text_config
 from ..io.safetensors import StreamingSafetensorsWriter
 from ..selection import parse_index_list
 
@@ -73,7 +73,7 @@ def capture(model, input_ids: torch.Tensor, out_path, *, meta: dict, layers: lis
     """
     start = time.perf_counter()
     num_seqs, seq_len = input_ids.shape
-    device = next(model.parameters()).device
+    device = input_device(model)
     with contextlib.ExitStack() as stack:
         sink = LayerWriter(stack, out_path, layers, num_seqs, force, specs={
             "q_positions": (torch.int64, (len(q_positions),)), "input_ids": (torch.int64, (num_seqs, seq_len))})

@@ -7,6 +7,7 @@ safetensors under ``$KVC_CACHE_DIR`` (default ``~/.cache/kvc``) and reloads in a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -168,11 +169,15 @@ def _limit_key(config) -> str:
 
 
 def load_model(source: ModelSource, *, revision: str | None = None, dtype: str = "auto",
-               device: str = "auto", trust_remote_code: bool = False, config=None):
+               device: str = "auto", trust_remote_code: bool = False, config=None,
+               device_map: str | None = None, max_memory: str | None = None):
     """Return (model, tokenizer) in eval mode on the chosen device.
 
     A causal LM loads with its LM head; an encoder (BERT-style) as its bare model, which is all a
-    capture needs.
+    capture needs. ``device_map="auto"`` places the layers with accelerate's big-model inference
+    (GPUs, then CPU, then disk offload) within ``max_memory`` (``"0=20GB,cpu=60GB"``; a bare size is
+    the CPU's), so a model larger than the device or RAM still runs; offloaded weights go to a
+    temporary folder removed at exit.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -186,17 +191,65 @@ def load_model(source: ModelSource, *, revision: str | None = None, dtype: str =
         config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
     location, kwargs = _location(source, revision, trust_remote_code)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    placement = _placement(device_map, max_memory)
     try:
         with _hub_errors_only():
-            model = auto.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
+            model = auto.from_pretrained(location, config=config, dtype=torch_dtype, **placement, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise KvcError(f"could not load model {source.name!r}: {_first_line(err)}") from err
-    return model.to(torch_device).eval(), tokenizer
+    return (model if placement else model.to(torch_device)).eval(), tokenizer
+
+
+def _placement(device_map: str | None, max_memory: str | None) -> dict[str, Any]:
+    """from_pretrained's placement arguments for ``--device-map``/``--max-memory`` ({}: one device)."""
+    if device_map is None:
+        if max_memory is not None:
+            raise KvcError("--max-memory goes with --device-map auto")
+        return {}
+    if device_map != "auto":
+        raise KvcError(f"--device-map must be auto, not {device_map!r}")
+    placement: dict[str, Any] = {"device_map": "auto", "offload_folder": _offload_folder()}
+    if max_memory is not None:
+        placement["max_memory"] = parse_max_memory(max_memory)
+    return placement
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``--max-memory``: '0=20GB,1=20GB,cpu=60GB' (a bare '60GB' is the CPU's) as accelerate's dict."""
+    limits: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        where, eq, size = part.rpartition("=")
+        where = where if eq else "cpu"
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", size, re.IGNORECASE):
+            raise KvcError(f"--max-memory {text!r}: sizes look like 512MB or 20GB, got {size!r}")
+        if not (where == "cpu" or where.isdecimal()):
+            raise KvcError(f"--max-memory {text!r}: devices are GPU indices or cpu, got {where!r}")
+        limits[int(where) if where.isdecimal() else where] = size.upper().replace("IB", "iB")
+    if not limits:
+        raise KvcError(f"--max-memory {text!r}: expected sizes like cpu=60GB")
+    return limits
+
+
+def _offload_folder() -> str:
+    folder = tempfile.mkdtemp(prefix="kvc-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or for a model placed by accelerate
+    (``hf_device_map``) the first GPU it uses, else the CPU (offloaded layers run there)."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        gpus = [d for d in placed.values() if isinstance(d, int) or str(d).startswith("cuda")]
+        return torch.device(f"cuda:{gpus[0]}" if gpus and isinstance(gpus[0], int) else gpus[0] if gpus else "cpu")
+    return next(model.parameters()).device
 
 
 def open_model(model=None, *, tokenizer=None, revision: str | None = None, dtype: str = "auto",
-               device: str = "auto", trust_remote_code: bool = False,
+               device: str = "auto", trust_remote_code: bool = False, device_map: str | None = None,
+               max_memory: str | None = None,
                check: Callable[[Any], None] = lambda config: None,
                status: Callable[[str], None] = lambda text: None) -> tuple[ModelSource, Any, Any]:
     """(source, model, tokenizer) for a model named by hub id, directory or GGUF file (None: the
@@ -214,7 +267,8 @@ def open_model(model=None, *, tokenizer=None, revision: str | None = None, dtype
         config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
         check(config)
         lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
-                                   trust_remote_code=trust_remote_code, config=config)
+                                   trust_remote_code=trust_remote_code, config=config,
+                                   device_map=device_map, max_memory=max_memory)
         return source, lm, tokenizer
     if not hasattr(model, "config") or not callable(model):
         raise KvcError(f"model: expected a hub id, a directory, a GGUF file or a loaded transformers "

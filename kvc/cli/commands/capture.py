@@ -11,7 +11,7 @@ from rich.table import Table
 import kvc
 
 from ..console import human_bytes, out, progress_task
-from ..options import Device, Force, Layers, ModelDtype, Revision, Text, TrustRemoteCode
+from ..options import Device, DeviceMap, Force, Layers, MaxMemory, ModelDtype, Revision, Text, TrustRemoteCode
 from ...io.atomic import check_outputs
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ def command(
     dtype: ModelDtype = "auto",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Frame each window like a fresh input of the model (its tokenizer's BOS, or [CLS] ... [SEP]); --no-special-tokens captures bare text."),
     force: Force = False,
 ) -> None:
@@ -43,6 +45,7 @@ def command(
         cap = kvc.capture(model, text, out=out_path, seq_len=seq_len, num_seqs=num_seqs, layers=layers,
                           query_positions=query_positions, batch_size=batch_size, revision=revision,
                           dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                          device_map=device_map, max_memory=max_memory,
                           special_tokens=special_tokens, force=force, progress=progress)
     print_summary(cap.summary, cap.meta.model)
 

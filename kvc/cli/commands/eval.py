@@ -13,7 +13,7 @@ import kvc
 
 from ..console import err, out, progress_task
 from ..options import (Device, Force, JsonOut, MethodOptions, MethodSeed, ModelDtype, Revision, Text,
-                       TrustRemoteCode)
+                       TrustRemoteCode, DeviceMap, MaxMemory)
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
@@ -48,6 +48,8 @@ def command(
     device: Device = "auto",
     seed: MethodSeed = None,
     trust_remote_code: TrustRemoteCode = False,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="Start each context like a fresh input of the model (its tokenizer's BOS, if it adds one)."),
     force: Force = False,
 ) -> None:
@@ -70,6 +72,7 @@ def command(
     with progress_task("eval") as progress:
         evaluation = kvc.evaluate(compressor, model, text, **vars(settings), proxies=proxies, revision=revision,
                                   dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                  device_map=device_map, max_memory=max_memory,
                                   progress=progress)
     result = evaluation.to_json()
     console = err if json_path == "-" else out
