@@ -420,3 +420,20 @@ def test_default_model_offloaded_to_disk_captures_the_same(tmp_path):
     normal = kvc.capture(out=tmp_path / "normal.safetensors", **kwargs)
     offloaded = kvc.capture(out=tmp_path / "offloaded.safetensors", device_map="auto", max_memory="cpu=20MB", **kwargs)
     _same_capture(normal, offloaded)
+
+
+@pytest.mark.model
+def test_the_first_run_says_it_converts_the_gguf_file(tmp_path, monkeypatch):
+    """With an empty cache, loading the default model first says it converts the GGUF file (once)."""
+    from kvc.model import load
+
+    said = []
+
+    def stop(*args, **kwargs):
+        raise KvcError("stopped before loading")
+
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(load, "load_config", stop)
+    with pytest.raises(KvcError, match="stopped before loading"):
+        load.open_model(None, status=said.append)
+    assert len(said) == 1 and said[0].startswith("converting SmolLM2") and "first run only" in said[0]

@@ -263,7 +263,9 @@ def open_model(model=None, *, tokenizer=None, revision: str | None = None, dtype
             raise KvcError("tokenizer= goes with a loaded model; a model named by hub id or path "
                            "brings its own")
         source = resolve_model(None if model is None else str(model))
-        status(f"loading {source.name}")
+        first_run = source.kind == "gguf" and not (_gguf_cache(Path(source.location)) / "config.json").is_file()
+        status(f"converting {source.name} from GGUF to {_gguf_cache(Path(source.location))} (first run only, "
+               "about 30 s on 2 CPU cores)" if first_run else f"loading {source.name}")
         config = load_config(source, revision=revision, trust_remote_code=trust_remote_code)
         check(config)
         lm, tokenizer = load_model(source, revision=revision, dtype=dtype, device=device,
@@ -327,11 +329,16 @@ def _location(source: ModelSource, revision, trust_remote_code) -> tuple[str, di
     return source.location, {"revision": revision, "trust_remote_code": trust_remote_code}
 
 
-def _converted_gguf(gguf: Path) -> Path:
-    """A transformers directory converted from ``gguf``, made once and cached."""
+def _gguf_cache(gguf: Path) -> Path:
+    """Where the transformers directory converted from ``gguf`` is cached (keyed by path, size, mtime)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """A transformers directory converted from ``gguf``, made once and cached."""
+    target = _gguf_cache(gguf)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
