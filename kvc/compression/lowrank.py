@@ -132,7 +132,8 @@ class LowRankQuant(TensorCompressor):
         factor_bits: int = option(4, "bits per low-rank factor entry (fitted Lloyd-Max codebook)", low=1, high=8)
         block: int = option(128, "tokens per block; the unfinished last block stays fp16", low=1)
         rank_rule: str = option("eoptshrinkq", "rank rule: eoptshrinkq (BBP-type detection), matlab (v5 rule and "
-                                "pseudo-noise imputation), rd (rate-optimal: fewest total bits at equal predicted error)",
+                                "pseudo-noise imputation), rd (rate-optimal: fewest total bits at equal predicted "
+                                "error)",
                                 choices=("eoptshrinkq", "matlab", "rd"))
         rank: int = option(0, "fixed rank per block instead of the rule's (0: the rule's; eoptshrinkq keeps at most "
                            "this many of its usable components)", low=0, high=MAX_RANK)
@@ -168,9 +169,9 @@ class LowRankQuant(TensorCompressor):
         if o.rank_rule != "rd":
             return usable
         y, w = c.singular_values[..., : c.weights.shape[-1]], c.weights
-        # energy a kept component removes from the coded residual: y^2 - (y - w)^2 - c_f w^2
+        # energy a kept component removes from the coded residual: (1 - c_f)(y^2 - (y - w)^2)
         # (docs/methods.md#error-decomposition)
-        gains = torch.where(usable, 2 * y * w - (1 + factor_distortion(n, d, o.factor_bits)) * w * w, 0.0)
+        gains = torch.where(usable, (1 - factor_distortion(n, d, o.factor_bits)) * (2 * y * w - w * w), 0.0)
         costs = usable * (o.factor_bits * (n + d) + 16)  # factor codes and the fp16 weight
         energy = c.singular_values.square().sum(-1)  # ||X_b||_F^2
         m = rate_optimal_prefix(energy, gains, costs, n * d, residual_slope(d, o.bits))
