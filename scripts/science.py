@@ -31,7 +31,6 @@ from scipy.stats import t as student  # noqa: E402
 import kvc  # noqa: E402
 from kvc.analysis.rmt import eoptshrink  # noqa: E402
 from kvc.compression.lowrank import factor_distortion, residual_distortion  # noqa: E402
-from kvc.io.atomic import write_text  # noqa: E402
 from kvc.metrics.pareto import bit_saving  # noqa: E402
 
 BITS = (1, 2, 3, 4)
@@ -456,7 +455,7 @@ def write_results(section: str) -> None:
     text = path.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(RESULTS_BEGIN) + ".*?" + re.escape(RESULTS_END), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    write_text(path, text.rstrip("\n") + "\n", force=True)
+    kvc.write_text(path, text.rstrip("\n") + "\n", force=True)
 
 
 def run() -> int:
@@ -516,7 +515,7 @@ def run() -> int:
                 f"of {len(geo)} cells: the per-block rule spends components where the relative gain is cheapest "
                 "(blocks already coded well), which the arithmetic mean weights least.", ""]
     doc = header + model_lines + synth_lines + attention_lines + rank_lines + rd_lines + synth_rank_lines
-    write_text(ROOT / "docs" / "science.md", "\n".join(doc).rstrip("\n") + "\n", force=True)
+    kvc.write_text(ROOT / "docs" / "science.md", "\n".join(doc).rstrip("\n") + "\n", force=True)
     write_results(results_section(verdict, not rd_wins))
     print(f"wrote docs/science.md and the rank section of docs/results.md in {(time.time() - start) / 60:.1f} min")
     return 0
