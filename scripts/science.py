@@ -29,9 +29,6 @@ import torch  # noqa: E402
 from scipy.stats import t as student  # noqa: E402
 
 import kvc  # noqa: E402
-from kvc.analysis.rmt import eoptshrink  # noqa: E402
-from kvc.compression.lowrank import factor_distortion, residual_distortion  # noqa: E402
-from kvc.metrics.pareto import bit_saving  # noqa: E402
 
 BITS = (1, 2, 3, 4)
 FIXED_RANKS = tuple(range(1, 9))
@@ -111,28 +108,19 @@ def blocks_of(x: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
 
 
 def decomposition(capture, layers: list[int], method: str, bits: int, block: int, **options) -> dict[str, dict]:
-    """Predicted relative MSE per tensor (mean over layers and heads, as mse_rel) and its parts:
-    D_b x (bulk sum_{i not kept} y^2, shrinkage excess sum (y - w)^2, factor error c_f sum (2 y w - w^2))
-    / ||X||^2;
-    and the relative residual of the exact-factor low-rank part, ||X - L||^2 / ||X||^2."""
+    """Predicted relative MSE per tensor (mean over layers and heads, as mse_rel) and its parts, from the
+    compressor's ``predict``: D_b x (bulk, shrinkage excess, factor error) / ||X||^2; and the relative
+    residual of the exact-factor low-rank part, ||X - L||^2 / ||X||^2."""
     comp = kvc.method(method, bits=bits, block=block, **options)
     out = {}
     for tensor in ("k_pre", "v"):
         parts = {"bulk": [], "excess": [], "factor": [], "residual": []}
         for layer in layers:
-            x = capture.tensor(layer, tensor, dtype=torch.float32)
-            blocks, energy = blocks_of(x, block)
-            n, d = blocks.shape[-2:]
-            c = comp.components(blocks)
-            keep = comp.select(c, n, d)
-            y, w = c.singular_values, c.weights
-            kept_y = y[..., : keep.shape[-1]]
-            cf, D = factor_distortion(n, d, comp.options.factor_bits), residual_distortion(d, bits)
-            bulk = y.square().sum(-1) - (kept_y.square() * keep).sum(-1)
-            excess = ((kept_y - w).square() * keep).sum(-1)
-            factor = cf * ((2 * kept_y * w - w.square()) * keep).sum(-1)
-            for name, value in (("bulk", D * bulk), ("excess", D * excess), ("factor", D * factor),
-                                ("residual", bulk + excess)):
+            blocks, energy = blocks_of(capture.tensor(layer, tensor, dtype=torch.float32), block)
+            p = comp.predict(blocks)
+            D = p.distortion
+            for name, value in (("bulk", D * p.bulk), ("excess", D * p.excess), ("factor", D * p.factor),
+                                ("residual", p.bulk + p.excess)):
                 parts[name] += (value.sum((0, 2)) / energy).tolist()  # per head
         out[tensor] = {name: statistics.fmean(v) for name, v in parts.items()}
         out[tensor]["total"] = out[tensor]["bulk"] + out[tensor]["excess"] + out[tensor]["factor"]
@@ -145,8 +133,18 @@ def mean_rank(capture, layers: list[int], method: str, block: int, bits: int = 2
     for layer in layers:
         for tensor in ("k_pre", "v"):
             blocks, _ = blocks_of(capture.tensor(layer, tensor, dtype=torch.float32), block)
-            ranks += comp.select(comp.components(blocks), *blocks.shape[-2:]).sum(-1).flatten().tolist()
+            ranks += comp.predict(blocks).ranks.flatten().tolist()
     return statistics.fmean(ranks)
+
+
+def lowrank_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eoptshrinkq's exact-factor low-rank parts of blocks [..., n, d] at its rank: shrunk (phi) and
+    truncated (y) weights on the same components."""
+    comp = kvc.method("eoptshrinkq", block=blocks.shape[-2])
+    c = comp.components(blocks)
+    keep = comp.select(c, *blocks.shape[-2:])
+    y = c.singular_values[..., : keep.shape[-1]]
+    return tuple((c.left * (w * keep)[..., None, :]) @ c.right.mT for w in (c.weights, y))
 
 
 # ----------------------------------------------------------------------------- the default model
@@ -252,7 +250,7 @@ def rank_section(capture, layers: list[int], seeds: list[int], runs: Runs) -> tu
         for method, name, opts in rules:
             rows = [runs(capture, method, layers, bits=b, seed=0, **opts) for b in BITS]
             points = [(r[f"{key}_bits"], r[f"{key}_mse"], b) for r, b in zip(rows, BITS)]
-            saved = [s["saving"] for s in bit_saving(points, reference)]
+            saved = [s["saving"] for s in kvc.bit_saving(points, reference)]
             savings[(method, name, key)] = saved
             lines.append(f"| {method} | {name} | {mean_rank(capture, layers, method, block, **opts):.2f} | "
                          + " | ".join(f"{r[f'{key}_mse']:.5f} @ {r[f'{key}_bits']:.3f}" for r in rows) + " | "
@@ -276,7 +274,7 @@ def rank_section(capture, layers: list[int], seeds: list[int], runs: Runs) -> tu
                 pts = [(runs(capture, "svdq", layers, bits=b, seed=s, rank_rule="rd")[f"{key}_bits"],
                         runs(capture, "svdq", layers, bits=b, seed=s, rank_rule="rd")[f"{key}_{col}"], b)
                        for b in BITS]
-                for i, row in enumerate(bit_saving(pts, ref)):
+                for i, row in enumerate(kvc.bit_saving(pts, ref)):
                     if row["saving"] is not None:
                         per_bits[i].append(row["saving"])
             table[(label, mean_name)] = per_bits
@@ -343,9 +341,9 @@ def synthetic_sections(seeds: list[int], runs: Runs, work: Path) -> tuple[list[s
                 for tensor in ("k_pre", "v"):
                     x = cap.tensor(layer, tensor, dtype=torch.float64)
                     signal = x - zero.tensor(layer, tensor, dtype=torch.float64)
-                    s = eoptshrink(x)
-                    err["shrunk"] += float((s.lowrank() - signal).square().sum())
-                    err["truncated"] += float((s.truncated_svd() - signal).square().sum())
+                    shrunk, truncated = lowrank_parts(x)
+                    err["shrunk"] += float((shrunk - signal).square().sum())
+                    err["truncated"] += float((truncated - signal).square().sum())
                     signal_energy += float(signal.square().sum())
                     noise_energy += float((x - signal).square().sum())
                     for m in PAIR:
@@ -373,6 +371,7 @@ def synthetic_sections(seeds: list[int], runs: Runs, work: Path) -> tuple[list[s
             facts["closer"] += statistics.fmean(gain) < 0
             facts["largest"] = min(facts["largest"], (statistics.fmean(gain), label))
             facts["decoded_over_noise"] += [statistics.fmean(decoded[m]) / statistics.fmean(noise_share) for m in PAIR]
+            facts["D_2"] = kvc.method("svdq", bits=2, block=SYNTH_BLOCK).predict(cap.tensor(0, "v")).distortion
     geometry = (f"{SYNTH['layers']} layers x {SYNTH['kv_heads']} KV heads x {SYNTH['num_seqs']} sequences, "
                 f"{SYNTH['seq_len']} tokens, head_dim {SYNTH['head_dim']}, `--block {SYNTH_BLOCK}` (one block per "
                 f"sequence, beta = 1/4: BBP threshold 0.71 in kvc synth's units), keys before RoPE and values "
@@ -401,7 +400,7 @@ def synthetic_sections(seeds: list[int], runs: Runs, work: Path) -> tuple[list[s
              "(Gavish-Donoho, [optimal-shrinkage](methods.md#optimal-shrinkage)). The decoded caches are no "
              "estimate of S: the residual coder puts the noise back. Their error is "
              f"{min(facts['decoded_over_noise']):.3f}-{max(facts['decoded_over_noise']):.3f} times the noise "
-             f"energy for both codecs, about 1 − D_2 = {1 - residual_distortion(SYNTH['head_dim'], 2):.3f}: "
+             f"energy for both codecs, about 1 − D_2 = {1 - facts['D_2']:.3f}: "
              "TurboQuant-mse's decoder scales the residual down by about 1 − D_b "
              "([oracle-turboquant-bias](methods.md#oracle-turboquant-bias)), whatever the low-rank weights.", ""]
     return lines, facts
@@ -423,7 +422,7 @@ def synthetic_ranks(runs: Runs, work: Path) -> list[str]:
             rows = [runs(cap, "svdq", bits=b, seed=0, block=SYNTH_BLOCK, **opts) for b in BITS]
             points = [(r["bpe"], r["kv_mse"], b) for r, b in zip(rows, BITS)]
             reference = reference or points
-            saved = [s["saving"] for s in bit_saving(points, reference)]
+            saved = [s["saving"] for s in kvc.bit_saving(points, reference)]
             by_rule[name] = statistics.fmean(s for s in saved if s is not None)
             lines.append(f"| {noise}, {', '.join(map(str, strengths))} | {name} | "
                          f"{mean_rank(cap, list(range(SYNTH['layers'])), 'svdq', SYNTH_BLOCK, **opts):.2f} | "

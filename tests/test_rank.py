@@ -135,6 +135,10 @@ def test_predicted_error_matches_the_codec():
         predicted = residual_distortion(d, 2) * R2.sum()
         measured[method] = float(frob2(x_hat - x).sum())
         assert measured[method] == pytest.approx(float(predicted), rel=0.04)
+        p = comp.predict(x.float())  # the public prediction: the same numbers, split in its parts
+        assert p.ranks.equal(keep.sum(-1)) and float(p.error.sum()) == pytest.approx(float(predicted), rel=1e-9)
+        assert torch.allclose(p.energy, frob2(x)) and float(p.distortion) == residual_distortion(d, 2)
+        assert (method == "svdq") == bool((p.excess == 0).all())
     s = eoptshrink(x[0].float())
     excess = residual_distortion(d, 2) * (1 - cf) * ((s.singular_values[:, :3] - s.phi).square() * s.usable).sum()
     assert measured["eoptshrinkq"] - measured["svdq"] == pytest.approx(float(excess), rel=0.3)

@@ -103,6 +103,26 @@ class Components:
     usable: Tensor
 
 
+@dataclass(frozen=True)
+class ErrorPrediction:
+    """The rank rule's choice and the predicted coded error per block [...]
+    (docs/methods.md#error-decomposition): energy ||X_b||^2, ranks, and the residual energy the coder
+    sees in three parts: bulk sum_{i not kept} y_i^2, shrinkage excess sum_kept (y_i - w_i)^2, factor
+    error c_f sum_kept (2 y_i w_i - w_i^2); distortion D_b of the residual coder."""
+
+    energy: Tensor
+    ranks: Tensor
+    bulk: Tensor
+    excess: Tensor
+    factor: Tensor
+    distortion: float
+
+    @property
+    def error(self) -> Tensor:
+        """Predicted E||X_b - X_hat_b||^2 = D_b (bulk + excess + factor)."""
+        return self.distortion * (self.bulk + self.excess + self.factor)
+
+
 def compose(u: Tensor, w: Tensor, v: Tensor, ranks: Tensor) -> Tensor:
     """Sum_i w_i u_i v_i^T per block [..., n, d] from ragged u [R, n], w [R], v [R, d] and ranks [...]."""
     r_max = int(ranks.max()) if ranks.numel() else 0
@@ -117,8 +137,8 @@ def compose(u: Tensor, w: Tensor, v: Tensor, ranks: Tensor) -> Tensor:
 class LowRankQuant(TensorCompressor):
     """Blockwise low-rank factors (fitted-codebook codes) + a TurboQuant-mse residual.
 
-    Subclasses pick the singular-value weights in ``weights``; ranks, factors, residual codec and
-    storage are shared. Keys default to before RoPE, by measurement on the default capture
+    Subclasses give the candidate components and their weights (``components``); rank rules,
+    factors, residual codec and storage are shared. Keys default to before RoPE, by measurement on the default capture
     (SmolLM2-135M, 30 layers, 4 x 512 tokens, eoptshrinkq defaults, mean over layers): pre 2.55
     bits/entry, K mse_rel 0.017, relative MSE of the causal logits
     q.k with the real queries 0.011; post 2.51 bits/entry, 0.030, 0.018.
@@ -168,14 +188,32 @@ class LowRankQuant(TensorCompressor):
             return usable & (usable.cumsum(-1) <= o.rank)
         if o.rank_rule != "rd":
             return usable
-        y, w = c.singular_values[..., : c.weights.shape[-1]], c.weights
-        # energy a kept component removes from the coded residual: (1 - c_f)(y^2 - (y - w)^2)
-        # (docs/methods.md#error-decomposition)
-        gains = torch.where(usable, (1 - factor_distortion(n, d, o.factor_bits)) * (2 * y * w - w * w), 0.0)
+        excess, factor = self._excess_and_factor(c, n, d)
+        y2 = c.singular_values[..., : c.weights.shape[-1]].square()
+        gains = torch.where(usable, y2 - excess - factor, 0.0)  # = (1 - c_f)(2 y w - w^2)
         costs = usable * (o.factor_bits * (n + d) + 16)  # factor codes and the fp16 weight
         energy = c.singular_values.square().sum(-1)  # ||X_b||_F^2
         m = rate_optimal_prefix(energy, gains, costs, n * d, residual_slope(d, o.bits))
         return usable & (torch.arange(usable.shape[-1], device=usable.device) < m[..., None])
+
+    def _excess_and_factor(self, c: Components, n: int, d: int) -> tuple[Tensor, Tensor]:
+        """Per candidate [..., m]: the residual energy it leaves beyond the bulk if kept, (y - w)^2 and
+        c_f (2 y w - w^2) (docs/methods.md#error-decomposition)."""
+        y, w = c.singular_values[..., : c.weights.shape[-1]], c.weights
+        return (y - w).square(), factor_distortion(n, d, self.options.factor_bits) * (2 * y * w - w * w)
+
+    def predict(self, blocks: Tensor) -> ErrorPrediction:
+        """The ranks this compressor keeps in blocks [..., n, d] and their predicted coded error, from
+        the singular values alone (docs/methods.md#error-decomposition)."""
+        n, d = blocks.shape[-2:]
+        c = self.components(blocks)
+        keep = self.select(c, n, d)
+        excess, factor = self._excess_and_factor(c, n, d)
+        y2 = c.singular_values.square()
+        energy = y2.sum(-1)
+        return ErrorPrediction(energy, keep.sum(-1), energy - (y2[..., : keep.shape[-1]] * keep).sum(-1),
+                               (excess * keep).sum(-1), (factor * keep).sum(-1),
+                               residual_distortion(d, self.options.bits))
 
     @classmethod
     def nominal_bits(cls, options: Options, key_dim: int, value_dim: int) -> Nominal:
