@@ -27,6 +27,7 @@ _EXPORTS = {name: (_API, name) for name in (
     "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
 _EXPORTS["write_text"] = ("kvc.io.atomic", "write_text")  # atomic, as every file kvc writes: no torch
+_EXPORTS["bit_saving"] = ("kvc.metrics.pareto", "bit_saving")  # equal-error bits between two fronts: no torch
 _EXPORTS["methods"] = ("kvc.compression.catalogue", "methods")  # the committed catalogue: no torch
 _EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")  # with kvc.compressing(model, ...): generate
 

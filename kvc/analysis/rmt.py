@@ -71,6 +71,16 @@ class GramEig:
     def singular_values(self) -> Tensor:
         return self.eigenvalues.sqrt()
 
+    @property
+    def nonzero(self) -> Tensor:
+        """[..., p]: singular values above the numerical tolerance (the others have zero vectors)."""
+        return _above_tolerance(self.singular_values, self.left.shape[-2], self.right.shape[-2])
+
+
+def _above_tolerance(y: Tensor, n: int, d: int) -> Tensor:
+    """y > y_1 max(n, d) eps: the numerically nonzero singular values [..., p]."""
+    return y > y[..., :1] * max(n, d) * torch.finfo(y.dtype).eps
+
 
 def _check_matrix(X: Tensor) -> None:
     if X.ndim < 2:
@@ -89,8 +99,7 @@ def gram_eigh(X: Tensor, dtype: torch.dtype = torch.float64) -> GramEig:
     evals = evals.flip(-1).clamp_min(0.0)
     evecs = evecs.flip(-1)
     y = evals.sqrt()
-    tol = y[..., :1] * max(n, d) * torch.finfo(dtype).eps
-    inv_y = torch.where(y > tol, 1.0 / y.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(y))
+    inv_y = torch.where(_above_tolerance(y, n, d), 1.0 / y.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(y))
     other = (A.mT if transposed else A) @ evecs * inv_y[..., None, :]  # u = X v / y
     left, right = (evecs, other) if transposed else (other, evecs)
     return GramEig(evals, left, right, transposed)
@@ -504,6 +513,23 @@ def predicted_bit_saving(rho: Tensor | float, rank: Tensor | int, n: int, d: int
     rho = torch.as_tensor(rho, dtype=torch.float64)
     rank = torch.as_tensor(rank, dtype=torch.float64, device=rho.device)
     return 0.5 * torch.log2(1.0 / (1.0 - rho)) - rank * (n + d) * factor_bits / (n * d)
+
+
+def rate_optimal_prefix(energy: Tensor, gains: Tensor, costs: Tensor, entries: int, slope: float) -> Tensor:
+    """Number m [...] of leading candidate components that minimizes the total bits at equal error,
+
+        J(m) = (entries / slope) log2(energy - sum_{i<=m} gains_i) + sum_{i<=m} costs_i,   m = 0..M,
+
+    from the energy [...] the residual coder sees without components, the energy each candidate
+    removes (gains [..., M]) and its bits (costs [..., M]); the smallest m on ties. ``slope``: log2
+    of the residual coder's error per bit per entry. Derivation: docs/methods.md#rate-optimal-rank.
+    """
+    zero = energy.new_zeros(*energy.shape, 1)
+    left = energy[..., None] - torch.cat([zero, gains.cumsum(-1)], -1)  # residual energy E(m), [..., M + 1]
+    bits = torch.cat([zero, costs.to(energy.dtype).cumsum(-1)], -1)
+    tiny = torch.finfo(energy.dtype).tiny
+    J = entries / slope * torch.log2(left.clamp_min(tiny)) + bits  # total bits at equal error, up to a constant
+    return J.argmin(-1)  # torch.argmin returns the first minimum
 
 
 # ----------------------------------------------------------------------------- residual diagnostics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ...analysis.rmt import Shrinkage
-from ..lowrank import LowRankQuant
+from ...analysis.rmt import eoptshrink, gram_eigh
+from ..lowrank import DETECTION_RULES, Components, LowRankQuant
 
 
 class SVDQ(LowRankQuant):
@@ -15,6 +15,16 @@ class SVDQ(LowRankQuant):
     summary = "control: rank-matched truncated SVD (unshrunk) + TurboQuant-mse residual"
     paper = "rank-matched control (LaplaceKV audit): same rank and codec as eoptshrinkq, no shrinkage"
 
-    def weights(self, shrinkage: Shrinkage) -> Tensor:
-        y = shrinkage.singular_values[..., : shrinkage.usable.shape[-1]]
-        return y * shrinkage.usable  # unshrunk y_i on the components eoptshrinkq keeps
+    @property
+    def detects(self) -> bool:
+        """Rank-matched to eoptshrinkq under a detection rule; rd and --rank need the singular values only."""
+        return self.options.rank_rule in DETECTION_RULES and not self.options.rank
+
+    def components(self, blocks: Tensor) -> Components:
+        if not self.detects:  # every nonzero singular triplet is a candidate (docs/methods.md#rate-optimal-rank)
+            svd = gram_eigh(blocks)
+            return Components(svd.singular_values, svd.left, svd.right, svd.singular_values, svd.nonzero)
+        s = eoptshrink(blocks, rule=self.detection, imputation=self.detection)
+        y = s.singular_values[..., : s.usable.shape[-1]]
+        # unshrunk y_i on the components eoptshrinkq keeps
+        return Components(s.singular_values, s.left, s.right, y * s.usable, s.usable)
