@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -148,6 +149,14 @@ def progress(done: int, total: int, what: str) -> None:
     print(f"[{done}/{total}] {what}", file=sys.stderr)
 
 
+def science_section(results: Path) -> str:
+    """The rank section that scripts/science.py keeps in docs/results.md (between its markers), kept."""
+    text = results.read_text(encoding="utf-8") if results.exists() else ""
+    found = re.search(r"\n<!-- scripts/science\.py: rank section -->.*?<!-- end of scripts/science\.py's rank "
+                      r"section -->\n", text, re.DOTALL)
+    return found.group(0) if found else ""
+
+
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capture", default="out/default.safetensors")
@@ -171,7 +180,8 @@ def run() -> int:
     docs.mkdir(parents=True, exist_ok=True)
     for png in work.glob("pareto_*.png"):
         shutil.copyfile(png, docs / png.name)
-    kvc.write_text(Path("docs") / "results.md", report(result, kvc.load(capture), command) + "\n", force=True)
+    results = Path("docs") / "results.md"
+    kvc.write_text(results, report(result, kvc.load(capture), command) + "\n" + science_section(results), force=True)
     print(f"wrote docs/results.md and {len(list(docs.glob('pareto_*.png')))} plots in docs/results/")
     for failure in result.failures:
         print(f"FAILED {failure['method']} --bits {failure['bits']:g} --keys {failure['keys']}: {failure['reason']}",
