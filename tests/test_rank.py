@@ -22,12 +22,7 @@ from kvc.quant.lloyd_max import beta_codebook, distortion, nearest_codes
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def spiked(heads: int, n: int, d: int, strengths, seed: int = 0, noise: str = "white") -> torch.Tensor:

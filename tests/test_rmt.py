@@ -13,13 +13,7 @@ from kvc.analysis import rmt
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Batched LAPACK calls on 2 shared cores are fastest and steadiest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _orthonormal(batch: int, m: int, r: int, gen: torch.Generator) -> torch.Tensor:
