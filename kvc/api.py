@@ -380,7 +380,22 @@ def method(name: str, **options: Any) -> Compressor:
     return configure(name, **options)
 
 
-class Compression:
+class _Result:
+    """A result over the JSON its command writes with ``--json``; fields read from it."""
+
+    def __init__(self, report: dict):
+        self._json = report
+
+    def to_json(self) -> dict:
+        return copy.deepcopy(self._json)
+
+
+def _field(key: str, optional: bool = False) -> property:
+    """A read-only attribute of a :class:`_Result`: its JSON's ``key`` (None when ``optional`` and absent)."""
+    return property(lambda self: self._json.get(key) if optional else self._json[key])
+
+
+class Compression(_Result):
     """One method over a capture: fully counted bits per entry and fidelity per layer and head; the
     result of :func:`compress` (docs/compress.md).
 
@@ -414,15 +429,15 @@ class Compression:
     """
 
     def __init__(self, run: engine.RunResult, capture: CaptureFile):
+        super().__init__(run.to_json())
         self.run, self.capture = run, capture
-        self._json = run.to_json()
 
-    method = property(lambda self: self._json["method"])
-    params = property(lambda self: self._json["params"])
-    bits_per_entry = property(lambda self: self._json["bits_per_entry"])
-    bits_per_entry_paper = property(lambda self: self._json["bits_per_entry_paper"])
-    heads = property(lambda self: self._json["heads"])
-    summary = property(lambda self: self._json["summary"])
+    method = _field("method")
+    params = _field("params")
+    bits_per_entry = _field("bits_per_entry")
+    bits_per_entry_paper = _field("bits_per_entry_paper")
+    heads = _field("heads")
+    summary = _field("summary")
 
     @property
     def entries(self) -> int:
@@ -431,9 +446,6 @@ class Compression:
     @property
     def array_bytes(self) -> int:
         return sum(e.nbits() for e in self.run.encoded.values()) // 8
-
-    def to_json(self) -> dict:
-        return copy.deepcopy(self._json)
 
     def save(self, path: PathLike, force: bool = False) -> Path:
         if not self.run.encoded:
@@ -529,7 +541,7 @@ def decompress(path: PathLike, out: PathLike | None = None, *, queries: CaptureF
     return result
 
 
-class Sweep:
+class Sweep(_Result):
     """Methods x bit widths x key placement on one capture: the result of :func:`sweep`
     (docs/results.md).
 
@@ -564,18 +576,12 @@ class Sweep:
 
     metrics = {metric: label for metric, (label, _) in METRICS.items()}
 
-    def __init__(self, report: dict):
-        self._json = report
-
-    runs = property(lambda self: self._json["runs"])
-    skipped = property(lambda self: self._json["skipped"])
-    failures = property(lambda self: self._json["failures"])
-    savings = property(lambda self: self._json["savings"])
-    pareto = property(lambda self: self._json["pareto"])
-    e2e_rank_correlation = property(lambda self: self._json["e2e_rank_correlation"])
-
-    def to_json(self) -> dict:
-        return copy.deepcopy(self._json)
+    runs = _field("runs")
+    skipped = _field("skipped")
+    failures = _field("failures")
+    savings = _field("savings")
+    pareto = _field("pareto")
+    e2e_rank_correlation = _field("e2e_rank_correlation")
 
     def points(self, view: str, metric: str) -> dict[str, list[tuple[float, float, float]]]:
         if view not in VIEWS or metric not in METRICS:
@@ -648,7 +654,7 @@ def sweep(capture: CaptureFile | PathLike, *,
 # ----------------------------------------------------------------------------- inside the model
 
 
-class Evaluation:
+class Evaluation(_Result):
     """A method's compressed cache inside the model against the uncompressed one: the result of
     :func:`evaluate` (docs/eval.md).
 
@@ -674,18 +680,12 @@ class Evaluation:
         Write the depth x length retrieval heatmap (PNG).
     """
 
-    def __init__(self, result: dict):
-        self._json = result
-
-    method = property(lambda self: self._json["method"])
-    params = property(lambda self: self._json["params"])
-    bits_per_entry = property(lambda self: self._json["bits_per_entry"])
-    perplexity = property(lambda self: self._json["perplexity"])
-    retrieval = property(lambda self: self._json.get("retrieval"))
-    proxies = property(lambda self: self._json.get("proxies"))
-
-    def to_json(self) -> dict:
-        return copy.deepcopy(self._json)
+    method = _field("method")
+    params = _field("params")
+    bits_per_entry = _field("bits_per_entry")
+    perplexity = _field("perplexity")
+    retrieval = _field("retrieval", optional=True)
+    proxies = _field("proxies", optional=True)
 
     def plot(self, path: PathLike, force: bool = False) -> Path:
         from .eval.evaluate import plot_retrieval  # transformers and matplotlib only when asked for
@@ -778,7 +778,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
 # ----------------------------------------------------------------------------- budgets
 
 
-class Budget:
+class Budget(_Result):
     """KV-cache memory across context lengths, fp16 against compressed: the result of :func:`budget`
     (docs/budget.md).
 
@@ -802,17 +802,11 @@ class Budget:
         What ``kvc budget --json`` writes.
     """
 
-    def __init__(self, report: dict):
-        self._json = report
-
-    geometry = property(lambda self: self._json["geometry"])
-    batch = property(lambda self: self._json["batch"])
-    fp16 = property(lambda self: self._json["fp16"])
-    compressed = property(lambda self: self._json["compressed"])
-    contexts = property(lambda self: self._json["contexts"])
-
-    def to_json(self) -> dict:
-        return copy.deepcopy(self._json)
+    geometry = _field("geometry")
+    batch = _field("batch")
+    fp16 = _field("fp16")
+    compressed = _field("compressed")
+    contexts = _field("contexts")
 
     def __repr__(self) -> str:
         return f"Budget({self.geometry['name']}, {len(self.contexts)} contexts, batch {self.batch})"
