@@ -24,7 +24,8 @@ _API = "kvc.api"
 # name -> (module, attribute)
 _EXPORTS = {name: (_API, name) for name in (
     "capture", "load", "load_model", "synth", "analyze", "compress", "decompress", "methods", "method", "sweep",
-    "evaluate", "budget", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget")}
+    "evaluate", "budget", "plan", "load_plan", "Capture", "Analysis", "Compression", "Sweep", "Evaluation", "Budget",
+    "Plan")}
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
 _EXPORTS["write_text"] = ("kvc.io.atomic", "write_text")  # atomic, as every file kvc writes: no torch
 _EXPORTS["bit_saving"] = ("kvc.metrics.pareto", "bit_saving")  # equal-error bits between two fronts: no torch

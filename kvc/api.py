@@ -41,6 +41,9 @@ from .model.load import (DTYPES, check_positions, input_device, model_revision, 
                          weights_description)
 from .model.synth import SpikedSpec, synthesize
 from .model.text import framing, load_corpus, token_windows
+from .planning import allocate as allocation
+from .planning import compressor as planning
+from .planning import planfile
 from .selection import parse_layers
 from .threads import cpu_threads
 
@@ -448,6 +451,9 @@ class Compression(_Result):
         return sum(e.nbits() for e in self.run.encoded.values()) // 8
 
     def save(self, path: PathLike, force: bool = False) -> Path:
+        if self.method == "plan":
+            raise KvcError("a plan's compression cannot be written to a compressed file yet (kvc decompress "
+                           "reads single methods); measure it without --out")
         if not self.run.encoded:
             raise KvcError("this compression kept no encoded arrays (compress(..., keep=False))")
         engine.write_compressed(path, self.run, self.capture, force=force)
@@ -457,7 +463,8 @@ class Compression(_Result):
         return f"Compression({self.method}: {self.bits_per_entry:.4f} bits per entry, {self.capture.path})"
 
 
-def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layers: str | Sequence[int] = "all",
+def compress(capture: CaptureFile | PathLike, method: str | Compressor | None = None, *,
+             plan: PathLike | None = None, layers: str | Sequence[int] = "all",
              device: str = "auto", dtype: str = "float32", query_stride: int = 1, keep: bool = True,
              progress: Progress | None = None, **options: Any) -> Compression:
     """Compress a capture with one method and measure it (``kvc compress``).
@@ -466,7 +473,11 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layer
     ----------
     capture : Capture or path
     method : str or Compressor
-        A method name (:func:`methods`), ``"EVICTOR+COMPRESSOR"``, or :func:`method`'s result.
+        A method name (:func:`methods`), ``"EVICTOR+COMPRESSOR"``, or :func:`method`'s result
+        (:func:`load_plan`'s too).
+    plan : path, optional
+        A plan file (:func:`plan`, docs/plan.md) instead of a method: each (layer, K or V, KV head)
+        with its own method; its model shape must be the capture's.
     layers : str or sequence of int
         'all' or a selection like '0,2,5-9' of the layers the file holds.
     device : str
@@ -487,11 +498,14 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layer
     Compression
     """
     cpu_threads()
-    compressor = configured(method, options)
+    compressor = _method_or_plan(method, plan, options)
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
     cap = _open(capture)
     selected = cap.select_layers(_spec(layers))
+    if isinstance(compressor, planning.PlanCompressor):
+        meta = cap.meta
+        compressor.plan.check_geometry(meta.num_kv_heads, meta.head_dim, f"capture {cap.path}", meta.num_layers)
     torch_device, torch_dtype = require_device(device), compute_dtype(dtype)
     torch.manual_seed(compressor.options.seed)
     tick = _Ticker(progress, len(selected), compressor.name)
@@ -703,7 +717,8 @@ class Evaluation(_Result):
                 f"{p['ppl_base']:.4f} -> {p['ppl']:.4f})")
 
 
-def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None = None, *,
+def evaluate(method: str | Compressor | None = None, model: Any = None, text: PathLike | None = None, *,
+             plan: PathLike | None = None,
              contexts: str | Sequence[int] = (256, 512, 1024), windows: int = 2, continuation: int = 64,
              depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, needles: int = 4,
              retrieval: bool = True, special_tokens: bool = True, proxies: bool = True, tokenizer: Any = None,
@@ -717,6 +732,8 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
     ----------
     method : str or Compressor
         As for :func:`compress`; ``**options`` are its options.
+    plan : path, optional
+        A plan file instead of a method (as for :func:`compress`).
     model : str, os.PathLike, transformers model or None
         As for :func:`capture` (a causal LM); ``tokenizer`` with a loaded model.
     text : str or os.PathLike, optional
@@ -747,7 +764,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
     cpu_threads()
     from .eval import evaluate as ev  # transformers only when asked for
 
-    compressor = configured(method, options)
+    compressor = _method_or_plan(method, plan, options)
     if isinstance(contexts, str):
         contexts = budgets.parse_contexts(contexts, "--contexts")
     settings = ev.Settings(contexts=tuple(int(c) for c in contexts), windows=windows, continuation=continuation,
@@ -767,6 +784,9 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
         tick.what = what
         tick()
 
+    if isinstance(compressor, planning.PlanCompressor):
+        shape = budgets.geometry_from_config(lm.config, source.name)
+        compressor.plan.check_geometry(max(shape.kv_heads), shape.key_dim, f"model {source.name}", shape.num_layers)
     result = ev.evaluate(lm, tok, corpus, [compressor], settings, measure=proxies, progress=step)[0]
     result["model"] = source.name
     result["run"] = {"device": str(input_device(lm)),
@@ -857,3 +877,156 @@ def budget(model: str | None = None, *, layers: int | None = None, kv_heads: int
         compression = budgets.measured_compression(result, source="kvc.compress")
     contexts = budgets.parse_contexts(context if isinstance(context, str) else ",".join(map(str, context)))
     return Budget(budgets.budget(geometry, contexts, batch, compression))
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def _method_or_plan(method: str | Compressor | None, plan: PathLike | None, options: Mapping[str, Any]) -> Compressor:
+    """The compressor of a method with its options, or of a plan file (not both)."""
+    if plan is None:
+        if method is None:
+            raise KvcError("give a method (--method) or a plan file (--plan)")
+        return configured(method, options)
+    if method is not None or options:
+        raise KvcError("give a method (--method) or a plan file (--plan), not both")
+    return load_plan(plan)
+
+
+def load_plan(path: PathLike) -> Compressor:
+    """A plan file (:func:`plan`, docs/plan.md), validated, as a compressor: for :func:`compress`,
+    :func:`evaluate` and :func:`kvc.compressing` (its model shape is checked on each layer)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise KvcError(f"plan: expected the path of a plan file, got {type(path).__name__}")
+    return planning.PlanCompressor(planfile.read_plan(path), str(path))
+
+
+class Plan(_Result):
+    """A method and bit width per (layer, K or V, KV head) within a budget: the result of :func:`plan`
+    (docs/plan.md).
+
+    Attributes
+    ----------
+    budget : float
+        Average bits per entry asked (from ``memory`` when given so).
+    bits_per_entry : float
+        The plan's fully counted stored bits per entry on the capture (what ``kvc compress --plan``
+        counts there).
+    error : float
+        Predicted total: sum over (layer, KV head) of the relative squared attention-output errors
+        of K and of V.
+    attn_out_rel : float
+        Predicted mean over (layer, KV head) of sqrt(e_K + e_V), comparable to ``kvc compress``'s.
+    heads : list of dict
+        One row per (layer, tensor, KV head): ``method``, ``label``, ``options``, ``bits_per_entry``, ``error``.
+    per_layer : list of dict
+        Bits per entry of K, V and both per layer.
+    uniform : list of dict
+        Every candidate applied to every head: bits per entry, predicted error and attn_out_rel.
+    spec : kvc.planning.planfile.PlanSpec
+        The plan itself.
+    points : kvc.planning.allocate.RateDistortion
+        The measured points, to plan again at another budget (``plan(..., points=result)``).
+
+    Methods
+    -------
+    to_json()
+        What ``kvc plan --json`` writes.
+    save(path, force=False)
+        Write the plan file (TOML, docs/plan.md).
+    plot(path, force=False)
+        Write the heatmap of bits per layer and head (PNG).
+    """
+
+    budget = _field("budget")
+    bits_per_entry = _field("bits_per_entry")
+    error = _field("error")
+    attn_out_rel = _field("attn_out_rel")
+    heads = _field("heads")
+    per_layer = _field("per_layer")
+    uniform = _field("uniform")
+
+    def __init__(self, report: dict, spec: planfile.PlanSpec, points: allocation.RateDistortion):
+        super().__init__(report)
+        self.spec, self.points = spec, points
+
+    def save(self, path: PathLike, force: bool = False) -> Path:
+        planfile.write_plan(path, self.spec, force=force)
+        return Path(path)
+
+    def plot(self, path: PathLike, force: bool = False) -> Path:
+        from .planning import plots  # matplotlib only when asked for
+
+        path = Path(path)
+        check_outputs([path], force)
+        plots.heatmap(self._json, path, force)
+        return path
+
+    def __repr__(self) -> str:
+        return (f"Plan({self.bits_per_entry:.4f} bits per entry within {self.budget:g}, predicted "
+                f"attn_out_rel {self.attn_out_rel:.4f})")
+
+
+def plan(capture: CaptureFile | PathLike, budget: float | None = None, *, memory: str | None = None,
+         model: str | None = None, context: int | str | None = None, batch: int = 1,
+         methods: str | Sequence[str] = allocation.DEFAULT_METHODS,
+         bits: Sequence[float] = allocation.DEFAULT_BITS, options: Mapping[str, Any] | None = None,
+         layers: str | Sequence[int] = "all", device: str = "auto", dtype: str = "float32",
+         query_stride: int = 1, points: Plan | None = None, progress: Progress | None = None) -> Plan:
+    """A method and bit width per (layer, K or V, KV head) minimizing the predicted attention-output
+    error within a budget (``kvc plan``, docs/plan.md, docs/methods.md#plan).
+
+    Parameters
+    ----------
+    capture : Capture or path
+        The calibration capture: every candidate is measured on it.
+    budget : float, optional
+        Average stored bits per K and V entry, fully counted (as ``kvc compress`` counts them).
+    memory, model, context, batch
+        Instead of ``budget``: the bytes ('40GB') the KV cache of ``batch`` sequences of ``context``
+        tokens ('32k') of ``model`` (as for :func:`budget`; default: the default model) may take;
+        the budget is 16 x memory / fp16 bytes (kvc budget's arithmetic).
+    methods : str or sequence of str
+        Per-tensor candidate methods; ``bits``: their widths (a method without ``bits`` once, a
+        width a method cannot take skipped); ``options``: ``{"[method.]key": value}``.
+    layers, device, dtype, query_stride
+        As for :func:`compress` (the plan covers ``layers``).
+    points : Plan, optional
+        A plan of the same capture whose measured points to reuse (no measurement).
+    progress : callable, optional
+        ``progress(done, total, what)`` over layers x candidates.
+
+    Returns
+    -------
+    Plan
+    """
+    cpu_threads()
+    if (budget is None) == (memory is None):
+        raise KvcError("give a budget in bits per entry (--budget) or a memory size (--memory), not both")
+    if memory is not None:
+        if context is None:
+            raise KvcError("--memory needs --context (tokens per sequence, e.g. 32k)")
+        contexts = budgets.parse_contexts(str(context))
+        if len(contexts) != 1:
+            raise KvcError(f"--context {context!r}: give one context length")
+        geometry, _ = budgets.budget_inputs(model)
+        budget = allocation.memory_budget(memory, geometry, contexts[0], batch)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise KvcError(f"--budget must be a number of bits per entry, got {budget!r}")
+    if query_stride < 1:
+        raise KvcError("--query-stride must be >= 1")
+    cap = _open(capture)
+    if points is not None:
+        rd = points.points
+        if points.to_json()["capture"] != str(cap.path):
+            raise KvcError(f"points= were measured on {points.to_json()['capture']}, not {cap.path}")
+        skipped = points.to_json()["skipped"]
+    else:
+        cands, skipped = allocation.candidates(_names(methods), list(bits), dict(options or {}))
+        selected = cap.select_layers(_spec(layers))
+        torch_device, torch_dtype = require_device(device), compute_dtype(dtype)
+        allocation.check_budget(budget)  # before measuring
+        tick = _Ticker(progress, len(selected) * len(cands), "measuring")
+        rd = allocation.measure(cap, cands, selected, torch_device, torch_dtype, query_stride, tick)
+    spec = allocation.allocate(rd, float(budget), cap.meta, str(cap.path))
+    return Plan(allocation.report(spec, rd, skipped, str(cap.path)), spec, rd)

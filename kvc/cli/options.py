@@ -10,6 +10,7 @@ synthetic data (bench, synth), ``kvc synth --dtype`` (the stored dtype), ``kvc s
 Only typer here: ``kvc --help`` and ``kvc <command> --help`` import nothing heavy.
 """
 
+from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
@@ -27,6 +28,8 @@ MethodSeed = Annotated[Optional[int], typer.Option(
 MethodOptions = Annotated[List[str], typer.Option(
     "--opt", help="Method option key=value (repeatable); or pass it as --key value.")]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32|float64.")]
+PlanFile = Annotated[Optional[Path], typer.Option(
+    "--plan", help="A plan file (kvc plan, docs/plan.md) instead of --method: a method per layer, K or V and KV head.")]
 QueryStride = Annotated[int, typer.Option(
     "--query-stride", help="Measure with every N-th captured query (the method sees all).")]
 

@@ -17,7 +17,7 @@ from rich.table import Table
 import kvc
 
 from ..console import err, human_bytes, out, progress_task
-from ..options import ComputeDtype, Device, Force, JsonOut, Layers, MethodOptions, MethodSeed, QueryStride
+from ..options import ComputeDtype, Device, Force, JsonOut, Layers, MethodOptions, MethodSeed, PlanFile, QueryStride
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
@@ -74,6 +74,25 @@ def overall_line(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- command
 
+
+def method_or_plan(method: str | None, plan: Path | None, tokens: list[str], assignments: list[str],
+                   seed: int | None):
+    """(the compressor of --method and its options, or of --plan; the positional arguments)."""
+    if (method is None) == (plan is None):
+        raise KvcError("give --method NAME (with its options) or --plan PLAN, one of them")
+    if plan is not None:
+        extra = [t for t in tokens if t.startswith("-")]
+        if extra or assignments or seed is not None:
+            raise KvcError(f"--plan takes no method options ({' '.join(extra + assignments) or '--seed'}); "
+                           "the plan file holds them")
+        return kvc.load_plan(plan), tokens
+    cls = options.get(method)
+    params, positional = options.parse_method_args(cls, tokens, assignments)
+    if seed is not None:
+        params["seed"] = seed
+    return kvc.method(cls.name, **params), positional
+
+
 NAME = "compress"
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -81,7 +100,8 @@ CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 def command(
     ctx: typer.Context,
     capture: Optional[str] = typer.Argument(None, metavar="CAPTURE", help="Capture file (kvc capture, kvc synth)."),
-    method: str = typer.Option(..., "--method", "-m", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
+    plan: PlanFile = None,
     opt: MethodOptions = [],
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the compressed form (safetensors)."),
     json_path: JsonOut = None,
@@ -92,19 +112,18 @@ def command(
     query_stride: QueryStride = 1,
     force: Force = False,
 ) -> None:
-    """Compress a capture with one method; report bits per entry and fidelity per layer and head.
+    """Compress a capture with one method (or a plan); report bits per entry and fidelity per layer and head.
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2 --group-size 32.
     """
-    cls = options.get(method)
-    params, positional = options.parse_method_args(cls, ([capture] if capture else []) + list(ctx.args), opt)
+    compressor, positional = method_or_plan(method, plan, ([capture] if capture else []) + list(ctx.args), opt, seed)
     if len(positional) != 1:
         raise KvcError(f"expected one CAPTURE file, got {len(positional)}: {' '.join(positional) or 'none'}")
-    if seed is not None:
-        params["seed"] = seed
-    compressor = kvc.method(cls.name, **params)
-    check_outputs([out_path, json_path], force, inputs=[positional[0]])
-    with progress_task(cls.name) as progress:
+    if plan is not None and out_path is not None:
+        raise KvcError("--out with --plan: a plan's compression cannot be written to a compressed file yet "
+                       "(kvc decompress reads single methods)")
+    check_outputs([out_path, json_path], force, inputs=[positional[0], plan])
+    with progress_task(compressor.name) as progress:
         result = kvc.compress(positional[0], compressor, layers=layers, device=device, dtype=dtype,
                               query_stride=query_stride, keep=out_path is not None, progress=progress)
     report = result.to_json()

