@@ -1017,10 +1017,10 @@ def plan(capture: CaptureFile | PathLike, budget: float | None = None, *, memory
         raise KvcError("--query-stride must be >= 1")
     cap = _open(capture)
     if points is not None:
-        rd = points.points
-        if points.to_json()["capture"] != str(cap.path):
-            raise KvcError(f"points= were measured on {points.to_json()['capture']}, not {cap.path}")
-        skipped = points.to_json()["skipped"]
+        rd, measured = points.points, points.to_json()
+        if measured["capture"] != str(cap.path):
+            raise KvcError(f"points= were measured on {measured['capture']}, not {cap.path}")
+        skipped = measured["skipped"]
     else:
         cands, skipped = allocation.candidates(_names(methods), list(bits), dict(options or {}))
         selected = cap.select_layers(_spec(layers))

@@ -16,7 +16,7 @@ SHARED = {name: typing.get_args(value)[1] for name, value in vars(options).items
           if typing.get_origin(value) is typing.Annotated}
 # (command, flag) declared in the command itself: the same flag, another meaning (kvc/cli/options.py)
 OWN = {("bench", "--device"), ("bench", "--layers"), ("budget", "--layers"), ("synth", "--layers"),
-       ("bench", "--seed"), ("synth", "--seed"), ("synth", "--dtype"), ("sweep", "--opt")}
+       ("bench", "--seed"), ("synth", "--seed"), ("synth", "--dtype"), ("sweep", "--opt"), ("plan", "--opt")}
 
 
 def _options(name: str) -> list:
@@ -32,7 +32,7 @@ def _declared(info) -> str:
 def test_the_shared_types_are_the_expected_ones():
     assert set(SHARED) == {"Device", "Layers", "Force", "JsonOut", "PrintJson", "MethodSeed", "MethodOptions",
                            "ComputeDtype", "QueryStride", "ModelDtype", "Revision", "TrustRemoteCode", "Text",
-                           "DeviceMap", "MaxMemory"}
+                           "DeviceMap", "MaxMemory", "PlanFile"}
     assert _declared(SHARED["Device"]) == "--device" and SHARED["Device"].help == "auto|cpu|cuda|cuda:N"
 
 
@@ -58,10 +58,10 @@ def test_the_exceptions_are_real_and_differ():
 def test_every_command_forces_and_selects_devices_alike():
     helps = {(name, flag): p.help for name in COMMANDS for p in _options(name) for flag in p.opts}
     forced = {name for name, flag in helps if flag == "--force"}
-    assert forced == {"analyze", "bench", "budget", "capture", "check", "compress", "decompress", "eval", "sweep",
-                      "synth"}
+    assert forced == {"analyze", "bench", "budget", "capture", "check", "compress", "decompress", "eval", "plan",
+                      "sweep", "synth"}
     assert {helps[(name, "--force")] for name in forced} == {"Overwrite existing output files."}
     assert {name for (name, flag), text in helps.items() if flag == "--device" and text == SHARED["Device"].help} \
-        == {"analyze", "capture", "compress", "decompress", "eval", "sweep"}
+        == {"analyze", "capture", "compress", "decompress", "eval", "plan", "sweep"}
     assert {name for (name, flag), text in helps.items() if flag == "--json" and text == SHARED["JsonOut"].help} \
-        == {"analyze", "bench", "budget", "check", "compress", "eval"}
+        == {"analyze", "bench", "budget", "check", "compress", "eval", "plan"}

@@ -4,6 +4,7 @@ kvc compress and kvc eval."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import string
@@ -126,6 +127,8 @@ def test_plan_within_budget_and_compress_counts_its_bits(planned):
     assert measured.summary["kv"]["attn_out_rel"] == pytest.approx(result.attn_out_rel, rel=0.15)
     again = kvc.plan(capture, 2.4, points=result)  # the same points, another budget
     assert again.bits_per_entry <= 2.4 and again.error >= result.error
+    memory = kvc.plan(capture, memory="1GB", context="32k", batch=8, points=result)  # the default model's cache
+    assert memory.budget == pytest.approx(16 * 1e9 / (30 * 3 * 2 * 64 * 2 * 32768 * 8))
 
 
 def test_uniform_fp16_plan_is_fp16(planned, tmp_path):
@@ -144,9 +147,11 @@ def test_plan_cli_writes_the_file_and_refuses_bad_budgets(planned, run, tmp_path
     capture, result, _ = planned
     out = tmp_path / "p.toml"
     code, stdout, err = run("plan", capture, "--budget", "2.75", "--methods", CANDIDATES["methods"], "--bits", "2,3",
-                            "-o", out, "--device", "cpu")
+                            "-o", out, "--device", "cpu", "--json", tmp_path / "p.json", "--plot", tmp_path / "p.png")
     assert code == 0, err
     assert read_plan(out).heads == result.spec.heads and "bits per entry by layer" in stdout
+    assert json.loads((tmp_path / "p.json").read_text()) == {**result.to_json(), "capture": str(capture)}
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
     for budget, message in (("17", "above fp16's 16"), ("abc", "'--budget'"), ("0", "must be > 0"),
                             ("1", "below the cheapest plan of these candidates (2.")):
         code, _, err = run("plan", capture, "--budget", budget, "--methods", "turboquant", "--bits", "2", "-o",
@@ -247,6 +252,10 @@ def test_eval_plan_on_a_tiny_model(tmp_path, run):
     fp16 = kvc.evaluate(model=str(model), text=text, plan=plan, **settings)
     reference = kvc.evaluate("fp16", str(model), text, **settings)
     assert fp16.perplexity == reference.perplexity and fp16.bits_per_entry == 16.0
+    lm, tokenizer = kvc.load_model(str(model), device="cpu")
+    with kvc.compressing(lm, kvc.load_plan(plan)) as state:
+        lm.generate(tokenizer("The keys", return_tensors="pt").input_ids, max_new_tokens=2, do_sample=False)
+    assert state.bits_per_entry == 16.0
     wrong = tmp_path / "wrong.toml"
     wrong.write_text(all_fp16.replace("head_dim = 32", "head_dim = 64"))
     code, _, err = run("eval", "--plan", wrong, "--model", model, "--text", text, "--contexts", "32", "--windows", "1",

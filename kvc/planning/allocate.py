@@ -57,7 +57,7 @@ def candidates(methods: Sequence[str], bits: Sequence[float], options: dict[str,
     option once), with ``options`` ({"[method.]key": value}) where the method has them; and the
     (method, bits) pairs skipped, with the reason."""
     options = options or {}
-    out, skipped = [], []
+    out, skipped, used = [], [], set()
     for name in methods:
         cls = get(name)
         if not issubclass(cls, TensorCompressor):
@@ -69,6 +69,7 @@ def candidates(methods: Sequence[str], bits: Sequence[float], options: dict[str,
             owner, _, option = key.rpartition(".")
             if (owner in ("", name)) and option in fields:
                 mine[option] = value
+                used.add(key)
             elif owner == name:
                 raise KvcError(f"--opt {key}: method {name} has no option {option}")
         for b in (bits if "bits" in fields else [None]):
@@ -79,6 +80,9 @@ def candidates(methods: Sequence[str], bits: Sequence[float], options: dict[str,
                 skipped.append({"method": name, "bits": b, "reason": str(err)})
                 continue
             out.append(Candidate(cls.name, compressor.params()))
+    unused = sorted(set(options) - used)
+    if unused:
+        raise KvcError(f"--opt {unused[0]}: no candidate method has this option")
     if not out:
         raise KvcError("no candidate method takes these bit widths")
     return out, skipped
