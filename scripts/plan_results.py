@@ -184,13 +184,20 @@ def write_doc(path: Path, rows: list[dict], plans: dict, args) -> None:
     lines += ["", "Verdicts:", ""]
     for plan in (r for r in rows if r["what"] == "plan" and "eval" in r):
         lines += [verdict(plan, r) for r in rows if r["budget"] == plan["budget"] and r["what"] != "plan" and "eval" in r]
+        over = {where: plan[key]["bits"] - plan["budget"] for where, key in
+                (("on the held-out capture", "heldout"), ("inside the model (kvc eval)", "eval"))
+                if plan[key]["bits"] > plan["budget"]}
+        if over:
+            lines.append(f"- {plan['budget']:g} bits: the plan stays within the budget on the calibration capture; "
+                         "**it exceeds it** " + ", ".join(f"{where} by {x:.4f} bits per entry" for where, x in over.items())
+                         + " (eOptShrinkQ's and svdq's ranks, hence their factor bits, follow the data).")
     first = next(iter(plans.values()))
     lines += ["", "Every candidate applied uniformly, coded per head as the plan codes it, against the plans "
               "(predicted on the calibration capture from the measured points: bits per entry and "
               "attn_out_rel = mean over heads of sqrt(e_K + e_V); no separate run):", "",
               "| compression | bits/entry | predicted attn_out_rel |", "|---|---|---|"]
     entries = [(f"**kvc plan --budget {b:g}**", p.bits_per_entry, p.attn_out_rel) for b, p in plans.items()]
-    for r in rows:  # the plan at the bits of each uniform method measured, coded per head
+    for r in {r["label"]: r for r in rows}.values():  # the plan at the bits of each uniform method measured
         if r["what"] != "plan":
             u = next(u for u in first.uniform if u["label"] == r["label"])
             p = kvc.plan(args.calibration, u["bits_per_entry"], points=first)
