@@ -1081,6 +1081,11 @@ def make_safe(argv: list[str]) -> list[str]:
             if option not in rest:
                 rest = [option, value, *rest]
         return [name, *rest]
+    if name == "plan":  # one cheap candidate unless drawn; --memory sizes the cache of a local config
+        for option, value in (("--methods", "turboquant,fp16"), ("--bits", "2"), ("--model", "config.json")):
+            if option not in rest:
+                rest = [option, value, *rest]
+        return [name, *rest]
     if name == "bench" and torch.cuda.is_available():
         cleaned = [t for i, t in enumerate(rest) if t != "--device" and (i == 0 or rest[i - 1] != "--device")]
         return [name, *SAFE_DEVICE, *cleaned]
