@@ -292,7 +292,8 @@ class Analysis(Report):
     rope : list of dict
         Keys before against after RoPE, per head (when the capture has both).
     summary : dict
-        Per-layer medians, the heads with the least to gain, the reading, run information.
+        Per-layer medians, the MLA-style latent ranks of the joint K/V (``latent``), the heads with
+        the least to gain, the reading, run information.
     spectra : dict
         (layer, tensor) -> singular values [groups, heads, min(n, d)] (torch.Tensor).
     capture : CaptureFile
