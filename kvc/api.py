@@ -36,6 +36,7 @@ from .io.capture import CaptureFile
 from .io.safetensors import save_safetensors
 from .io.atomic import check_outputs, write_json
 from .metrics.pareto import METRICS, VIEWS, view_points
+from .metrics.seeds import combine, seed_list, with_seed
 from .model import capture as recorder
 from .model.load import (DTYPES, check_positions, input_device, model_revision, open_model, resolve_device, text_config,
                          weights_description)
@@ -413,7 +414,11 @@ class Compression(_Result):
         One row per (layer, KV head, tensor of k, v, kv): ``bits_per_entry``, ``mse_rel``,
         ``ip_bias_rel``, ``ip_slope``, ``attn_kl``, ``attn_out_rel``, ...
     summary : dict
-        tensor (k, v, kv) -> the metrics averaged over heads, and its bits per entry.
+        tensor (k, v, kv) -> the metrics averaged over heads, and its bits per entry (with several
+        seeds: their mean over the seeds).
+    seeds : dict or None
+        With ``seeds > 1``: ``{"seeds", "level", "summary": {tensor: {metric: {"mean", "half_width",
+        "ci_low", "ci_high", "n"}}}}``, the 95 % Student-t intervals over the seeds.
     entries : int
         K and V entries compressed.
     array_bytes : int
@@ -429,8 +434,8 @@ class Compression(_Result):
         Write the compressed file (``kvc compress --out``), which :func:`decompress` reads.
     """
 
-    def __init__(self, run: engine.RunResult, capture: CaptureFile):
-        super().__init__(run.to_json())
+    def __init__(self, run: engine.RunResult, capture: CaptureFile, report: dict | None = None):
+        super().__init__(run.to_json() if report is None else report)
         self.run, self.capture = run, capture
 
     method = _field("method")
@@ -439,6 +444,7 @@ class Compression(_Result):
     bits_per_entry_paper = _field("bits_per_entry_paper")
     heads = _field("heads")
     summary = _field("summary")
+    seeds = _field("seeds", optional=True)
 
     @property
     def entries(self) -> int:
@@ -460,7 +466,7 @@ class Compression(_Result):
 
 def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layers: str | Sequence[int] = "all",
              device: str = "auto", dtype: str = "float32", query_stride: int = 1, keep: bool = True,
-             progress: Progress | None = None, **options: Any) -> Compression:
+             seeds: int = 1, progress: Progress | None = None, **options: Any) -> Compression:
     """Compress a capture with one method and measure it (``kvc compress``).
 
     Parameters
@@ -478,8 +484,11 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layer
         Measure with every N-th captured query (the method sees all).
     keep : bool
         Keep the encoded arrays, for :meth:`Compression.save`.
+    seeds : int
+        Run the method with this many seeds (its ``seed``, ``seed + 1``, ...): ``summary`` holds the
+        means and ``seeds`` the 95 % Student-t intervals; the arrays and ``heads`` are the first seed's.
     progress : callable, optional
-        ``progress(done, total, what)`` over the layers.
+        ``progress(done, total, what)`` over the layers (of every seed).
     **options
         The method's options, e.g. ``bits=2``, ``group_size=32``, ``seed=0``.
 
@@ -494,11 +503,15 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor, *, layer
     cap = _open(capture)
     selected = cap.select_layers(_spec(layers))
     torch_device, torch_dtype = require_device(device), compute_dtype(dtype)
-    torch.manual_seed(compressor.options.seed)
-    tick = _Ticker(progress, len(selected), compressor.name)
-    result = engine.run(compressor, cap, selected, torch_device, torch_dtype, keep_encoded=keep,
-                        query_stride=query_stride, progress=lambda _: tick())
-    return Compression(result, cap)
+    seed_values = seed_list(compressor.options.seed, seeds)
+    tick = _Ticker(progress, len(selected) * len(seed_values), compressor.name)
+    runs = []
+    for s in seed_values:
+        torch.manual_seed(s)
+        runs.append(engine.run(with_seed(compressor, s), cap, selected, torch_device, torch_dtype, keep_encoded=keep and not runs,
+                               query_stride=query_stride, progress=lambda _: tick()))
+    report = combine([r.to_json() for r in runs], seed_values) if len(runs) > 1 else None
+    return Compression(runs[0], cap, report)
 
 
 def decompress(path: PathLike, out: PathLike | None = None, *, queries: CaptureFile | PathLike | None = None,
@@ -614,7 +627,7 @@ def sweep(capture: CaptureFile | PathLike, *,
           compare: str | Sequence[tuple[str, str]] = (("eoptshrinkq", "turboquant"),),
           options: Mapping[str, Any] | None = None, layers: str | Sequence[int] = "all",
           device: str = "auto", dtype: str = "float32", seed: int = 0, query_stride: int = 1,
-          e2e: bool = False, model: str | None = None, progress: Progress | None = None) -> Sweep:
+          e2e: bool = False, model: str | None = None, seeds: int = 1, progress: Progress | None = None) -> Sweep:
     """Run methods x bit widths x key placement; Pareto fronts and bit savings (``kvc sweep``).
 
     Parameters
@@ -635,6 +648,10 @@ def sweep(capture: CaptureFile | PathLike, *,
     e2e : bool
         Also run each method inside the model (:func:`evaluate`'s perplexity) and rank-correlate the
         proxies with it; ``model``: the model for it (default: the capture's).
+    seeds : int
+        Run each job with this many seeds (``seed``, ``seed + 1``, ...): each run's summary holds
+        the means and ``seeds`` the 95 % Student-t intervals; the savings and Pareto fronts use the
+        means, and each saving carries its bounds over the intervals and ``ci_overlap``.
     progress : callable, optional
         ``progress(done, total, what)`` over the runs.
 
@@ -648,7 +665,8 @@ def sweep(capture: CaptureFile | PathLike, *,
     cap = _open(capture)
     selected = cap.select_layers(_spec(layers))
     report = sweeps.sweep(cap, selected, _names(methods), bits, _names(keys), compare, options or {},
-                          require_device(device), compute_dtype(dtype), seed, query_stride, e2e, model, progress)
+                          require_device(device), compute_dtype(dtype), seed, query_stride, e2e, model, progress,
+                          seeds)
     return Sweep(report)
 
 

@@ -26,6 +26,9 @@ MethodSeed = Annotated[Optional[int], typer.Option(
     "--seed", help="The method's random seed (rotations, sketches, sampling).")]
 MethodOptions = Annotated[List[str], typer.Option(
     "--opt", help="Method option key=value (repeatable); or pass it as --key value.")]
+Seeds = Annotated[int, typer.Option(
+    "--seeds", help="Run the method with N seeds (--seed, --seed + 1, ...) and report each metric as the "
+    "mean with its 95% Student-t interval.")]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32|float64.")]
 QueryStride = Annotated[int, typer.Option(
     "--query-stride", help="Measure with every N-th captured query (the method sees all).")]
