@@ -140,6 +140,21 @@ class Compressor(ABC):
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
         """Reconstruct one layer; ``layer`` supplies shapes, positions and RoPE (not the data)."""
 
+    def groups(self, layers: list[int], num_layers: int) -> list[list[int]]:
+        """``layers`` (ascending) cut into the groups encoded together, in order: one layer each,
+        except for a method whose stored arrays serve several layers (MiniCache's merged pairs of
+        adjacent layers); ``num_layers``: the model's depth."""
+        return [[L] for L in layers]
+
+    def encode_group(self, layers: list[LayerKV]) -> list[Encoded]:
+        """Compress one group (:meth:`groups`), one ``Encoded`` per layer; arrays the group shares
+        are stored once, in one of them."""
+        return [self.encode(layer) for layer in layers]
+
+    def decode_group(self, encoded: list[Encoded], layers: list[LayerKV]) -> list[Decoded]:
+        """Reconstruct one group's layers from the ``Encoded`` of every layer of the group."""
+        return [self.decode(e, layer) for e, layer in zip(encoded, layers)]
+
     def head_bits(self, encoded: Encoded, layer: LayerKV) -> dict[str, Tensor] | None:
         """Stored bits per KV head, {"k": [H], "v": [H]}, for methods whose heads differ (ragged
         budgets, per-head ranks). None: every tensor's bits are split evenly over the heads."""

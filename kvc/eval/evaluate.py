@@ -228,15 +228,19 @@ def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dty
     """Every layer through the method (``engine.encode_decode``); ``measure``: with the compress
     engine's metrics too."""
     out, bits, entries, paper, proxies = [], 0, 0, [], []
-    for layer in layers:
+    by_index = {layer.layer: layer for layer in layers}
+    for group in engine.groups(compressor, list(by_index), layers[0].num_layers):
+        members = [by_index[L] for L in group]
         with torch.inference_mode():
-            encoded, decoded, head_bits = engine.encode_decode(compressor, layer)
+            results = engine.encode_decode_group(compressor, members)
+        for layer, (encoded, decoded, head_bits) in zip(members, results):
             if measure:
-                proxies.append(engine.measure(layer, encoded, decoded, head_bits))
-        out.append(decoded_layer(decoded, layer, dtype))
-        bits += encoded.nbits()
-        entries += 2 * layer.entries
-        paper.append(encoded.bits_paper)
+                with torch.inference_mode():
+                    proxies.append(engine.measure(layer, encoded, decoded, head_bits))
+            out.append(decoded_layer(decoded, layer, dtype))
+            bits += encoded.nbits()
+            entries += 2 * layer.entries
+            paper.append(encoded.bits_paper)
     return Compressed(out, bits, entries, paper, proxies)
 
 
