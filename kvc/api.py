@@ -690,6 +690,9 @@ class Evaluation(_Result):
         Needle accuracy (``single``: depth x length grids; ``multi``: several needles per context).
     proxies : dict or None
         :meth:`Compression.summary`-style tensor metrics on the perplexity prefills.
+    decoding : dict or None
+        With ``decode_every``: ``every``, ``recompressions`` and the ``bits_per_entry`` of the
+        recompressed caches.
 
     Methods
     -------
@@ -705,6 +708,7 @@ class Evaluation(_Result):
     perplexity = _field("perplexity")
     retrieval = _field("retrieval", optional=True)
     proxies = _field("proxies", optional=True)
+    decoding = _field("decoding", optional=True)
 
     def plot(self, path: PathLike, force: bool = False) -> Path:
         from .eval.evaluate import plot_retrieval  # transformers and matplotlib only when asked for
@@ -725,7 +729,8 @@ class Evaluation(_Result):
 def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None = None, *,
              contexts: str | Sequence[int] = (256, 512, 1024), windows: int = 2, continuation: int = 64,
              depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, needles: int = 4,
-             retrieval: bool = True, special_tokens: bool = True, proxies: bool = True, tokenizer: Any = None,
+             retrieval: bool = True, special_tokens: bool = True, decode_every: int | None = None,
+             proxies: bool = True, tokenizer: Any = None,
              revision: str | None = None, dtype: str = "auto", device: str = "auto",
              trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None,
              progress: Progress | None = None, **options: Any) -> Evaluation:
@@ -752,6 +757,9 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
         Run the needle tests.
     special_tokens : bool
         Start each context like a fresh input of the model (its BOS, if it adds one).
+    decode_every : int, optional
+        Feed each perplexity continuation in blocks of this many tokens and recompress (re-evict)
+        the whole cache with the method after each block (docs/eval.md); None: the prefill only.
     proxies : bool
         Also measure :func:`compress`'s tensor metrics on the perplexity contexts.
     revision, dtype, device, trust_remote_code, device_map, max_memory
@@ -771,7 +779,7 @@ def evaluate(method: str | Compressor, model: Any = None, text: PathLike | None 
         contexts = budgets.parse_contexts(contexts, "--contexts")
     settings = ev.Settings(contexts=tuple(int(c) for c in contexts), windows=windows, continuation=continuation,
                            depths=tuple(float(d) for d in depths), trials=trials, needles=needles,
-                           retrieval=retrieval, special_tokens=special_tokens)
+                           retrieval=retrieval, special_tokens=special_tokens, decode_every=decode_every)
     ev.check(settings)
     tick = _Ticker(progress, ev.steps(settings, 1), "eval")
     corpus = load_corpus(None if text is None else str(text))

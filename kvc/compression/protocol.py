@@ -37,6 +37,8 @@ class LayerKV:
     ``rope`` is the capture's RoPE metadata (None on a model without RoPE); ``attention`` is the
     layer's mask and logit transform. Positions count from the layer's first token, which sits at
     absolute (RoPE) position ``offset`` (non-zero for the kept tail of a sliding-window cache).
+    ``seen``: the tokens this cache has held, evicted ones included, when some were evicted before
+    (``kvc eval --decode-every``; None: T); eviction budgets count against it.
     """
 
     layer: int
@@ -49,6 +51,7 @@ class LayerKV:
     num_layers: int = 1
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     offset: int = 0
+    seen: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
