@@ -267,6 +267,15 @@ def continuation_logprobs(model, cache: CompressedCache, ids: Tensor) -> Tensor:
         return _forward(model, ids.to(cache.layers[0].keys.device), cache).float().log_softmax(-1)
 
 
+def token_positions(cl: CompressedLayer) -> Tensor:
+    """[B, H, P + A]: the absolute position of every token a layer holds (prefix slots, then appended)."""
+    B, H, K, _ = cl.keys.shape
+    device = cl.keys.device
+    slots = torch.arange(cl.prefix, device=device).expand(B, H, -1) if cl.slots is None else cl.slots
+    appended = cl.length + torch.arange(K - cl.prefix, device=device)
+    return torch.cat([slots + cl.offset, appended.expand(B, H, -1)], -1)
+
+
 def cache_layers(cache: CompressedCache, recorder: Recorder, rope: dict | None, num_layers: int) -> list[LayerKV]:
     """The cache as the method sees it at a recompression, one ``LayerKV`` per layer: its live
     tokens (the decoded prefix, compacted per KV head as ``CompressedLayer`` holds it, then the tokens
@@ -275,11 +284,9 @@ def cache_layers(cache: CompressedCache, recorder: Recorder, rope: dict | None, 
     token, so the appended tokens' queries sit at P + 0..A-1 and see every earlier token (causal)."""
     layers = []
     for L, cl in enumerate(cache.layers):
-        B, H, K, _ = cl.keys.shape
-        appended = K - cl.prefix
+        appended = cl.keys.shape[-2] - cl.prefix
         device = cl.keys.device
-        slots = torch.arange(cl.prefix, device=device).expand(B, H, -1) if cl.slots is None else cl.slots
-        positions = torch.cat([slots + cl.offset, (cl.length + torch.arange(appended, device=device)).expand(B, H, -1)], -1)
+        positions = token_positions(cl)
         k = cl.keys.float()
         layers.append(LayerKV(
             layer=L, k=k, v=cl.values.float(), q=recorder.records.pop(L)["q"].to(device, torch.float32),
@@ -303,11 +310,9 @@ def recompress(compressor: Compressor, cache: CompressedCache, recorder: Recorde
         for layer, (encoded, decoded, _) in zip(members, results):
             cl = cache.layers[layer.layer]
             B, H, K, D = layer.shape
-            device = layer.k.device
             appended = K - cl.prefix
-            slots = torch.arange(cl.prefix, device=device).expand(B, H, -1) if cl.slots is None else cl.slots
-            positions = torch.cat([slots + cl.offset, (cl.length + torch.arange(appended, device=device)).expand(B, H, -1)], -1)
-            live = torch.ones(B, H, K, dtype=torch.bool, device=device)
+            positions = token_positions(cl)
+            live = torch.ones(B, H, K, dtype=torch.bool, device=layer.k.device)
             if cl.valid is not None:
                 live[..., :cl.prefix] = cl.valid
             if decoded.keep is not None:
