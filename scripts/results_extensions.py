@@ -3,8 +3,8 @@ and compression during decoding, on the default model.
 
     python scripts/results_extensions.py [--capture out/default.safetensors] [--seeds 5]
 
-Every number of the section comes from this run (``kvc.compress``, ``kvc.analyze`` and kvc eval's
-``evaluate``); the section sits between its markers in docs/results.md, which scripts/results.py keeps.
+Every number of the section comes from this run (``kvc.compress``, ``kvc.analyze``,
+``kvc.evaluate``); the section sits between its markers in docs/results.md, which scripts/results.py keeps.
 """
 
 from __future__ import annotations
@@ -82,25 +82,20 @@ def seed_rows(capture: Path, layers: str, seeds: int, query_stride: int) -> list
 
 def decoding_rows(every: int, context: int, continuation: int) -> list[str]:
     """Perplexity with the prompt compressed only, and with the cache recompressed every ``every`` tokens."""
-    from kvc.eval import evaluate as ev
-    from kvc.model.text import load_corpus
-
     model, tokenizer = kvc.load_model(device="cpu")
-    compressors = [kvc.method(name, **options) for name, options in DECODING]
-    runs = {}
-    for decode_every in (None, every):
-        settings = ev.Settings(contexts=(context,), windows=2, continuation=continuation, retrieval=False,
-                               decode_every=decode_every)
-        runs[decode_every] = ev.evaluate(model, tokenizer, load_corpus(None), compressors, settings)
     lines = [f"| method | prompt bits/entry | ppl delta, prompt only | ppl delta, every {every} | "
              f"bits/entry of the recompressions | top-1 agree, every {every} |", "|---|---|---|---|---|---|"]
-    for (name, options), once, often in zip(DECODING, runs[None], runs[every]):
+    base = None
+    for name, options in DECODING:
+        once, often = (kvc.evaluate(name, model, tokenizer=tokenizer, contexts=[context], windows=2,
+                                    continuation=continuation, retrieval=False, proxies=False, decode_every=n,
+                                    **options).to_json() for n in (None, every))
         label = " ".join([name] + [f"--{k.replace('_', '-')} {v}" for k, v in options.items()])
         lines.append(f"| `{label}` | {once['bits_per_entry']:.3f} | {once['perplexity']['delta_rel']:+.2%} | "
                      f"{often['perplexity']['delta_rel']:+.2%} | {often['decoding']['bits_per_entry']:.3f} | "
                      f"{often['perplexity']['top1_agree']:.1%} |")
-    base = runs[None][0]["perplexity"]["ppl_base"]
-    lines += ["", f"Uncompressed perplexity {base:.3f} ({runs[None][0]['perplexity']['tokens']} scored tokens)."]
+        base = once["perplexity"]
+    lines += ["", f"Uncompressed perplexity {base['ppl_base']:.3f} ({base['tokens']} scored tokens)."]
     return lines
 
 

@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from kvc.metrics.seeds import mean_ci  # noqa: E402
-
 import kvc  # noqa: E402
 
 BITS = (1, 2, 3, 4)
@@ -50,7 +48,7 @@ RESULTS_END = "<!-- end of scripts/science.py's rank section -->"
 
 def ci(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95 % Student-t interval (None for one value; kvc.metrics.seeds)."""
-    stats = mean_ci(values)
+    stats = kvc.mean_ci(values)
     return stats["mean"], stats["half_width"]
 
 
