@@ -102,11 +102,12 @@ def saving_bounds(rows: list[dict], low: dict[str, list[Point]], high: dict[str,
     a at the top of its interval against b's front at the bottom of b's, ``saving_high`` the reverse
     (None outside the range); ``ci_overlap``: the bounds do not exclude 0, so the seeds do not tell
     the two methods apart at that point (docs/methods.md#seed-noise)."""
-    lows = bit_saving(high[a], low[b])
-    highs = bit_saving(low[a], high[b])
-    for row, lo, hi in zip(rows, lows, highs):
-        row["saving_low"], row["saving_high"] = lo["saving"], hi["saving"]
-        row["ci_overlap"] = lo["saving"] is None or hi["saving"] is None or lo["saving"] <= 0 <= hi["saving"]
+    lows = {r["bits"]: r["saving"] for r in bit_saving(high.get(a, []), low.get(b, []))}  # by bits asked
+    highs = {r["bits"]: r["saving"] for r in bit_saving(low.get(a, []), high.get(b, []))}
+    for row in rows:
+        lo, hi = lows.get(row["bits"]), highs.get(row["bits"])
+        row["saving_low"], row["saving_high"] = lo, hi
+        row["ci_overlap"] = lo is None or hi is None or lo <= 0 <= hi
 
 
 def savings(runs: list[dict], pairs: list[tuple[str, str]]) -> dict[str, dict[str, list[dict]]]:
