@@ -115,3 +115,16 @@ def test_unmergeable_layers_lose_the_orthogonal_part(tmp_path):
     mse = {r["layer"]: r["mse_rel"] for r in result.heads if r["tensor"] == "v"}
     assert mse[0] == pytest.approx(2 - 2 * math.cos(t * math.pi / 2), rel=1e-3)
     assert mse[1] == pytest.approx(2 - 2 * math.cos((1 - t) * math.pi / 2), rel=1e-3)
+
+
+def test_groups_that_skip_or_reorder_layers_fail_loudly():
+    from kvc.compression import engine
+    from kvc.errors import MethodFailure
+
+    class Skips(type(kvc.method("minicache"))):
+        def groups(self, layers, num_layers):
+            return [[layers[1], layers[0]]]
+
+    with pytest.raises(MethodFailure, match=r"grouped layers \[0, 1\] as \[\[1, 0\]\]"):
+        engine.groups(Skips(), [0, 1], 2)
+    assert engine.groups(kvc.method("minicache", start=0), [0, 1, 2], 3) == [[0, 1], [2]]

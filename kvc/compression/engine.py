@@ -170,6 +170,9 @@ def encode_decode_group(compressor: Compressor, layers: list[LayerKV]
     encoded = [Encoded(r.arrays, _json_meta(compressor.name, layer.layer, r.meta), r.bits_paper)
                for r, layer in zip(raw, layers)]
     decoded = compressor.decode_group(encoded, layers)
+    if not len(raw) == len(decoded) == len(layers):
+        raise MethodFailure(f"method {compressor.name} returned {len(raw)} encoded and {len(decoded)} decoded "
+                            f"layers for the group {[layer.layer for layer in layers]}")
     out = []
     for layer, enc, dec in zip(layers, encoded, decoded):
         _audit(compressor, layer, enc, dec)
