@@ -39,7 +39,8 @@ def progress(done: int, total: int, what: str) -> None:
 
 def minicache_rows(capture: Path, layers: str, query_stride: int) -> list[str]:
     """Per gamma: bits per entry, retained share, mse and attention-output error over merged pairs."""
-    lines = ["| gamma | bits per entry | tokens retained | K mse_rel | V mse_rel | attn_out_rel |", "|---|---|---|---|---|---|"]
+    lines = ["| gamma | bits per entry | tokens retained | K mse_rel | V mse_rel | attn_out_rel |",
+             "|---|---|---|---|---|---|"]
     for gamma in GAMMAS:
         result = kvc.compress(capture, "minicache", gamma=gamma, layers=layers, query_stride=query_stride,
                               start=0, device="cpu")

@@ -99,4 +99,5 @@ def test_decode_every_is_checked():
 
 def test_cli_rejects_bad_decode_every(run):
     code, _, err = run("eval", "--method", "fp16", "--decode-every", "0")
-    assert code == 2 and err.strip().splitlines() == ["kvc: error: --decode-every must be a positive integer (tokens), not 0"]
+    assert code == 2
+    assert err.strip().splitlines() == ["kvc: error: --decode-every must be a positive integer (tokens), not 0"]

@@ -317,7 +317,8 @@ def recompress(compressor: Compressor, cache: CompressedCache, recorder: Recorde
                 live[..., :cl.prefix] = cl.valid
             if decoded.keep is not None:
                 live &= decoded.keep
-            k = decoded.k if decoded.k_pre is None or rope is None else apply_rope(decoded.k_pre, positions, rope, layer.layer)
+            k = (decoded.k if decoded.k_pre is None or rope is None
+                 else apply_rope(decoded.k_pre, positions, rope, layer.layer))
             index, valid = kept_slots(live)
             rows = index[..., None].expand(-1, -1, -1, D)
             out.append(CompressedLayer(k.gather(2, rows).to(dtype), decoded.v.gather(2, rows).to(dtype),

@@ -17,9 +17,9 @@ FP16_ANGLE = 2.0 ** -11 / math.pi  # fp16's relative precision as an angle, in u
 
 
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
-    """Spherical interpolation of the unit vectors a, b [..., D] at t (0: a, 1: b), MiniCache eq. 2:
-    sin((1 - t) W)/sin W a + sin(t W)/sin W b with W = arccos <a, b>; the linear weights 1 - t, t
-    where W -> 0 (the limit)."""
+    """Spherical interpolation of the unit vectors a, b [..., D] at t (0: a, 1: b), MiniCache's
+    merge (arXiv:2405.14366, sec. 4): sin((1 - t) W)/sin W a + sin(t W)/sin W b with
+    W = arccos <a, b>; the linear weights 1 - t, t where W -> 0 (the limit)."""
     omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1, 1))
     sin = torch.sin(omega)
     small = sin < 1e-6
@@ -30,9 +30,9 @@ def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
 
 
 def retained(a: Tensor, b: Tensor, gamma: float) -> Tensor:
-    """[S, H, T] bool: the tokens too far apart to merge, MiniCache eq. 4: angular distance
-    d = arccos(cos(a, b))/pi above d_min + (d_max - d_min) gamma, extremes over each (sequence,
-    KV head)'s tokens; a distance within FP16_ANGLE of d_min counts as d_min (the stored fp16
+    """[S, H, T] bool: the tokens too far apart to merge, MiniCache's token retention (sec. 4):
+    angular distance d = arccos(cos(a, b))/pi above d_min + (d_max - d_min) gamma, extremes over
+    each (sequence, KV head)'s tokens; a distance within FP16_ANGLE of d_min counts as d_min (the stored fp16
     direction cannot resolve it, and rounding alone would otherwise spread d)."""
     d = torch.arccos(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1, 1)) / math.pi
     low, high = d.amin(-1, keepdim=True), d.amax(-1, keepdim=True)
@@ -100,7 +100,7 @@ class MiniCache(Compressor):
             na, nb = xa.norm(dim=-1), xb.norm(dim=-1)
             ua = xa / na.clamp_min(1e-30)[..., None]
             ub = xb / nb.clamp_min(1e-30)[..., None]
-            first[part] = {"direction": slerp(ua[merge], ub[merge], self.options.t),  # MiniCache eq. 2
+            first[part] = {"direction": slerp(ua[merge], ub[merge], self.options.t),  # MiniCache sec. 4, SLERP
                            "magnitude": na[merge], "rows": xa[keep], **keep_arrays(keep)}
             second[part] = {"magnitude": nb[merge], "rows": xb[keep]}
         meta = {"pair": [a.layer, b.layer]}
@@ -117,7 +117,7 @@ class MiniCache(Compressor):
             for part in PARTS:
                 keep = keep_mask(shared[f"{part}.index"], shared[f"{part}.count"], T)
                 x = torch.zeros(S, H, T, D, device=keep.device)
-                # MiniCache eq. 5: restore x = ||x|| * shared direction; retained tokens as stored
+                # MiniCache sec. 4, restoration: x = ||x|| * shared direction; retained tokens as stored
                 x[~keep] = enc.arrays[f"{part}.magnitude"].float()[:, None] * shared[f"{part}.direction"].float()
                 x[keep] = enc.arrays[f"{part}.rows"].float()
                 parts[part] = x
