@@ -29,6 +29,7 @@ _EXPORTS = {name: (_API, name) for name in (
 _EXPORTS["KvcError"] = ("kvc.errors", "KvcError")
 _EXPORTS["write_text"] = ("kvc.io.atomic", "write_text")  # atomic, as every file kvc writes: no torch
 _EXPORTS["bit_saving"] = ("kvc.metrics.pareto", "bit_saving")  # equal-error bits between two fronts: no torch
+_EXPORTS["mean_ci"] = ("kvc.metrics.seeds", "mean_ci")  # mean and Student-t interval over seeds: no torch
 _EXPORTS["methods"] = ("kvc.compression.catalogue", "methods")  # the committed catalogue: no torch
 _EXPORTS["compressing"] = ("kvc.eval.generate", "compressing")  # with kvc.compressing(model, ...): generate
 

@@ -36,6 +36,7 @@ from .io.capture import CaptureFile
 from .io.safetensors import save_safetensors
 from .io.atomic import check_outputs, write_json
 from .metrics.pareto import METRICS, VIEWS, view_points
+from .metrics.seeds import combine, seed_list
 from .model import capture as recorder
 from .model.load import (DTYPES, check_positions, input_device, model_revision, open_model, resolve_device, text_config,
                          weights_description)
@@ -295,7 +296,8 @@ class Analysis(Report):
     rope : list of dict
         Keys before against after RoPE, per head (when the capture has both).
     summary : dict
-        Per-layer medians, the heads with the least to gain, the reading, run information.
+        Per-layer medians, the MLA-style latent ranks of the joint K/V (``latent``), the heads with
+        the least to gain, the reading, run information.
     spectra : dict
         (layer, tensor) -> singular values [groups, heads, min(n, d)] (torch.Tensor).
     capture : CaptureFile
@@ -415,7 +417,11 @@ class Compression(_Result):
         One row per (layer, KV head, tensor of k, v, kv): ``bits_per_entry``, ``mse_rel``,
         ``ip_bias_rel``, ``ip_slope``, ``attn_kl``, ``attn_out_rel``, ...
     summary : dict
-        tensor (k, v, kv) -> the metrics averaged over heads, and its bits per entry.
+        tensor (k, v, kv) -> the metrics averaged over heads, and its bits per entry (with several
+        seeds: their mean over the seeds).
+    seeds : dict or None
+        With ``seeds > 1``: ``{"seeds", "level", "summary": {tensor: {metric: {"mean", "half_width",
+        "ci_low", "ci_high", "n"}}}}``, the 95 % Student-t intervals over the seeds.
     entries : int
         K and V entries compressed.
     array_bytes : int
@@ -431,8 +437,8 @@ class Compression(_Result):
         Write the compressed file (``kvc compress --out``), which :func:`decompress` reads.
     """
 
-    def __init__(self, run: engine.RunResult, capture: CaptureFile):
-        super().__init__(run.to_json())
+    def __init__(self, run: engine.RunResult, capture: CaptureFile, report: dict | None = None):
+        super().__init__(run.to_json() if report is None else report)
         self.run, self.capture = run, capture
 
     method = _field("method")
@@ -441,6 +447,7 @@ class Compression(_Result):
     bits_per_entry_paper = _field("bits_per_entry_paper")
     heads = _field("heads")
     summary = _field("summary")
+    seeds = _field("seeds", optional=True)
 
     @property
     def entries(self) -> int:
@@ -466,7 +473,7 @@ class Compression(_Result):
 def compress(capture: CaptureFile | PathLike, method: str | Compressor | None = None, *,
              plan: PathLike | None = None, layers: str | Sequence[int] = "all",
              device: str = "auto", dtype: str = "float32", query_stride: int = 1, keep: bool = True,
-             progress: Progress | None = None, **options: Any) -> Compression:
+             seeds: int = 1, progress: Progress | None = None, **options: Any) -> Compression:
     """Compress a capture with one method and measure it (``kvc compress``).
 
     Parameters
@@ -488,8 +495,11 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor | None = 
         Measure with every N-th captured query (the method sees all).
     keep : bool
         Keep the encoded arrays, for :meth:`Compression.save`.
+    seeds : int
+        Run the method with this many seeds (its ``seed``, ``seed + 1``, ...): ``summary`` holds the
+        means and ``seeds`` the 95 % Student-t intervals; the arrays and ``heads`` are the first seed's.
     progress : callable, optional
-        ``progress(done, total, what)`` over the layers.
+        ``progress(done, total, what)`` over the layers (of every seed).
     **options
         The method's options, e.g. ``bits=2``, ``group_size=32``, ``seed=0``.
 
@@ -507,11 +517,15 @@ def compress(capture: CaptureFile | PathLike, method: str | Compressor | None = 
         meta = cap.meta
         compressor.plan.check_geometry(meta.num_kv_heads, meta.head_dim, f"capture {cap.path}", meta.num_layers)
     torch_device, torch_dtype = require_device(device), compute_dtype(dtype)
-    torch.manual_seed(compressor.options.seed)
-    tick = _Ticker(progress, len(selected), compressor.name)
-    result = engine.run(compressor, cap, selected, torch_device, torch_dtype, keep_encoded=keep,
-                        query_stride=query_stride, progress=lambda _: tick())
-    return Compression(result, cap)
+    seed_values = seed_list(compressor.options.seed, seeds)
+    tick = _Ticker(progress, len(selected) * len(seed_values), compressor.name)
+    runs = []
+    for s in seed_values:
+        torch.manual_seed(s)
+        runs.append(engine.run(compressor.reseeded(s), cap, selected, torch_device, torch_dtype, keep_encoded=keep and not runs,
+                               query_stride=query_stride, progress=lambda _: tick()))
+    report = combine([r.to_json() for r in runs], seed_values) if len(runs) > 1 else None
+    return Compression(runs[0], cap, report)
 
 
 def decompress(path: PathLike, out: PathLike | None = None, *, queries: CaptureFile | PathLike | None = None,
@@ -627,7 +641,7 @@ def sweep(capture: CaptureFile | PathLike, *,
           compare: str | Sequence[tuple[str, str]] = (("eoptshrinkq", "turboquant"),),
           options: Mapping[str, Any] | None = None, layers: str | Sequence[int] = "all",
           device: str = "auto", dtype: str = "float32", seed: int = 0, query_stride: int = 1,
-          e2e: bool = False, model: str | None = None, progress: Progress | None = None) -> Sweep:
+          e2e: bool = False, model: str | None = None, seeds: int = 1, progress: Progress | None = None) -> Sweep:
     """Run methods x bit widths x key placement; Pareto fronts and bit savings (``kvc sweep``).
 
     Parameters
@@ -648,6 +662,10 @@ def sweep(capture: CaptureFile | PathLike, *,
     e2e : bool
         Also run each method inside the model (:func:`evaluate`'s perplexity) and rank-correlate the
         proxies with it; ``model``: the model for it (default: the capture's).
+    seeds : int
+        Run each job with this many seeds (``seed``, ``seed + 1``, ...): each run's summary holds
+        the means and ``seeds`` the 95 % Student-t intervals; the savings and Pareto fronts use the
+        means, and each saving carries its bounds over the intervals and ``ci_overlap``.
     progress : callable, optional
         ``progress(done, total, what)`` over the runs.
 
@@ -661,7 +679,8 @@ def sweep(capture: CaptureFile | PathLike, *,
     cap = _open(capture)
     selected = cap.select_layers(_spec(layers))
     report = sweeps.sweep(cap, selected, _names(methods), bits, _names(keys), compare, options or {},
-                          require_device(device), compute_dtype(dtype), seed, query_stride, e2e, model, progress)
+                          require_device(device), compute_dtype(dtype), seed, query_stride, e2e, model, progress,
+                          seeds)
     return Sweep(report)
 
 
@@ -685,6 +704,9 @@ class Evaluation(_Result):
         Needle accuracy (``single``: depth x length grids; ``multi``: several needles per context).
     proxies : dict or None
         :meth:`Compression.summary`-style tensor metrics on the perplexity prefills.
+    decoding : dict or None
+        With ``decode_every``: ``every``, ``recompressions`` and the ``bits_per_entry`` of the
+        recompressed caches.
 
     Methods
     -------
@@ -700,6 +722,7 @@ class Evaluation(_Result):
     perplexity = _field("perplexity")
     retrieval = _field("retrieval", optional=True)
     proxies = _field("proxies", optional=True)
+    decoding = _field("decoding", optional=True)
 
     def plot(self, path: PathLike, force: bool = False) -> Path:
         from .eval.evaluate import plot_retrieval  # transformers and matplotlib only when asked for
@@ -721,7 +744,8 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
              plan: PathLike | None = None,
              contexts: str | Sequence[int] = (256, 512, 1024), windows: int = 2, continuation: int = 64,
              depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, needles: int = 4,
-             retrieval: bool = True, special_tokens: bool = True, proxies: bool = True, tokenizer: Any = None,
+             retrieval: bool = True, special_tokens: bool = True, decode_every: int | None = None,
+             proxies: bool = True, tokenizer: Any = None,
              revision: str | None = None, dtype: str = "auto", device: str = "auto",
              trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None,
              progress: Progress | None = None, **options: Any) -> Evaluation:
@@ -750,6 +774,9 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
         Run the needle tests.
     special_tokens : bool
         Start each context like a fresh input of the model (its BOS, if it adds one).
+    decode_every : int, optional
+        Feed each perplexity continuation in blocks of this many tokens and recompress (re-evict)
+        the whole cache with the method after each block (docs/eval.md); None: the prefill only.
     proxies : bool
         Also measure :func:`compress`'s tensor metrics on the perplexity contexts.
     revision, dtype, device, trust_remote_code, device_map, max_memory
@@ -769,7 +796,7 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
         contexts = budgets.parse_contexts(contexts, "--contexts")
     settings = ev.Settings(contexts=tuple(int(c) for c in contexts), windows=windows, continuation=continuation,
                            depths=tuple(float(d) for d in depths), trials=trials, needles=needles,
-                           retrieval=retrieval, special_tokens=special_tokens)
+                           retrieval=retrieval, special_tokens=special_tokens, decode_every=decode_every)
     ev.check(settings)
     tick = _Ticker(progress, ev.steps(settings, 1), "eval")
     corpus = load_corpus(None if text is None else str(text))

@@ -150,11 +150,12 @@ def progress(done: int, total: int, what: str) -> None:
 
 
 def science_section(results: Path) -> str:
-    """The rank section that scripts/science.py keeps in docs/results.md (between its markers), kept."""
+    """The sections that other scripts keep in docs/results.md between their markers
+    (``<!-- scripts/NAME.py: ... -->`` to ``<!-- end of scripts/NAME.py's ... -->``: scripts/science.py's
+    rank section, scripts/results_extensions.py's), kept."""
     text = results.read_text(encoding="utf-8") if results.exists() else ""
-    found = re.search(r"\n<!-- scripts/science\.py: rank section -->.*?<!-- end of scripts/science\.py's rank "
-                      r"section -->\n", text, re.DOTALL)
-    return found.group(0) if found else ""
+    marked = r"\n<!-- scripts/(\w+)\.py: [^>]*-->.*?<!-- end of scripts/\1\.py's [^>]*-->\n"
+    return "".join(m.group(0) for m in re.finditer(marked, text, re.DOTALL))
 
 
 def run() -> int:

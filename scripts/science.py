@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from scipy.stats import t as student  # noqa: E402
-
 import kvc  # noqa: E402
 
 BITS = (1, 2, 3, 4)
@@ -49,11 +47,9 @@ RESULTS_END = "<!-- end of scripts/science.py's rank section -->"
 
 
 def ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95 % Student-t interval (None for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, student.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    """Mean and the half-width of its 95 % Student-t interval (None for one value; kvc.metrics.seeds)."""
+    stats = kvc.mean_ci(values)
+    return stats["mean"], stats["half_width"]
 
 
 def fmt(values: list[float], digits: int = 4) -> str:

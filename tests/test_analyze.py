@@ -275,3 +275,69 @@ def test_noise_only_layer_has_rank_zero(run, tmp_path, synth_capture):
         assert code == 0, err
         result = json.loads(out.read_text())
         assert result["bits_per_entry_paper"] == 2.0 and 0 < result["summary"]["kv"]["mse_rel"] < 0.15
+
+
+# ----------------------------------------------------------------------------- MLA-style latent
+
+LATENT_ENERGY = [0.5, 0.3, 0.12, 0.06, 0.02]  # cumulative 0.5, 0.8, 0.92, 0.98, 1: r(90/95/99%) = 3/4/5
+
+
+def _joint_lowrank_capture(tmp_path, kv_heads=2, head_dim=16, seq_len=64, num_seqs=2):
+    """A capture whose joint [K_pre of all heads | V of all heads] of every layer is exactly
+    U diag(s) W^T with s_i^2 = LATENT_ENERGY_i (orthonormal U over the S*T tokens, W over 2*H*D)."""
+    from kvc.model.synth import SpikedSpec, _orthonormal, synthesize
+    from kvc.rope import apply_rope
+
+    spec = SpikedSpec(num_layers=2, num_kv_heads=kv_heads, num_heads=2 * kv_heads, head_dim=head_dim,
+                      seq_len=seq_len, num_seqs=num_seqs, seed=3)
+    tensors, meta = synthesize(spec)
+    gen = torch.Generator().manual_seed(5)
+    r = len(LATENT_ENERGY)
+    for layer in range(2):
+        u = _orthonormal((num_seqs * seq_len,), r, gen)
+        w = _orthonormal((2 * kv_heads * head_dim,), r, gen)
+        joint = (u * torch.tensor(LATENT_ENERGY, dtype=torch.float64).sqrt()) @ w.T  # [S*T, 2*H*D]
+        kv = joint.reshape(num_seqs, seq_len, 2 * kv_heads, head_dim).permute(0, 2, 1, 3)
+        k_pre, v = kv[:, :kv_heads], kv[:, kv_heads:]
+        tensors[f"layers.{layer}.k_pre"] = k_pre.float()
+        tensors[f"layers.{layer}.k"] = apply_rope(k_pre, torch.arange(seq_len), meta.rope, layer).float()
+        tensors[f"layers.{layer}.v"] = v.float()
+    path = tmp_path / "joint.safetensors"
+    save_safetensors(path, tensors, meta.to_strings())
+    return path
+
+
+def test_energy_rank_closed_form():
+    s = torch.tensor(LATENT_ENERGY, dtype=torch.float64).sqrt() * 7.0
+    assert analyze.rmt.energy_rank(s, (0.5, 0.9, 0.95, 0.99, 1.0)).tolist() == [1, 3, 4, 5, 5]
+    assert analyze.rmt.energy_rank(s.expand(3, 5), (0.8,)).tolist() == [[2]] * 3
+
+
+def test_latent_finds_planted_joint_rank(run, tmp_path):
+    """The joint rank planted across heads before RoPE is found at each energy share, and the
+    predicted cache is 2 bytes (fp16) per latent dimension against 2 * 2*H*D for the full K/V."""
+    report, stdout = _report(run, tmp_path, _joint_lowrank_capture(tmp_path))
+    lat = report["summary"]["latent"]
+    assert lat["keys"] == "k_pre" and lat["energy"] == [0.9, 0.95, 0.99] and lat["width"] == 64
+    assert lat["median_rank"] == [3, 4, 5] and lat["max_rank"] == [3, 4, 5]
+    assert lat["bytes_per_token"] == [2 * 2 * 3, 2 * 2 * 4, 2 * 2 * 5]  # two layers
+    assert lat["bytes_per_token_full"] == 2 * 2 * 2 * 2 * 16
+    assert lat["size_ratio"] == [pytest.approx(3 / 64), pytest.approx(4 / 64), pytest.approx(5 / 64)]
+    for row in report["summary"]["per_layer"]:
+        assert row["latent"]["rank"] == [3, 4, 5] and row["latent"]["n"] == 128
+        assert row["latent"]["bytes_per_token"] == [6, 8, 10] and row["latent"]["bytes_per_token_full"] == 128
+    assert "MLA-style joint latent of keys before RoPE" in report["summary"]["reading"]
+    assert "3/4/5 dimensions" in report["summary"]["reading"]
+    assert "MLA-style latent" in stdout
+
+
+def test_latent_after_rope_and_without_values(run, tmp_path):
+    """Keys after RoPE are used only when k_pre is not analyzed (RoPE rotates each position
+    differently, which raises the joint rank); no values, no latent."""
+    capture = _joint_lowrank_capture(tmp_path)
+    post, _ = _report(run, tmp_path, capture, "--tensors", "k,v")
+    assert post["summary"]["latent"]["keys"] == "k"
+    assert post["summary"]["latent"]["median_rank"][2] > 5
+    keys_only, _ = _report(run, tmp_path, capture, "--tensors", "k_pre,k")
+    assert keys_only["summary"]["latent"] is None
+    assert all("latent" not in row for row in keys_only["summary"]["per_layer"])

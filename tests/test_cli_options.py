@@ -31,7 +31,7 @@ def _declared(info) -> str:
 
 def test_the_shared_types_are_the_expected_ones():
     assert set(SHARED) == {"Device", "Layers", "Force", "JsonOut", "PrintJson", "MethodSeed", "MethodOptions",
-                           "ComputeDtype", "QueryStride", "ModelDtype", "Revision", "TrustRemoteCode", "Text",
+                           "ComputeDtype", "QueryStride", "Seeds", "ModelDtype", "Revision", "TrustRemoteCode", "Text",
                            "DeviceMap", "MaxMemory", "PlanFile"}
     assert _declared(SHARED["Device"]) == "--device" and SHARED["Device"].help == "auto|cpu|cuda|cuda:N"
 

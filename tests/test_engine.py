@@ -11,7 +11,7 @@ import torch
 
 from kvc.io.capture import CaptureFile
 from kvc.compression import registry
-from kvc.compression.protocol import Evictor, TensorCompressor, option
+from kvc.compression.protocol import Compressor, Evictor, TensorCompressor, option
 from kvc.compression.registry import available
 from kvc.compression.engine import CompressedFile
 from kvc.metrics.fidelity import mse_rel
@@ -19,7 +19,8 @@ from kvc.metrics.pareto import bit_saving, pareto_front
 
 EVICTORS = ("gvote", "h2o", "pyramidkv", "snapkv", "streamingllm")
 TENSOR_COMPRESSORS = ("eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "turboquant")
-METHODS = tuple(sorted(EVICTORS + TENSOR_COMPRESSORS))
+LAYER_MERGERS = ("minicache",)  # methods that store arrays shared by adjacent layers (Compressor.groups)
+METHODS = tuple(sorted(EVICTORS + TENSOR_COMPRESSORS + LAYER_MERGERS))
 WITH_BITS = ("eoptshrinkq", "int", "kivi", "kvquant", "svdq", "turboquant")
 WITH_GROUP_SIZE = ("kivi", "qjl")
 # options that make each evictor drop tokens of the spiked capture (gvote's default nucleus 0.95 keeps them all)
@@ -103,6 +104,7 @@ def test_registry_holds_the_expected_methods():
     assert tuple(sorted(registry)) == METHODS
     assert tuple(n for n in METHODS if issubclass(registry[n], Evictor)) == EVICTORS
     assert tuple(n for n in METHODS if issubclass(registry[n], TensorCompressor)) == TENSOR_COMPRESSORS
+    assert tuple(n for n in METHODS if registry[n].groups is not Compressor.groups) == LAYER_MERGERS
     assert _with("bits") == WITH_BITS and _with("group_size") == WITH_GROUP_SIZE
 
 

@@ -32,6 +32,8 @@ from ..rope import rope_params
 TOP_SINGULAR = 16
 LOWRANK_ENERGY = 0.5  # "low-rank" layer: median rho >= 0.5, the half-bit point (docs/methods.md#energy-share)
 LABELS = {"k_pre": "keys before RoPE", "k": "keys after RoPE", "v": "values"}
+LATENT_SHARES = (0.90, 0.95, 0.99)  # energy shares of the MLA-style latent rank (docs/methods.md#latent-rank)
+FP16_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,43 @@ def _rank(cols: dict, t: int, g: int, h: int) -> int | None:
     return None if rank < 0 else rank
 
 
+# ----------------------------------------------------------------------------- MLA-style latent
+
+
+def latent_keys(tensors: Sequence[str]) -> str | None:
+    """The keys of the joint latent: before RoPE when analyzed, else after; None without values."""
+    if "v" not in tensors:
+        return None
+    return next((name for name in ("k_pre", "k") if name in tensors), None)
+
+
+def latent_record(k: Tensor, v: Tensor, layer: int, keys: str) -> dict:
+    """The rank of one layer's joint [K of every KV head | V of every KV head] (n = S*T tokens by
+    2*H*D) at each share of LATENT_SHARES, and the fp16 bytes per token of a latent of that dimension
+    against those of the full K and V (an MLA-style cache, DeepSeek-V2 sec. 2.1.2;
+    docs/methods.md#latent-rank)."""
+    S, H, T, D = k.shape
+    joint = torch.cat([k, v], 1).permute(0, 2, 1, 3).reshape(S * T, 2 * H * D)  # token rows, [K heads | V heads]
+    ranks = rmt.energy_rank(torch.linalg.svdvals(joint.to(torch.float64)), LATENT_SHARES).tolist()
+    return {"layer": layer, "keys": keys, "n": S * T, "width": 2 * H * D, "energy": list(LATENT_SHARES),
+            "rank": ranks, "bytes_per_token": [FP16_BYTES * r for r in ranks],
+            "bytes_per_token_full": FP16_BYTES * 2 * H * D}
+
+
+def latent_summary(records: list[dict]) -> dict | None:
+    """Medians and maxima over layers of the latent ranks, and the whole cache's bytes per token."""
+    if not records:
+        return None
+    shares = range(len(LATENT_SHARES))
+    full = sum(r["bytes_per_token_full"] for r in records)
+    total = [sum(r["bytes_per_token"][i] for r in records) for i in shares]
+    return {"keys": records[0]["keys"], "energy": list(LATENT_SHARES), "width": records[0]["width"],
+            "median_rank": [_median([r["rank"][i] for r in records]) for i in shares],
+            "max_rank": [max(r["rank"][i] for r in records) for i in shares],
+            "bytes_per_token": total, "bytes_per_token_full": full,
+            "size_ratio": [_num(b / full) for b in total]}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -333,7 +372,8 @@ def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str],
                     device: torch.device, progress: Callable[[], None] | None = None) -> Report:
     """Analyze the chosen layers and tensors of a capture; progress() is called after each layer."""
     start = time.perf_counter()
-    heads, rope, spectra = [], [], {}
+    heads, rope, spectra, latent = [], [], {}, {}
+    keys = latent_keys(tensors)
     rope_meta = capture.meta.rope  # read (and validated) for every layer before any work
     rotary = {layer: rope_params(rope_meta, layer)[2] if rope_meta is not None else None for layer in layers}
     for layer in layers:
@@ -342,9 +382,11 @@ def analyze_capture(capture: CaptureFile, layers: list[int], tensors: list[str],
         heads += h
         rope += r
         spectra.update({(layer, name): sv[i] for i, name in enumerate(tensors)})
+        if keys is not None:
+            latent[layer] = latent_record(data[keys].to(device), data["v"].to(device), layer, keys)
         if progress:
             progress()
-    summary = summarize(heads, rope, options)
+    summary = summarize(heads, rope, options, latent)
     summary.update({"capture": str(capture.path), "model": capture.meta.model, "device": str(device),
                     "seconds": round(time.perf_counter() - start, 3), "kvc_version": __version__,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
@@ -390,7 +432,7 @@ def _tensor_summary(recs: list[dict]) -> dict:
     }
 
 
-def _layer_rows(heads: list[dict], tensors: list[str]) -> list[dict]:
+def _layer_rows(heads: list[dict], tensors: list[str], latent: dict[int, dict]) -> list[dict]:
     rows: dict[int, dict] = {}
     for r in heads:
         cell = rows.setdefault(r["layer"], {"layer": r["layer"]}).setdefault(r["tensor"], [])
@@ -405,6 +447,8 @@ def _layer_rows(heads: list[dict], tensors: list[str]) -> list[dict]:
                          "median_predicted_bit_saving": _median([r["predicted_bit_saving"] for r in rs]),
                          "records_with_outliers": sum(bool(r["outlier_channels"]) for r in rs),
                          "records_with_bands": sum(bool(r["bands"]) for r in rs)}
+        if layer in latent:
+            row["latent"] = latent[layer]
         out.append(row)
     return out
 
@@ -435,8 +479,11 @@ WORST_KEYS = ("layer", "head", "tensor", "seq", "block", "rank", "energy_lowrank
               "max_rms_ratio", "outlier_channels", "bands", "thin_shell_cv")
 
 
-def summarize(heads: list[dict], rope: list[dict], options: Options, worst: int = 8) -> dict:
-    """Aggregates per tensor and per layer, the heads with least to gain, and a plain-words reading."""
+def summarize(heads: list[dict], rope: list[dict], options: Options, latent: dict[int, dict] | None = None,
+              worst: int = 8) -> dict:
+    """Aggregates per tensor and per layer, the MLA-style latent ranks (``latent``: layer -> its
+    ``latent_record``), the heads with least to gain, and a plain-words reading."""
+    latent = latent or {}
     tensors = list(dict.fromkeys(r["tensor"] for r in heads))
     per_tensor = {name: _tensor_summary([r for r in heads if r["tensor"] == name]) for name in tensors}
     ranked = sorted((r for r in heads if r["predicted_bit_saving"] is not None),
@@ -450,7 +497,8 @@ def summarize(heads: list[dict], rope: list[dict], options: Options, worst: int 
         "outlier_topk": options.outlier_topk,
         "band_rule": f"runs of >= {BAND_MIN} adjacent flagged channels", "band_min": BAND_MIN,
         "layers": sorted({r["layer"] for r in heads}), "tensors": per_tensor,
-        "per_layer": _layer_rows(heads, tensors),
+        "per_layer": _layer_rows(heads, tensors, latent),
+        "latent": latent_summary([latent[layer] for layer in sorted(latent)]),
         "rope": _rope_summary(rope) if rope else None,
         "worst_heads": [{k: r[k] for k in WORST_KEYS} for r in ranked[:worst]],
         "references": references(n, d) if heads else {},
@@ -503,6 +551,8 @@ def reading(summary: dict, options: Options) -> str:
             f"RoPE changes the set of flagged channels by {rope['only_pre']} lost and {rope['only_post']} gained "
             f"({rope['only_post_from_partner']} of them the rotation partner of a pre-RoPE outlier)"
             + _cv_change(rope) + ".")
+    if summary["latent"]:
+        parts.append(_latent_reading(summary["latent"]))
     ok = [t for t in tensors.values() if t["median_thin_shell_cv"] is not None]
     if ok:
         ref = summary["references"]
@@ -516,6 +566,15 @@ def reading(summary: dict, options: Options) -> str:
     if skipped:
         parts.append(f"{skipped} records were skipped (too few tokens for the rank rule; see 'skipped').")
     return " ".join(parts)
+
+
+def _latent_reading(lat: dict) -> str:
+    shares = "/".join(f"{e:.0%}" for e in lat["energy"])
+    ranks = "/".join(f"{r:g}" for r in lat["median_rank"])
+    sizes = "/".join(_pct(x) for x in lat["size_ratio"])
+    return (f"An MLA-style joint latent of {LABELS[lat['keys']]} and values across all KV heads (width "
+            f"{lat['width']}) needs a median of {ranks} dimensions per layer for {shares} of the energy: a "
+            f"latent cache of {sizes} of the fp16 K/V bytes per token.")
 
 
 def _cv_change(rope: dict) -> str:

@@ -13,7 +13,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Literal, NamedTuple
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 import torch
 from scipy import integrate, optimize
@@ -503,6 +503,16 @@ def energy_share(X: Tensor, lowrank: Tensor) -> Tensor:
     X = X.to(torch.float64)
     lowrank = lowrank.to(torch.float64)
     return lowrank.square().sum((-2, -1)) / X.square().sum((-2, -1))
+
+
+def energy_rank(singular_values: Tensor, shares: Sequence[float]) -> Tensor:
+    """r(e) [..., len(shares)]: the fewest leading singular values whose squares hold at least the
+    share e of sum_i s_i^2, for each e in ``shares`` (docs/methods.md#latent-rank)."""
+    energy = singular_values.to(torch.float64).square()
+    cum = energy.cumsum(-1) / energy.sum(-1, keepdim=True)
+    e = torch.tensor(list(shares), dtype=torch.float64, device=cum.device)
+    below = cum[..., None, :] < e[:, None] * (1 - 1e-12)  # [..., shares, p], relative slack for rounding
+    return (below.sum(-1) + 1).clamp_max(cum.shape[-1])
 
 
 def predicted_bit_saving(rho: Tensor | float, rank: Tensor | int, n: int, d: int, factor_bits: int = 4) -> Tensor:

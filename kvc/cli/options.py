@@ -27,6 +27,9 @@ MethodSeed = Annotated[Optional[int], typer.Option(
     "--seed", help="The method's random seed (rotations, sketches, sampling).")]
 MethodOptions = Annotated[List[str], typer.Option(
     "--opt", help="Method option key=value (repeatable); or pass it as --key value.")]
+Seeds = Annotated[int, typer.Option(
+    "--seeds", help="Run the method with N seeds (--seed, --seed + 1, ...) and report each metric as the "
+    "mean with its 95% Student-t interval.")]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32|float64.")]
 PlanFile = Annotated[Optional[Path], typer.Option(
     "--plan", help="A plan file (kvc plan, docs/plan.md) instead of --method: a method per layer, K or V and KV head.")]

@@ -1,6 +1,7 @@
 """Run a compressor over a capture layer by layer, audit its bits, measure it; the compressed file.
 
-Streaming: one layer is loaded, encoded, decoded, measured and freed before the next. The decode
+Streaming: one layer (one group of layers, for a method that stores arrays shared by adjacent
+layers: ``Compressor.groups``) is loaded, encoded, decoded, measured and freed before the next. The decode
 always reads the JSON round trip of the method's metadata, exactly what ``kvc decompress`` reads.
 
 Bit accounting: every array of ``Encoded`` counts. Arrays named ``k``/``k.*`` belong to K,
@@ -142,18 +143,41 @@ def _audit(compressor: Compressor, layer: LayerKV, encoded: Encoded, decoded: De
 
 
 def encode_decode(compressor: Compressor, layer: LayerKV) -> tuple[Encoded, Decoded, dict[str, Tensor]]:
-    """The one audited path of a layer through a method (``kvc compress``, ``kvc eval``,
-    ``kvc.compressing``): validate, encode, decode through the JSON round trip of the metadata
-    (what ``kvc decompress`` reads), audit (``_audit``, ``head_bits``).
+    """The one audited path of a layer through a method (``encode_decode_group`` of one layer)."""
+    return encode_decode_group(compressor, [layer])[0]
 
-    Returns the stored arrays, the reconstruction and the stored bits per KV head [H] of K and V.
+
+def groups(compressor: Compressor, layers: list[int], num_layers: int) -> list[list[int]]:
+    """The method's groups of ``layers`` (``Compressor.groups``), checked to cover them in order."""
+    cut = compressor.groups(list(layers), num_layers)
+    if [L for group in cut for L in group] != list(layers) or not all(cut):
+        raise MethodFailure(f"method {compressor.name} grouped layers {list(layers)} as {cut}")
+    return cut
+
+
+def encode_decode_group(compressor: Compressor, layers: list[LayerKV]
+                        ) -> list[tuple[Encoded, Decoded, dict[str, Tensor]]]:
+    """The one audited path of a group of layers (``Compressor.groups``; one layer for most methods)
+    through a method (``kvc compress``, ``kvc eval``, ``kvc.compressing``): validate, encode, decode
+    through the JSON round trip of the metadata (what ``kvc decompress`` reads), audit (``_audit``,
+    ``head_bits``).
+
+    Returns per layer the stored arrays, the reconstruction and the stored bits per KV head [H] of K and V.
     """
-    compressor.validate(layer)
-    raw = compressor.encode(layer)
-    encoded = Encoded(raw.arrays, _json_meta(compressor.name, layer.layer, raw.meta), raw.bits_paper)
-    decoded = compressor.decode(encoded, layer)
-    _audit(compressor, layer, encoded, decoded)
-    return encoded, decoded, head_bits(compressor, encoded, layer)
+    for layer in layers:
+        compressor.validate(layer)
+    raw = compressor.encode_group(layers)
+    encoded = [Encoded(r.arrays, _json_meta(compressor.name, layer.layer, r.meta), r.bits_paper)
+               for r, layer in zip(raw, layers)]
+    decoded = compressor.decode_group(encoded, layers)
+    if not len(raw) == len(decoded) == len(layers):
+        raise MethodFailure(f"method {compressor.name} returned {len(raw)} encoded and {len(decoded)} decoded "
+                            f"layers for the group {[layer.layer for layer in layers]}")
+    out = []
+    for layer, enc, dec in zip(layers, encoded, decoded):
+        _audit(compressor, layer, enc, dec)
+        out.append((enc, dec, head_bits(compressor, enc, layer)))
+    return out
 
 
 def measure(layer: LayerKV, encoded: Encoded, decoded: Decoded, bits: dict[str, Tensor],
@@ -167,13 +191,6 @@ def measure(layer: LayerKV, encoded: Encoded, decoded: Decoded, bits: dict[str, 
     metrics = {t: {m: x.detach().cpu() for m, x in ms.items()} for t, ms in metrics.items()}
     S, H, T, D = layer.shape
     return LayerResult(layer.layer, bits, S * T * D, encoded.bits_paper, metrics, decoded.keep is not None)
-
-
-def measure_layer(compressor: Compressor, layer: LayerKV, query_stride: int = 1
-                  ) -> tuple[LayerResult, Encoded]:
-    """Encode, decode, audit and measure one layer; the method sees every captured query."""
-    encoded, decoded, bits = encode_decode(compressor, layer)
-    return measure(layer, encoded, decoded, bits, query_stride), encoded
 
 
 # ----------------------------------------------------------------------------- a run
@@ -252,14 +269,16 @@ def run(compressor: Compressor, capture: CaptureFile, layers: list[int] | None =
         raise KvcError(f"{capture.path} has no layers {missing}; it holds {capture.layers}")
     start = time.perf_counter()
     results, encoded = [], {}
-    for L in layers:
-        layer_result, enc = measure_layer(compressor, load_layer(capture, L, device, dtype), query_stride)
-        results.append(layer_result)
-        if keep_encoded:
-            encoded[L] = Encoded({n: a.detach().to("cpu", copy=True) for n, a in enc.arrays.items()},
-                                 enc.meta, enc.bits_paper)
-        if progress:
-            progress(L)
+    for group in groups(compressor, layers, capture.meta.num_layers):
+        loaded = [load_layer(capture, L, device, dtype) for L in group]
+        for layer, (enc, dec, bits) in zip(loaded, encode_decode_group(compressor, loaded)):
+            results.append(measure(layer, enc, dec, bits, query_stride))
+            if keep_encoded:
+                encoded[layer.layer] = Encoded({n: a.detach().to("cpu", copy=True) for n, a in enc.arrays.items()},
+                                               enc.meta, enc.bits_paper)
+            if progress:
+                progress(layer.layer)
+        del loaded
     meta = capture.meta
     source = {"path": str(capture.path), "model": meta.model, "layers": list(layers),
               "num_seqs": meta.num_seqs, "seq_len": meta.seq_len, "num_heads": meta.num_heads,
@@ -299,29 +318,32 @@ def compressor_of(cf: CompressedFile) -> Compressor:
     return compressor
 
 
-def decode_layer(compressor: Compressor, cf: CompressedFile, layer: int,
-                 device: torch.device | str = "cpu") -> Decoded:
-    """Decode one layer of a compressed file and audit the result: data that the method cannot
-    decode, or that decodes to the wrong shape or to NaN/Inf, is one error naming the layer."""
+def decode_group(compressor: Compressor, cf: CompressedFile, group: list[int],
+                 device: torch.device | str = "cpu") -> list[Decoded]:
+    """Decode one group of layers (``Compressor.groups``) of a compressed file and audit the result:
+    data that the method cannot decode, or that decodes to the wrong shape or to NaN/Inf, is one
+    error naming the layer."""
     src = cf.source
     shape = (src.num_seqs, src.num_kv_heads, src.seq_len, src.head_dim)
+    where = ", ".join(map(str, group))
     try:
-        decoded = compressor.decode(Encoded(cf.arrays(layer, device), *cf.layer_meta(layer)),
-                                    shell_layer(src, layer, device))
+        decoded = compressor.decode_group([Encoded(cf.arrays(L, device), *cf.layer_meta(L)) for L in group],
+                                          [shell_layer(src, L, device) for L in group])
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # the method read arrays or metadata that are not what it wrote
         why = str(err) if isinstance(err, KvcError) else f"{type(err).__name__}: {err}"
-        raise KvcError(f"{cf.path}: layer {layer} does not decode with {cf.method} (arrays or "
-                       f"layers.{layer}.meta altered?): {why}") from err
-    for label, t, want in (("k", decoded.k, shape), ("v", decoded.v, shape), ("keep", decoded.keep, shape[:3])):
-        if t is not None and tuple(t.shape) != want:
-            raise KvcError(f"{cf.path}: layer {layer} decodes to {label} of shape {list(t.shape)}, but the "
-                           f"source metadata needs {list(want)}")
-    if not (torch.isfinite(decoded.k).all() and torch.isfinite(decoded.v).all()):
-        raise KvcError(f"{cf.path}: layer {layer} decodes to NaN or Inf")
-    if decoded.keep is not None and not cf.evicts:
-        raise KvcError(f"{cf.path}: metadata evicts is false, but {cf.method} evicts tokens in layer {layer}")
+        raise KvcError(f"{cf.path}: layer {where} does not decode with {cf.method} (arrays or "
+                       f"layers.{group[0]}.meta altered?): {why}") from err
+    for layer, dec in zip(group, decoded):
+        for label, t, want in (("k", dec.k, shape), ("v", dec.v, shape), ("keep", dec.keep, shape[:3])):
+            if t is not None and tuple(t.shape) != want:
+                raise KvcError(f"{cf.path}: layer {layer} decodes to {label} of shape {list(t.shape)}, but the "
+                               f"source metadata needs {list(want)}")
+        if not (torch.isfinite(dec.k).all() and torch.isfinite(dec.v).all()):
+            raise KvcError(f"{cf.path}: layer {layer} decodes to NaN or Inf")
+        if dec.keep is not None and not cf.evicts:
+            raise KvcError(f"{cf.path}: metadata evicts is false, but {cf.method} evicts tokens in layer {layer}")
     return decoded
 
 
@@ -354,8 +376,8 @@ def decompress(path: str | os.PathLike, out: str | os.PathLike, device: torch.de
             for key in ("q_positions", "input_ids"):
                 if key in specs:
                     writer.write(key, 0, getattr(source_q, key))
-        for L in cf.layers:
-            decoded = decode_layer(compressor, cf, L, device)
+        for L, decoded in ((L, d) for group in groups(compressor, cf.layers, src.num_layers)
+                           for L, d in zip(group, decode_group(compressor, cf, group, device))):
             tensors = {"k": decoded.k, "v": decoded.v}
             if src.rope is not None:
                 tensors["k_pre"] = (decoded.k_pre if decoded.k_pre is not None else apply_rope(

@@ -84,5 +84,7 @@ class BudgetEvictor(Evictor):
                                low=0, high=1, low_open=True)
 
     def count(self, layer: LayerKV) -> int:
-        """Tokens kept per (sequence, KV head) in this layer."""
-        return keep_count(layer.shape[2], self.options.budget)
+        """Tokens kept per (sequence, KV head) in this layer: the budget's share of the tokens seen
+        (``LayerKV.seen``), at most those still held."""
+        T = layer.shape[2]
+        return min(T, keep_count(T if layer.seen is None else layer.seen, self.options.budget))

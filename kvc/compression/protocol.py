@@ -37,6 +37,8 @@ class LayerKV:
     ``rope`` is the capture's RoPE metadata (None on a model without RoPE); ``attention`` is the
     layer's mask and logit transform. Positions count from the layer's first token, which sits at
     absolute (RoPE) position ``offset`` (non-zero for the kept tail of a sliding-window cache).
+    ``seen``: the tokens this cache has held, evicted ones included, when some were evicted before
+    (``kvc eval --decode-every``; None: T); eviction budgets count against it.
     """
 
     layer: int
@@ -49,6 +51,7 @@ class LayerKV:
     num_layers: int = 1
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     offset: int = 0
+    seen: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -115,6 +118,12 @@ class Compressor(ABC):
         self.options = options if options is not None else self.Options()
         self.check_options()
 
+    def reseeded(self, seed: int) -> "Compressor":
+        """The same method and options with another ``seed`` (itself when it has that seed)."""
+        if self.options.seed == seed:
+            return self
+        return type(self)(dataclasses.replace(self.options, seed=seed))
+
     def check_options(self, head_dim: int | None = None) -> None:
         """Check the options (KvcError naming the flag): their declared types and constraints
         (:func:`kvc.compression.fields.checked`; those on the head dimension when it is given).
@@ -139,6 +148,21 @@ class Compressor(ABC):
     @abstractmethod
     def decode(self, encoded: Encoded, layer: LayerKV) -> Decoded:
         """Reconstruct one layer; ``layer`` supplies shapes, positions and RoPE (not the data)."""
+
+    def groups(self, layers: list[int], num_layers: int) -> list[list[int]]:
+        """``layers`` (ascending) cut into the groups encoded together, in order: one layer each,
+        except for a method whose stored arrays serve several layers (MiniCache's merged pairs of
+        adjacent layers); ``num_layers``: the model's depth."""
+        return [[L] for L in layers]
+
+    def encode_group(self, layers: list[LayerKV]) -> list[Encoded]:
+        """Compress one group (:meth:`groups`), one ``Encoded`` per layer; arrays the group shares
+        are stored once, in one of them."""
+        return [self.encode(layer) for layer in layers]
+
+    def decode_group(self, encoded: list[Encoded], layers: list[LayerKV]) -> list[Decoded]:
+        """Reconstruct one group's layers from the ``Encoded`` of every layer of the group."""
+        return [self.decode(e, layer) for e, layer in zip(encoded, layers)]
 
     def head_bits(self, encoded: Encoded, layer: LayerKV) -> dict[str, Tensor] | None:
         """Stored bits per KV head, {"k": [H], "v": [H]}, for methods whose heads differ (ragged

@@ -12,6 +12,7 @@ import torch
 from ..errors import KvcError, MethodFailure
 from ..io.capture import CaptureFile
 from ..io.atomic import atomic_path
+from ..metrics.seeds import combine, seed_list
 from ..metrics.pareto import ATTENTION_METRICS, METRICS, VIEWS, fronts, pareto_front, savings, view_points
 from ..model.load import DEFAULT_MODEL_NAME, open_model
 from ..model.text import load_corpus
@@ -88,8 +89,12 @@ def plan(methods: list[str], bits: list[str], keys: list[str], has_pre: bool, op
 
 
 def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, dtype, seed: int,
-             query_stride: int, progress: Progress | None = None) -> tuple[list[dict], list[dict], list[dict]]:
-    """(runs, skipped, failures); impossible parameters skip, loud method failures are collected."""
+             query_stride: int, progress: Progress | None = None, seeds: int = 1
+             ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(runs, skipped, failures); impossible parameters skip, loud method failures are collected.
+    With ``seeds`` > 1 each job runs with seed, seed + 1, ... and its result holds the means and
+    intervals (``kvc.metrics.seeds.combine``)."""
+    seed_values = seed_list(seed, seeds)
     runs, skipped, failures = [], [], []
     for done, job in enumerate(jobs):
         compressor = job.pop("compressor")
@@ -97,14 +102,17 @@ def run_jobs(jobs: list[dict], capture: CaptureFile, layers: list[int], device, 
         if progress:
             progress(done, len(jobs), f"{job['method']} {job['bits']:g} {job['keys'] or ''}")
         try:
-            torch.manual_seed(seed)  # engine.run validates the options on the first layer
-            result = engine.run(compressor, capture, layers, device, dtype, query_stride=query_stride)
+            reports = []
+            for s in seed_values:
+                torch.manual_seed(s)  # engine.run validates the options on the first layer
+                reports.append(engine.run(compressor.reseeded(s), capture, layers, device, dtype,
+                                          query_stride=query_stride).to_json())
         except MethodFailure as error:
             failures.append({**label, "reason": str(error)})
         except KvcError as error:
             skipped.append({**label, "reason": str(error)})
         else:
-            runs.append({**job, "result": result.to_json()})
+            runs.append({**job, "result": combine(reports, seed_values) if seeds > 1 else reports[0]})
     if progress:
         progress(len(jobs), len(jobs), "sweep")
     return runs, skipped, failures
@@ -133,7 +141,7 @@ def add_end_to_end(runs: list[dict], model: str, device) -> dict[str, float | No
 def sweep(capture: CaptureFile, layers: list[int], methods: list[str], bits: Sequence[float],
           keys: Sequence[str], pairs: Sequence[tuple[str, str]], options: Mapping[str, Any], device, dtype,
           seed: int = 0, query_stride: int = 1, e2e: bool = False, model: str | None = None,
-          progress: Progress | None = None) -> dict:
+          progress: Progress | None = None, seeds: int = 1) -> dict:
     """The sweep report (``sweep.json``): runs, skips, failures, savings, Pareto fronts."""
     for name in methods:
         get(name)
@@ -146,6 +154,7 @@ def sweep(capture: CaptureFile, layers: list[int], methods: list[str], bits: Seq
         raise KvcError(f"--compare {','.join(map(':'.join, pairs))!r}: expected METHOD:REFERENCE pairs")
     if query_stride < 1:
         raise KvcError("--query-stride must be >= 1")
+    seed_list(seed, seeds)
     if e2e and model is None:  # a capture's metadata never chooses a model to load
         raise KvcError(f"--e2e needs --model, the model whose cache the capture holds (the default model is "
                        f"{DEFAULT_MODEL_NAME}); kvc loads only a model named on the command line")
@@ -153,13 +162,14 @@ def sweep(capture: CaptureFile, layers: list[int], methods: list[str], bits: Seq
                          capture.has(layers[0], "k_pre"), options, seed)
     if not jobs:
         raise KvcError("nothing to run: " + "; ".join(map(skip_reason, skipped)))
-    runs, skipped_run, failures = run_jobs(jobs, capture, layers, device, dtype, seed, query_stride, progress)
+    runs, skipped_run, failures = run_jobs(jobs, capture, layers, device, dtype, seed, query_stride, progress, seeds)
     if not runs:  # nothing to plot or compare
         problem = MethodFailure if failures else KvcError
         raise problem("no run succeeded: " + "; ".join(map(skip_reason, failures + skipped + skipped_run)))
     correlation = add_end_to_end(runs, model, device) if e2e else None
     return {"e2e_rank_correlation": correlation, "capture": str(capture.path), "layers": layers,
             "methods": list(methods), "bits": bit_values, "keys": key_list, "seed": seed,
+            **({"seeds": seed_list(seed, seeds)} if seeds > 1 else {}),
             "query_stride": query_stride, "runs": runs, "skipped": skipped + skipped_run,
             "failures": failures, "savings": savings(runs, pairs), "pareto": fronts(runs)}
 

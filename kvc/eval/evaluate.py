@@ -41,6 +41,7 @@ from ..model.text import Corpus, framing
 from ..errors import KvcError
 from ..io.atomic import atomic_path
 from ..model.load import check_positions, input_device, is_causal_lm, text_config
+from ..rope import apply_rope
 
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "orange", "purple")
 SUBJECTS = ("pass code of the {} door", "serial number of the {} bicycle", "room number of the {} hotel",
@@ -61,6 +62,7 @@ class Settings:
     needles: int = 4  # facts in one multi-needle context (0: skip)
     retrieval: bool = True
     special_tokens: bool = True  # each context starts like a fresh input of the model (its BOS, if any)
+    decode_every: int | None = None  # recompress the cache every N continuation tokens (None: prefill only)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -159,6 +161,18 @@ class CacheMasks(Hooks):
         return self.cache.layers[call.layer].mask(call.query.shape[2])
 
 
+class RecordingMasks(CacheMasks):
+    """``CacheMasks`` that also records every layer's queries (``Recorder``) for the next recompression."""
+
+    def __init__(self, cache: CompressedCache, recorder: Recorder):
+        super().__init__(cache)
+        self.recorder = recorder
+
+    def attention(self, call: AttentionCall) -> Tensor:
+        self.recorder.attention(call)
+        return super().attention(call)
+
+
 def cache_argument(model) -> str:
     """The name of the model's cache argument: ``cache`` from transformers 5.2x, else ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -228,15 +242,19 @@ def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dty
     """Every layer through the method (``engine.encode_decode``); ``measure``: with the compress
     engine's metrics too."""
     out, bits, entries, paper, proxies = [], 0, 0, [], []
-    for layer in layers:
+    by_index = {layer.layer: layer for layer in layers}
+    for group in engine.groups(compressor, list(by_index), layers[0].num_layers):
+        members = [by_index[L] for L in group]
         with torch.inference_mode():
-            encoded, decoded, head_bits = engine.encode_decode(compressor, layer)
+            results = engine.encode_decode_group(compressor, members)
+        for layer, (encoded, decoded, head_bits) in zip(members, results):
             if measure:
-                proxies.append(engine.measure(layer, encoded, decoded, head_bits))
-        out.append(decoded_layer(decoded, layer, dtype))
-        bits += encoded.nbits()
-        entries += 2 * layer.entries
-        paper.append(encoded.bits_paper)
+                with torch.inference_mode():
+                    proxies.append(engine.measure(layer, encoded, decoded, head_bits))
+            out.append(decoded_layer(decoded, layer, dtype))
+            bits += encoded.nbits()
+            entries += 2 * layer.entries
+            paper.append(encoded.bits_paper)
     return Compressed(out, bits, entries, paper, proxies)
 
 
@@ -247,6 +265,88 @@ def continuation_logprobs(model, cache: CompressedCache, ids: Tensor) -> Tensor:
     """log p [B, N, V] of the next token after each of ``ids`` [B, N], fed after ``cache``."""
     with torch.inference_mode(), hooked(model, CacheMasks(cache)):
         return _forward(model, ids.to(cache.layers[0].keys.device), cache).float().log_softmax(-1)
+
+
+def token_positions(cl: CompressedLayer) -> Tensor:
+    """[B, H, P + A]: the absolute position of every token a layer holds (prefix slots, then appended)."""
+    B, H, K, _ = cl.keys.shape
+    device = cl.keys.device
+    slots = torch.arange(cl.prefix, device=device).expand(B, H, -1) if cl.slots is None else cl.slots
+    appended = cl.length + torch.arange(K - cl.prefix, device=device)
+    return torch.cat([slots + cl.offset, appended.expand(B, H, -1)], -1)
+
+
+def cache_layers(cache: CompressedCache, recorder: Recorder, rope: dict | None, num_layers: int) -> list[LayerKV]:
+    """The cache as the method sees it at a recompression, one ``LayerKV`` per layer: its live
+    tokens (the decoded prefix, compacted per KV head as ``CompressedLayer`` holds it, then the tokens
+    appended since) in order, K after RoPE at their true positions and K before RoPE by undoing it,
+    and the queries of the appended tokens (``recorder``). Key j of the layer is its j-th live
+    token, so the appended tokens' queries sit at P + 0..A-1 and see every earlier token (causal)."""
+    layers = []
+    for L, cl in enumerate(cache.layers):
+        appended = cl.keys.shape[-2] - cl.prefix
+        device = cl.keys.device
+        positions = token_positions(cl)
+        k = cl.keys.float()
+        layers.append(LayerKV(
+            layer=L, k=k, v=cl.values.float(), q=recorder.records.pop(L)["q"].to(device, torch.float32),
+            q_positions=cl.prefix + torch.arange(appended, device=device),
+            k_pre=None if rope is None else apply_rope(k, positions, rope, L, inverse=True),
+            rope=rope, num_layers=num_layers, attention=cl.spec, seen=cl.length - cl.offset + appended))
+    return layers
+
+
+def recompress(compressor: Compressor, cache: CompressedCache, recorder: Recorder, rope: dict | None,
+               dtype: torch.dtype) -> Compressed:
+    """The cache after one more pass of the method (``kvc eval --decode-every``): every layer's live
+    tokens (``cache_layers``) through ``engine.encode_decode_group``; keys the method decoded before
+    RoPE are rotated at their true positions; a token evicted now or earlier stays out (docs/eval.md)."""
+    layers = cache_layers(cache, recorder, rope, len(cache.layers))
+    out, bits, entries, paper = [], 0, 0, []
+    for group in engine.groups(compressor, [l.layer for l in layers], len(layers)):
+        members = [layers[L] for L in group]
+        with torch.inference_mode():
+            results = engine.encode_decode_group(compressor, members)
+        for layer, (encoded, decoded, _) in zip(members, results):
+            cl = cache.layers[layer.layer]
+            B, H, K, D = layer.shape
+            appended = K - cl.prefix
+            positions = token_positions(cl)
+            live = torch.ones(B, H, K, dtype=torch.bool, device=layer.k.device)
+            if cl.valid is not None:
+                live[..., :cl.prefix] = cl.valid
+            if decoded.keep is not None:
+                live &= decoded.keep
+            k = (decoded.k if decoded.k_pre is None or rope is None
+                 else apply_rope(decoded.k_pre, positions, rope, layer.layer))
+            index, valid = kept_slots(live)
+            rows = index[..., None].expand(-1, -1, -1, D)
+            out.append(CompressedLayer(k.gather(2, rows).to(dtype), decoded.v.gather(2, rows).to(dtype),
+                                       None if bool(valid.all()) else valid, cl.length + appended,
+                                       positions.gather(2, index), 0, cl.spec))
+            bits += encoded.nbits()
+            entries += 2 * B * H * layer.seen * D  # per token seen, evicted ones included, as for a prefill
+            paper.append(encoded.bits_paper)
+    return Compressed(out, bits, entries, paper)
+
+
+def decoding_logprobs(model, compressor: Compressor, cache: CompressedCache, ids: Tensor, every: int,
+                      rope: dict | None, dtype: torch.dtype, res: "MethodResult") -> Tensor:
+    """log p [B, N, V] of the next token after each of ``ids`` [B, N] fed after ``cache`` in blocks of
+    ``every`` tokens, the cache recompressed by the method after each block but the last
+    (``recompress``; its bits counted under the task "decoding")."""
+    logps = []
+    for start in range(0, ids.shape[1], every):
+        recorder = Recorder(set(range(len(cache.layers))))
+        with torch.inference_mode(), hooked(model, RecordingMasks(cache, recorder)):
+            logps.append(_forward(model, ids[:, start:start + every].to(cache.layers[0].keys.device),
+                                  cache).float().log_softmax(-1))
+        if start + every < ids.shape[1]:
+            compressed = recompress(compressor, cache, recorder, rope, dtype)
+            res.count("decoding", compressed)
+            res.recompressions += 1
+            cache = compressed.cache()
+    return torch.cat(logps, 1)
 
 
 def greedy(model, cache: CompressedCache, prompt: Tensor, steps: int) -> Tensor:
@@ -380,10 +480,12 @@ class MethodResult:
     single: dict[tuple[int, float], list[bool]] = field(default_factory=dict)
     multi: dict[int, list[bool]] = field(default_factory=dict)
     seconds: float = 0.0
+    recompressions: int = 0  # cache recompressions during decoding (--decode-every)
 
     def count(self, task: str, c: Compressed) -> None:
-        self.bits[task][0] += c.bits
-        self.bits[task][1] += c.entries
+        bits = self.bits.setdefault(task, [0, 0])
+        bits[0] += c.bits
+        bits[1] += c.entries
         self.bits_paper += c.bits_paper
 
 
@@ -411,15 +513,15 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
     ids = corpus_ids(tokenizer, corpus, n_ppl + (settings.trials * max(settings.contexts)
                                                   if settings.retrieval else 0))
 
-    def run_all(layers: list[LayerKV], task: str, score: Callable[[CompressedCache], Any],
-                measured: bool = False) -> list[Any]:
+    def run_all(layers: list[LayerKV], task: str, score: Callable[..., Any], measured: bool = False) -> list[Any]:
+        """score(cache, compressor, result) of each compressor's compressed prefill."""
         outs = []
         for compressor, res in zip(compressors, results):
             start = time.perf_counter()
             c = compress(compressor, layers, dtype, measure=measured)
             res.count(task, c)
             res.proxies += c.proxies
-            outs.append(score(c.cache()))
+            outs.append(score(c.cache(), compressor, res))
             res.seconds += time.perf_counter() - start
             tick(f"{task}: {compressor.name}")
         return outs
@@ -434,8 +536,12 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
         fed, targets = windows[:, C:-1], windows[:, C + 1:]
         base = continuation_logprobs(model, uncompressed_cache(layers, dtype), fed)
         tick(f"perplexity {C}: prefill")
-        for res, logp in zip(results, run_all(layers, "perplexity",
-                                              lambda cache: continuation_logprobs(model, cache, fed), measure)):
+        def score(cache: CompressedCache, compressor: Compressor, res: MethodResult) -> Tensor:
+            if settings.decode_every is None:
+                return continuation_logprobs(model, cache, fed)
+            return decoding_logprobs(model, compressor, cache, fed, settings.decode_every, layers[0].rope, dtype, res)
+
+        for res, logp in zip(results, run_all(layers, "perplexity", score, measure)):
             res.ppl.setdefault(C, TokenStats()).add(base, logp, targets)
         del layers, base
 
@@ -468,7 +574,7 @@ def _retrieve(model, prompts: Prompts, batch: Tensor, needles: Sequence[Needle],
     question = prompts.questions(needles)
     repeat = question.shape[0] // batch.shape[0]
 
-    def answer(cache: CompressedCache) -> list[bool]:
+    def answer(cache: CompressedCache, *_) -> list[bool]:
         return prompts.retrieved(greedy(model, cache.repeat(repeat), question, prompts.answer_steps), needles)
 
     yield None, answer(uncompressed_cache(layers, dtype))
@@ -485,6 +591,9 @@ def check(s: Settings) -> None:
         raise KvcError("--trials must be >= 1 and --depths fractions in [0, 1]")
     if s.needles < 0 or s.needles > len(SUBJECTS):
         raise KvcError(f"--needles must lie in 0..{len(SUBJECTS)}")
+    every = s.decode_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise KvcError(f"--decode-every must be a positive integer (tokens), not {every!r}")
 
 
 def check_model(config, s: Settings) -> None:
@@ -516,7 +625,8 @@ def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, b
         for f in dataclasses.fields(TokenStats):
             setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
     bits = {task: b / e if e else None for task, (b, e) in r.bits.items()}
-    all_bits, all_entries = (sum(x) for x in zip(*r.bits.values()))
+    prefills = [x for task, x in r.bits.items() if task != "decoding"]  # the compressed prompts
+    all_bits, all_entries = sum(b for b, _ in prefills), sum(e for _, e in prefills)
     out: dict[str, Any] = {
         "method": compressor.name, "params": compressor.params(),
         "bits_per_entry": all_bits / all_entries, "baseline_bits_per_entry": torch.finfo(dtype).bits,
@@ -526,6 +636,9 @@ def _report(compressor: Compressor, r: MethodResult, s: Settings, base_single, b
                        "contexts": [{"context": C, **st.report()} for C, st in r.ppl.items()]},
         "settings": {**dataclasses.asdict(s), "prompt_seed": PROMPT_SEED},
         "seconds": round(r.seconds, 3)}
+    if s.decode_every is not None:
+        out["decoding"] = {"every": s.decode_every, "recompressions": r.recompressions,
+                           "bits_per_entry": bits.get("decoding")}
     if r.proxies:
         run = engine.RunResult(compressor.name, compressor.params(), {}, r.proxies, "", "", 0.0)
         out["proxies"] = engine.aggregate(run.heads())

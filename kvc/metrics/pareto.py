@@ -43,8 +43,10 @@ def in_view(run: dict, view: str) -> bool:
     return run["view"] == view or (view == "v" and run["values"])
 
 
-def view_points(runs: list[dict], view: str, metric: str) -> dict[str, list[Point]]:
-    """method -> [(bits per entry, error value, bits asked)] of the runs that belong to ``view``."""
+def view_points(runs: list[dict], view: str, metric: str, bound: str | None = None) -> dict[str, list[Point]]:
+    """method -> [(bits per entry, error value, bits asked)] of the runs that belong to ``view``;
+    ``bound`` ("ci_low" or "ci_high"): the error at that end of the run's interval over seeds
+    (``kvc.metrics.seeds``) instead of its mean."""
     points: dict[str, list[Point]] = {}
     if view == "v" and metric != "mse_rel":
         return points
@@ -53,7 +55,8 @@ def view_points(runs: list[dict], view: str, metric: str) -> dict[str, list[Poin
         if not in_view(run, view):
             continue
         summary = run["result"]["summary"]
-        value = summary[tensor].get(metric)
+        value = summary[tensor].get(metric) if bound is None else \
+            run["result"]["seeds"]["summary"][tensor].get(metric, {}).get(bound)
         if value is not None:
             points.setdefault(run["method"], []).append(
                 (summary[tensor]["bits_per_entry"], METRICS[metric][1](value), run["bits"]))
@@ -92,8 +95,25 @@ def bit_saving(points: list[Point], reference: list[Point]) -> list[dict]:
     return rows
 
 
+def saving_bounds(rows: list[dict], low: dict[str, list[Point]], high: dict[str, list[Point]],
+                  a: str, b: str) -> None:
+    """Add to each row of ``bit_saving(a's means, b's means)`` the saving's bounds over the seeds'
+    intervals (``low``/``high``: the points at the ends of each run's interval): ``saving_low`` takes
+    a at the top of its interval against b's front at the bottom of b's, ``saving_high`` the reverse
+    (None outside the range); ``ci_overlap``: the bounds do not exclude 0, so the seeds do not tell
+    the two methods apart at that point (docs/methods.md#seed-noise)."""
+    lows = {r["bits"]: r["saving"] for r in bit_saving(high.get(a, []), low.get(b, []))}  # by bits asked
+    highs = {r["bits"]: r["saving"] for r in bit_saving(low.get(a, []), high.get(b, []))}
+    for row in rows:
+        lo, hi = lows.get(row["bits"]), highs.get(row["bits"])
+        row["saving_low"], row["saving_high"] = lo, hi
+        row["ci_overlap"] = lo is None or hi is None or lo <= 0 <= hi
+
+
 def savings(runs: list[dict], pairs: list[tuple[str, str]]) -> dict[str, dict[str, list[dict]]]:
-    """For each (method, reference) pair and view: bits saved at equal mse_rel."""
+    """For each (method, reference) pair and view: bits saved at equal mse_rel (the means over seeds,
+    with their bounds when the runs have several seeds)."""
+    seeded = bool(runs) and all("seeds" in r["result"] for r in runs)
     out: dict[str, dict[str, list[dict]]] = {}
     for a, b in pairs:
         per_view = {}
@@ -101,6 +121,9 @@ def savings(runs: list[dict], pairs: list[tuple[str, str]]) -> dict[str, dict[st
             points = view_points(runs, view, "mse_rel")
             if a in points and b in points:
                 per_view[view] = bit_saving(points[a], points[b])
+                if seeded:
+                    saving_bounds(per_view[view], view_points(runs, view, "mse_rel", "ci_low"),
+                                  view_points(runs, view, "mse_rel", "ci_high"), a, b)
         out[f"{a}_vs_{b}"] = per_view
     return out
 

@@ -50,6 +50,11 @@ class PlanCompressor(Compressor):
                 self._parts[a.config] = build(a.method, **a.options)
             self._table[a.key] = self._parts[a.config]
 
+    def reseeded(self, seed: int) -> "PlanCompressor":
+        if self.options.seed == seed:
+            return self
+        return PlanCompressor(self.plan, self.source, dataclasses.replace(self.options, seed=seed))
+
     def part(self, layer: int, tensor: str, head: int) -> TensorCompressor:
         return self._table[(layer, tensor, head)]
 

@@ -76,6 +76,24 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def print_latent(console: Console, s: dict) -> None:
+    """Per layer: the rank of the joint [K | V] over all KV heads at each energy share and the fp16
+    bytes per token of a latent of that dimension (docs/analyze.md#mla-style-latent)."""
+    lat = s["latent"]
+    shares = "/".join(f"{e:.0%}" for e in lat["energy"])
+    table = Table(title=f"MLA-style latent: rank of the joint [{lat['keys']} | v] of all KV heads (width "
+                        f"{lat['width']}) at {shares} energy, fp16 bytes per token against the full K/V")
+    for col in ("layer", f"rank {shares}", f"bytes {shares}", "full"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in s["per_layer"]:
+        r = row["latent"]
+        table.add_row(str(row["layer"]), "/".join(map(str, r["rank"])), "/".join(map(str, r["bytes_per_token"])),
+                      str(r["bytes_per_token_full"]))
+    table.add_row("all", "median " + "/".join(f"{x:g}" for x in lat["median_rank"]),
+                  "/".join(map(str, lat["bytes_per_token"])), str(lat["bytes_per_token_full"]))
+    console.print(table)
+
+
 def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
     s = report.summary
     console.print(Text.assemble(("kvc analyze", "bold"), printable(
@@ -96,6 +114,8 @@ def print_summary(console: Console, report: Report, tensors: list[str]) -> None:
         cells.append("/".join(_outlier_cell(row[name]) for name in tensors))
         table.add_row(*cells)
     console.print(table)
+    if s["latent"]:
+        print_latent(console, s)
     worst = Table(title="heads with the least to gain (lowest predicted bit saving)")
     cols = ["layer", "head", "tensor"] + (["seq"] if s["mode"] != "pooled" else []) + \
         (["block"] if s["mode"].startswith("block") else []) + ["rank", "rho", "bits", "max RMS/med", "outliers"]

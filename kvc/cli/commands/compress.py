@@ -17,7 +17,7 @@ from rich.table import Table
 import kvc
 
 from ..console import err, human_bytes, out, progress_task
-from ..options import ComputeDtype, Device, Force, JsonOut, Layers, MethodOptions, MethodSeed, PlanFile, QueryStride
+from ..options import ComputeDtype, Device, Force, JsonOut, Layers, MethodOptions, MethodSeed, PlanFile, QueryStride, Seeds
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
@@ -61,6 +61,26 @@ def results_tables(result: dict, worst: int = 5) -> list[Table]:
         worst_table.add_row(str(r["layer"]), str(r["head"]),
                             *(fmt(rows[(*key, t)].get(m)) for _, t, m in COLUMNS[1:]))
     return [per_layer, worst_table]
+
+
+def pm(stat: dict) -> str:
+    """'0.0123 ± 0.0004' (mean ± half-width of its interval), or the mean alone."""
+    if stat["half_width"] is None:
+        return fmt(stat["mean"])
+    return f"{fmt(stat['mean'])} ± {fmt(stat['half_width'])}"
+
+
+def seeds_table(result: dict) -> Table:
+    """Each metric of the summary as its mean over the seeds ± the half-width of its interval."""
+    seeds = result["seeds"]
+    table = Table(title=f"{result['method']} over seeds {', '.join(map(str, seeds['seeds']))}: mean ± "
+                        f"{seeds['level']:.0%} Student-t interval", box=box.SIMPLE_HEAD)
+    table.add_column("metric")
+    for title, t, m in COLUMNS:
+        table.add_column(title, justify="right")
+    table.add_row("all", *(pm(seeds["summary"][t][m]) if m in seeds["summary"][t] else "-"
+                           for _, t, m in COLUMNS))
+    return table
 
 
 def overall_line(result: dict) -> str:
@@ -109,6 +129,7 @@ def command(
     layers: Layers = "all",
     dtype: ComputeDtype = "float32",
     seed: MethodSeed = None,
+    seeds: Seeds = 1,
     query_stride: QueryStride = 1,
     force: Force = False,
 ) -> None:
@@ -125,11 +146,14 @@ def command(
     check_outputs([out_path, json_path], force, inputs=[positional[0], plan])
     with progress_task(compressor.name) as progress:
         result = kvc.compress(positional[0], compressor, layers=layers, device=device, dtype=dtype,
-                              query_stride=query_stride, keep=out_path is not None, progress=progress)
+                              query_stride=query_stride, keep=out_path is not None, seeds=seeds,
+                              progress=progress)
     report = result.to_json()
     console = err if json_path == "-" else out
     for table in results_tables(report):
         console.print(table)
+    if "seeds" in report:
+        console.print(seeds_table(report))
     console.print(overall_line(report))
     if out_path is not None:
         result.save(out_path, force=force)

@@ -41,6 +41,7 @@ def command(
     trials: int = typer.Option(1, "--trials", help="Needle prompts per (depth, length) cell."),
     needles: int = typer.Option(4, "--needles", help="Facts in one multi-needle context (0: no multi-needle test)."),
     retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="Run the needle tests."),
+    decode_every: Optional[int] = typer.Option(None, "--decode-every", help="Recompress (re-evict) the whole cache every N continuation tokens, as a deployed system does (default: only the prefill)."),
     proxies: bool = typer.Option(True, "--proxies/--no-proxies", help="Also measure kvc compress's tensor metrics on the perplexity contexts."),
     json_path: JsonOut = None,
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for the depth x length retrieval heatmap (PNG)."),
@@ -62,7 +63,7 @@ def command(
     if positional:
         raise KvcError(f"unexpected argument(s): {' '.join(positional)}")
     settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
-                                     special_tokens)
+                                     special_tokens, decode_every)
     ev.check(settings)
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(compressor.name)}.png"
     check_outputs([json_path, heatmap], force, inputs=[text, model, plan])
@@ -80,11 +81,11 @@ def command(
 
 
 def settings_from_options(contexts: str, windows: int, continuation: int, depths: str, trials: int,
-                          needles: int, retrieval: bool, special_tokens: bool = True):
+                          needles: int, retrieval: bool, special_tokens: bool = True, decode_every: int | None = None):
     """``evaluate.Settings`` from the command-line values."""
     return ev.Settings(contexts=tuple(budgets.parse_contexts(contexts, "--contexts")), windows=windows, continuation=continuation,
                     depths=_fractions(depths), trials=trials, needles=needles, retrieval=retrieval,
-                    special_tokens=special_tokens)
+                    special_tokens=special_tokens, decode_every=decode_every)
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -113,6 +114,11 @@ def table(result: dict) -> Table:
                   f"{c['delta']:+.4f} ({100 * c['delta_rel']:+.2f}%)")
     t.add_row("next-token KL", "all", "0", fmt(ppl["kl"]), "")
     t.add_row("top-1 agreement", "all", "100%", f"{100 * ppl['top1_agree']:.1f}%", "", end_section=True)
+    if "decoding" in result:
+        d = result["decoding"]
+        bits = "-" if d["bits_per_entry"] is None else f"{d['bits_per_entry']:.4f}"
+        t.add_row(f"recompressed every {d['every']}", "all", "", f"{d['recompressions']}x, {bits} bits", "",
+                  end_section=True)
     for label, tensor, metric in (("K mse_rel", "k", "mse_rel"), ("V mse_rel", "v", "mse_rel"),
                                   ("attention KL", "kv", "attn_kl"), ("attention out err", "kv", "attn_out_rel")):
         if "proxies" in result:

@@ -16,10 +16,10 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
-from ..options import ComputeDtype, Device, Force, Layers, MethodSeed, QueryStride
+from ..options import ComputeDtype, Device, Force, Layers, MethodSeed, QueryStride, Seeds
 from ...errors import KvcError, MethodFailure
 from ...io.atomic import check_outputs
-from .compress import fmt
+from .compress import fmt, pm
 from ..lazy import LazyModule
 
 pareto = LazyModule("kvc.metrics.pareto")
@@ -56,10 +56,20 @@ def grid_table(runs: list[dict], view: str, metric: str, bits: list[float]) -> T
     for run in runs:
         if pareto.in_view(run, view):
             s = run["result"]["summary"][tensor]
-            cells.setdefault(run["method"], {})[run["bits"]] = f"{fmt(s.get(metric))} @ {s['bits_per_entry']:.2f}"
+            seeded = run["result"].get("seeds", {}).get("summary", {}).get(tensor, {}).get(metric)
+            value = fmt(s.get(metric)) if seeded is None else pm(seeded)
+            cells.setdefault(run["method"], {})[run["bits"]] = f"{value} @ {s['bits_per_entry']:.2f}"
     for method, row in cells.items():
         table.add_row(method, *(row.get(b, "-") for b in bits))
     return table
+
+
+def _bounds(r: dict) -> str:
+    """' (seed bounds -0.010..+0.050: within the seed noise)' with several seeds, else ''."""
+    if "ci_overlap" not in r:
+        return ""
+    lo, hi = (f"{x:+.3f}" if x is not None else "?" for x in (r["saving_low"], r["saving_high"]))
+    return f" (seed bounds {lo}..{hi}" + (": within the seed noise)" if r["ci_overlap"] else ")")
 
 
 def saving_lines(saved: dict[str, dict[str, list[dict]]]) -> list[str]:
@@ -76,11 +86,13 @@ def saving_lines(saved: dict[str, dict[str, list[dict]]]) -> list[str]:
                     lines.append(f"{head}: {r['outside']} than every mse of {b}, no equal-mse point")
                 else:
                     lines.append(f"{head}: {b} needs {r['reference_bits_per_entry']:.3f} at equal mse, "
-                                 f"saving {r['saving']:+.3f} bits per entry")
+                                 f"saving {r['saving']:+.3f} bits per entry" + _bounds(r))
             if inside:
                 mean = sum(r["saving"] for r in inside) / len(inside)
+                noisy = sum(bool(r.get("ci_overlap")) for r in inside)
                 lines.append(f"{view}: mean bit saving of {a} over {b} at equal mse: {mean:+.3f} bits per entry "
-                             f"({len(inside)} of {len(rows)} points inside {b}'s range)")
+                             f"({len(inside)} of {len(rows)} points inside {b}'s range"
+                             + (f", {noisy} of them within the seed noise)" if "ci_overlap" in inside[0] else ")"))
     return lines
 
 
@@ -101,6 +113,7 @@ def command(
     layers: Layers = "all",
     dtype: ComputeDtype = "float32",
     seed: MethodSeed = 0,
+    seeds: Seeds = 1,
     query_stride: QueryStride = 1,
     e2e: bool = typer.Option(False, "--e2e", help="Also run each method inside the model (kvc eval's perplexity) and rank-correlate the proxies with it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for --e2e (required with it): the one whose cache the capture holds; hub id, local HF directory, GGUF file or SmolLM2-135M-Instruct for the default model."),
@@ -116,7 +129,7 @@ def command(
     with progress_task("sweep") as progress:
         result = kvc.sweep(capture, methods=methods, bits=bit_values, keys=keys, compare=compare,
                            options=sweeps.parse_opts(opt), layers=layers, device=device, dtype=dtype, seed=seed,
-                           query_stride=query_stride, e2e=e2e, model=model, progress=progress)
+                           query_stride=query_stride, e2e=e2e, model=model, seeds=seeds, progress=progress)
     runs = result.runs
     for metric, views in (("mse_rel", pareto.VIEWS), ("attn_out_rel", pareto.VIEWS[:2])):
         for view in views:
