@@ -214,7 +214,7 @@ def test_from_json(tmp_path, run):
     (["--method", "int", "--bits", "0"], "kvc: error: int: --bits must be in [1, 8], got 0"),
     (["--method", "kivi", "--bits", "2.5"], "kvc: error: --bits expects int, got '2.5'"),
     (["--method", "kivi", "--group-size", "3"], "kvc: error: kivi: --group-size must divide head_dim 8, got 3"),
-    (["--method", "nope", "--bits", "2"], "kvc: error: unknown method 'nope'; valid methods: eoptshrinkq, fp16"),
+    (["--method", "nope", "--bits", "2"], "kvc: error: unknown method 'nope'; valid methods: adakv, eoptshrinkq, expected_attention, fp16"),
     (["--method", "fp16", "--bits", "16"], "kvc: error: method fp16 has no option --bits"),
     (["--method", "snapkv"], "kvc: error: snapkv declares no nominal bits per entry"),
     (["--method", "snapkv+kivi"], "kvc: error: snapkv+kivi declares no nominal bits per entry"),

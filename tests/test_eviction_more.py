@@ -151,6 +151,7 @@ def test_adakv_over_snapkv_keeps_every_window():
 def test_adakv_names():
     assert get("adakv+tova").name == "adakv+tova"
     assert get("adakv+knorm+int").name == "adakv+knorm+int"
+    assert get("adakv+int").evictor_cls is get("adakv")  # Ada-SnapKV, then int on the kept tokens
     with pytest.raises(KvcError, match="adakv wraps an eviction method that scores tokens .*; "
                                        "streamingllm does not"):
         get("adakv+streamingllm")
@@ -222,7 +223,7 @@ def test_pyramidkv_meets_the_budget_exactly(seed):
 
 @pytest.mark.parametrize("method,params,message", [
     ("expected_attention", {"sinks": -1}, "expected_attention: --sinks must be >= 0, got -1"),
-    ("expected_attention", {"future": 0}, "expected_attention: --future must be >= 1, got 0"),
+    ("expected_attention", {"future": 0}, "expected_attention: --future must be in [1, 1000000], got 0"),
     ("adakv", {"alpha": 1.5}, "adakv: --alpha must be in [0, 1], got 1.5"),
     ("think", {"ratio": 1.0}, "think: --ratio must be in [0, 1), got 1"),
     ("think", {"keys": "pre"}, "think: --keys must be one of post, got 'pre'"),

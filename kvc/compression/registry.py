@@ -13,7 +13,7 @@ from ..errors import KvcError
 from ..io import schema
 from . import methods
 from .composite import combine
-from .protocol import Compressor
+from .protocol import Compressor, Evictor
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -36,10 +36,11 @@ def available() -> dict[str, type[Compressor]]:
 
 def get(name: str) -> type[Compressor]:
     """The class of a method; ``evictor+compressor`` names a combination (``composite``), and a
-    head-adaptive wrapper takes the scoring method after it (``adakv+snapkv``, ``adakv+h2o+kivi``)."""
+    head-adaptive wrapper takes the eviction method after it (``adakv+h2o``, ``adakv+h2o+kivi``; the
+    wrapper alone wraps its default, ``adakv+kivi``)."""
     if "+" in name:
         parts = [get(part) for part in name.split("+")]
-        if len(parts) > 1 and hasattr(parts[0], "around"):
+        if len(parts) > 1 and hasattr(parts[0], "around") and issubclass(parts[1], Evictor):
             parts[:2] = [parts[0].around(parts[1])]
         if len(parts) == 1:
             return parts[0]

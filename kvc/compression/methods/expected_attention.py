@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from ...errors import KvcError
-from ...rope import apply_rope
+from ...rope import apply_rope, cos_sin, rope_params
 from ..protocol import LayerKV, option
 from ..eviction import ScoredEvictor, grouped_queries
+
+CHUNK = 4096  # future positions per step of the rotation average
 
 
 class ExpectedAttention(ScoredEvictor):
@@ -33,20 +35,35 @@ class ExpectedAttention(ScoredEvictor):
     @dataclass
     class Options(ScoredEvictor.Options):
         sinks: int = option(4, "first tokens always kept, and left out of the query statistics", low=0)
-        future: int = option(512, "future positions whose RoPE rotation is averaged", low=1)
+        future: int = option(512, "future positions whose RoPE rotation is averaged", low=1, high=1_000_000)
         covariance: bool = option(True, "use the queries' covariance (else the mean only)")
         vnorm: bool = option(True, "multiply the expected attention by the value norm")
 
     def average_rotation(self, layer: LayerKV, dim: int, dtype: torch.dtype) -> Tensor:
-        """R^T [D, D] (so that mu @ R^T = R mu): RoPE averaged over the next ``future`` positions."""
+        """R^T [D, D] (so that mu @ R^T = R mu): RoPE averaged over the next ``future`` positions.
+
+        Each R_t is cos_t + sin_t * P on the rotated channels (P: rotate_half), so their mean is
+        mean(cos) + mean(sin) * P; cos and sin as transformers computes them (float32), averaged in
+        chunks of positions."""
         eye = torch.eye(dim, dtype=dtype, device=layer.k.device)
         if layer.rope is None:
             return eye
-        T = layer.shape[2] + layer.offset
-        future = torch.arange(T, T + self.options.future, device=eye.device)
-        # row i of the mean is mean_t R_t e_i, the i-th column of R
-        return apply_rope(eye[:, None, :].expand(dim, self.options.future, dim), future, layer.rope,
-                          layer.layer).mean(1)
+        inv_freq, scaling, rotary = rope_params(layer.rope, layer.layer)
+        start = layer.shape[2] + layer.offset
+        cos, sin = (torch.zeros(rotary, dtype=dtype, device=eye.device) for _ in range(2))
+        for first in range(start, start + self.options.future, CHUNK):
+            positions = torch.arange(first, min(first + CHUNK, start + self.options.future), device=eye.device)
+            c, s = cos_sin(positions, inv_freq, scaling)
+            cos += c.to(dtype).sum(0)
+            sin += s.to(dtype).sum(0)
+        half = rotary // 2
+        mean = eye.clone()
+        mean[:rotary, :rotary] = torch.diag(cos / self.options.future)
+        sin = sin / self.options.future
+        index = torch.arange(half, device=eye.device)
+        mean[index, index + half] = -sin[:half]  # (R x)_i = cos_i x_i - sin_i x_{i+half}
+        mean[index + half, index] = sin[half:]  # (R x)_{i+half} = cos x_{i+half} + sin x_i
+        return mean.mT
 
     def scores(self, layer: LayerKV) -> Tensor:
         S, H, T, D = layer.shape
