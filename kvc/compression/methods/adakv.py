@@ -29,6 +29,8 @@ class AdaKV(Evictor):
 
     @dataclass
     class Options(SnapKV.Options):
+        budget: float = option(0.25, "fraction of the tokens kept per (sequence, layer), shared unequally "
+                               "by the KV heads", low=0, high=1, low_open=True)
         alpha: float = option(0.2, "safeguard: share of its budget each head keeps by its own scores",
                               low=0, high=1)
 
@@ -63,9 +65,9 @@ def _around(cls: type[AdaKV], scorer: type[Compressor]) -> type[AdaKV]:
     if not issubclass(scorer, ScoredEvictor):
         raise KvcError(f"{cls.name} wraps an eviction method that scores tokens (snapkv, h2o, tova, "
                        f"knorm, keydiff, expected_attention, pyramidkv); {scorer.name} does not")
-    alpha = next(f for f in dataclasses.fields(cls.Options) if f.name == "alpha")
-    options = dataclasses.make_dataclass("Options", [("alpha", float, dataclasses.field(
-        default=alpha.default, metadata=alpha.metadata))], bases=(scorer.Options,))
+    own = {f.name: f for f in dataclasses.fields(cls.Options) if f.name in ("budget", "alpha")}
+    options = dataclasses.make_dataclass("Options", [(name, float, dataclasses.field(
+        default=f.default, metadata=f.metadata)) for name, f in own.items()], bases=(scorer.Options,))
     return type(f"{cls.__name__}{scorer.__name__}", (cls,), {
         "name": f"{cls.name}+{scorer.name}", "Options": options, "scorer": scorer,
         "__module__": __name__, "summary": f"eviction: head-adaptive budget over {scorer.name}'s scores",
