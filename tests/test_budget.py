@@ -139,6 +139,7 @@ def test_bit_rules():
     kvq = _rule("kvquant", 128)  # nuq3-1%: keys the paper's 3.32; values 3 + 32/128 + 1 outlier (16 + 8)/128
     assert (kvq.k_bits, kvq.v_bits, kvq.fp16_tokens) == (pytest.approx(3.32), 3.4375, 1)
     assert _rule("fp8", 64).k_bits == 8
+    assert (_rule("think", 64).k_bits, _rule("think", 64).v_bits) == (16 * 39 / 64, 16)  # 25 of 64 pruned
     assert _rule("fp16", 64) == FP16
     assert _rule("int", 128, 64, bits=4).v_bits == 4.5  # values at their own head dim
 
@@ -149,7 +150,8 @@ def test_bit_rules():
 MEASURABLE = [("fp16", {}), ("fp8", {}), ("int", {"bits": 4}), ("int", {"bits": 3, "symmetric": True}),
               ("int", {"bits": 2, "axis": "channel"}), ("kivi", {"bits": 2}), ("kivi", {"bits": 4, "group_size": 16}),
               ("kvquant", {}), ("qjl", {"residual": 64}), ("qjl", {"outliers": 4, "outlier_sketch_dim": 64}),
-              ("turboquant", {"bits": 3}), ("turboquant", {"bits": 2.5}), ("turboquant", {"bits": 2, "variant": "prod"})]
+              ("turboquant", {"bits": 3}), ("turboquant", {"bits": 2.5}), ("turboquant", {"bits": 2, "variant": "prod"}),
+              ("think", {}), ("think", {"ratio": 0.75})]
 
 
 @pytest.mark.parametrize("method, options", MEASURABLE)
@@ -170,7 +172,7 @@ def test_nominal_bits_match_the_stored_bits(method, options):
 
 def test_every_method_declares_nominal_bits_or_is_refused():
     declared = {name for name, cls in available().items() if declares_nominal_bits(cls)}
-    assert declared == {"eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "turboquant"}
+    assert declared == {"eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "think", "turboquant"}
     assert {name for name, m in methods().items() if m["nominal_bits"]} == declared  # kvc methods says so
     assert declared >= {method for method, _ in MEASURABLE}
     for name in set(available()) - declared:
@@ -212,7 +214,7 @@ def test_from_json(tmp_path, run):
     (["--method", "int", "--bits", "0"], "kvc: error: int: --bits must be in [1, 8], got 0"),
     (["--method", "kivi", "--bits", "2.5"], "kvc: error: --bits expects int, got '2.5'"),
     (["--method", "kivi", "--group-size", "3"], "kvc: error: kivi: --group-size must divide head_dim 8, got 3"),
-    (["--method", "nope", "--bits", "2"], "kvc: error: unknown method 'nope'; valid methods: eoptshrinkq, fp16"),
+    (["--method", "nope", "--bits", "2"], "kvc: error: unknown method 'nope'; valid methods: adakv, eoptshrinkq, expected_attention, fp16"),
     (["--method", "fp16", "--bits", "16"], "kvc: error: method fp16 has no option --bits"),
     (["--method", "snapkv"], "kvc: error: snapkv declares no nominal bits per entry"),
     (["--method", "snapkv+kivi"], "kvc: error: snapkv+kivi declares no nominal bits per entry"),

@@ -17,8 +17,9 @@ from kvc.compression.engine import CompressedFile
 from kvc.metrics.fidelity import mse_rel
 from kvc.metrics.pareto import bit_saving, pareto_front
 
-EVICTORS = ("gvote", "h2o", "pyramidkv", "snapkv", "streamingllm")
-TENSOR_COMPRESSORS = ("eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "turboquant")
+EVICTORS = ("adakv", "expected_attention", "gvote", "h2o", "keydiff", "knorm", "pyramidkv", "snapkv", "streamingllm",
+            "tova")
+TENSOR_COMPRESSORS = ("eoptshrinkq", "fp16", "fp8", "int", "kivi", "kvquant", "qjl", "svdq", "think", "turboquant")
 LAYER_MERGERS = ("minicache",)  # methods that store arrays shared by adjacent layers (Compressor.groups)
 METHODS = tuple(sorted(EVICTORS + TENSOR_COMPRESSORS + LAYER_MERGERS))
 WITH_BITS = ("eoptshrinkq", "int", "kivi", "kvquant", "svdq", "turboquant")

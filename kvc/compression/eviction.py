@@ -7,6 +7,7 @@ repeated) and averaged over the group.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +89,18 @@ class BudgetEvictor(Evictor):
         (``LayerKV.seen``), at most those still held."""
         T = layer.shape[2]
         return min(T, keep_count(T if layer.seen is None else layer.seen, self.options.budget))
+
+
+class ScoredEvictor(BudgetEvictor):
+    """A budget evictor that scores every token and keeps the ``count`` best per (sequence, KV head).
+
+    ``scores`` is what the head-adaptive wrapper (``adakv+NAME``, docs/methods.md#adakv) ranks
+    jointly across the heads; +inf forces a token in (a window, the sinks).
+    """
+
+    @abstractmethod
+    def scores(self, layer: LayerKV) -> Tensor:
+        """Importance [S, H, T] of every token (higher is kept first)."""
+
+    def select(self, layer: LayerKV) -> Tensor:
+        return topk_keep(self.scores(layer), self.count(layer))

@@ -13,7 +13,7 @@ from ..errors import KvcError
 from ..io import schema
 from . import methods
 from .composite import combine
-from .protocol import Compressor
+from .protocol import Compressor, Evictor
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -35,13 +35,19 @@ def available() -> dict[str, type[Compressor]]:
 
 
 def get(name: str) -> type[Compressor]:
-    """The class of a method; ``evictor+compressor`` names a combination (``composite``)."""
+    """The class of a method; ``evictor+compressor`` names a combination (``composite``), and a
+    head-adaptive wrapper takes the eviction method after it (``adakv+h2o``, ``adakv+h2o+kivi``; the
+    wrapper alone wraps its default, ``adakv+kivi``)."""
     if "+" in name:
-        first, _, rest = name.partition("+")
-        if "+" in rest:
+        parts = [get(part) for part in name.split("+")]
+        if len(parts) > 1 and hasattr(parts[0], "around") and issubclass(parts[1], Evictor):
+            parts[:2] = [parts[0].around(parts[1])]
+        if len(parts) == 1:
+            return parts[0]
+        if len(parts) > 2:
             raise KvcError(f"method {name!r}: a combination is one eviction method and one tensor "
                            "compressor, e.g. snapkv+turboquant")
-        return combine(get(first), get(rest))
+        return combine(*parts)
     methods = available()
     if name not in methods:
         raise KvcError(f"unknown method {schema.show(name)}; valid methods: {', '.join(methods)}")

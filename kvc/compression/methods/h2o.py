@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..protocol import LayerKV, option
-from ..eviction import BudgetEvictor, attention_mass, grouped_queries, recent, topk_keep
+from ..eviction import ScoredEvictor, attention_mass, grouped_queries, recent
 
 
-class H2O(BudgetEvictor):
+class H2O(ScoredEvictor):
     """Keep the recent window plus the tokens with the largest accumulated causal attention.
 
     One-shot (prefill) form, as in KVCache-Factory: scores sum the softmax rows of all captured
@@ -23,11 +23,11 @@ class H2O(BudgetEvictor):
     paper = "Zhang et al., H2O: Heavy-Hitter Oracle, arXiv:2306.14048"
 
     @dataclass
-    class Options(BudgetEvictor.Options):
+    class Options(ScoredEvictor.Options):
         recent: float = option(0.5, "share of the budget kept as the most recent tokens", low=0, high=1)
 
-    def select(self, layer: LayerKV) -> Tensor:
-        count = self.count(layer)
+    def scores(self, layer: LayerKV) -> Tensor:
+        """Accumulated attention [S, H, T]; the round(recent * count) last tokens score +inf."""
         scores = attention_mass(grouped_queries(layer), layer.k, layer.q_positions, layer.attention)
-        window = recent(layer.shape[2], round(self.options.recent * count), scores.device)
-        return topk_keep(scores.masked_fill(window, float("inf")), count)  # H2O sec. 3.2: heavy + recent
+        window = recent(layer.shape[2], round(self.options.recent * self.count(layer)), scores.device)
+        return scores.masked_fill(window, float("inf"))  # H2O sec. 3.2: heavy + recent

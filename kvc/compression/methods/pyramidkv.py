@@ -9,11 +9,22 @@ from ..protocol import LayerKV, option
 from .snapkv import SnapKV
 
 
-class PyramidKV(SnapKV):
-    """SnapKV with a linear per-layer budget; ``--budget`` is the average over the layers.
+def pyramid(hi: int, lo: int, layers: int, layer: int) -> int:
+    """Layer ``layer``'s integer share of the linear schedule hi -> lo over ``layers`` layers, by
+    cumulative rounding (half up): the shares sum to the real schedule's sum, layers * (hi + lo) / 2."""
+    def cumulative(n: int) -> int:  # round(sum_{i < n} (hi - i (hi - lo) / (L - 1))), exactly
+        num = 2 * n * hi * (layers - 1) - (hi - lo) * n * (n - 1)  # 2 (L - 1) x the real sum
+        den = 2 * (layers - 1)
+        return (2 * num + den) // (2 * den)
+    return cumulative(layer + 1) - cumulative(layer)
 
-    KVCache-Factory's integer rule, with C the average budget, w the window, L layers:
-    min = (C - w) // beta, max = 2(C - w) - min, layer l keeps max - l * ((max - min) // (L - 1)) + w.
+
+class PyramidKV(SnapKV):
+    """SnapKV with a linear per-layer budget; ``--budget`` is the average over the layers, exactly.
+
+    KVCache-Factory's schedule, with C the average budget, w the window, L layers:
+    min = (C - w) // beta, max = 2(C - w) - min, layer l keeps max - l (max - min) / (L - 1) + w,
+    each layer rounded so that the layers keep L * C tokens in all (docs/methods.md#pyramidkv).
     Falls back to SnapKV's budget C when max > T - w (the pyramid would not fit) or L = 1.
     """
 
@@ -37,4 +48,4 @@ class PyramidKV(SnapKV):
         hi = 2 * (C - window) - lo
         if L == 1 or hi > T - window:
             return C
-        return hi - layer.layer * ((hi - lo) // (L - 1)) + window
+        return pyramid(hi, lo, L, layer.layer) + window

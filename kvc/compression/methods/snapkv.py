@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ...errors import KvcError
 from ..protocol import LayerKV, option
-from ..eviction import BudgetEvictor, attention_mass, avg_pool, grouped_queries, topk_keep
+from ..eviction import ScoredEvictor, attention_mass, avg_pool, grouped_queries
 
 
-class SnapKV(BudgetEvictor):
+class SnapKV(ScoredEvictor):
     """Keep the observation window (last ``--window`` tokens) plus the top keys by its pooled attention.
 
     Scores: causal attention of the window's queries summed over the window, averaged over the query
@@ -25,12 +25,13 @@ class SnapKV(BudgetEvictor):
     paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, arXiv:2404.14469"
 
     @dataclass
-    class Options(BudgetEvictor.Options):
+    class Options(ScoredEvictor.Options):
         window: int = option(64, "observation window: the last queries that vote, kept themselves", low=1)
         kernel: int = option(5, "average-pooling kernel over the votes", low=1, odd=True)
 
-    def select(self, layer: LayerKV) -> Tensor:
-        """keep [S, H, T]: the last min(window, count) tokens + the top rest by pooled window votes."""
+    def scores(self, layer: LayerKV) -> Tensor:
+        """Pooled window votes [S, H, T] of the tokens before the window; the last min(window, count)
+        tokens score +inf (kept)."""
         T, count = layer.shape[2], self.count(layer)
         window = min(self.options.window, count)
         observing = layer.q_positions >= T - window
@@ -38,5 +39,5 @@ class SnapKV(BudgetEvictor):
             raise KvcError(f"{self.name}: the capture has no queries in the last {window} positions")
         q = grouped_queries(layer)[..., observing.to(layer.q.device), :]
         votes = attention_mass(q, layer.k, layer.q_positions[observing], layer.attention)[..., : T - window]
-        prefix = topk_keep(avg_pool(votes, self.options.kernel), count - window)  # SnapKV Alg. 1
-        return torch.cat([prefix, prefix.new_ones(*prefix.shape[:-1], window)], dim=-1)
+        pooled = avg_pool(votes, self.options.kernel)  # SnapKV Alg. 1: top (count - w) + the window
+        return torch.cat([pooled, pooled.new_full((*pooled.shape[:-1], window), float("inf"))], dim=-1)
