@@ -67,7 +67,6 @@ def fill(template: list[str], files: dict, **more) -> list[str]:
 
 @pytest.mark.parametrize("debug", [[], ["--debug"]])
 @pytest.mark.parametrize("args, needle", [
-    (["compress", "X"], "Missing option '--method'"),
     (["nosuch"], "No such command 'nosuch'"),
     (["info", "--bogus"], "No such option: --bogus"),
     (["info"], "Missing argument 'path'"),
@@ -76,6 +75,11 @@ def fill(template: list[str], files: dict, **more) -> list[str]:
 def test_usage_errors_exit_2_with_one_line(run, args, needle, debug):
     line = refused(run(*args, *debug), needle)
     assert f"(see kvc {args[0]} --help)" in line or "(see kvc --help)" in line
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_neither_method_nor_plan_names_the_help(run, command):
+    refused(run(command, "X"), "give --method NAME (with its options) or --plan PLAN", f"(see kvc {command} --help)")
 
 
 def test_bare_kvc_prints_the_help_and_exits_2(run):

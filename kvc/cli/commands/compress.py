@@ -96,10 +96,10 @@ def overall_line(result: dict) -> str:
 
 
 def method_or_plan(method: str | None, plan: Path | None, tokens: list[str], assignments: list[str],
-                   seed: int | None):
+                   seed: int | None, command: str = "compress"):
     """(the compressor of --method and its options, or of --plan; the positional arguments)."""
     if (method is None) == (plan is None):
-        raise KvcError("give --method NAME (with its options) or --plan PLAN, one of them")
+        raise KvcError(f"give --method NAME (with its options) or --plan PLAN, one of them (see kvc {command} --help)")
     if plan is not None:
         extra = [t for t in tokens if t.startswith("-")]
         if extra or assignments or seed is not None:

@@ -59,7 +59,7 @@ def command(
 
     Method options (see kvc methods) follow as --name value, e.g. --bits 2.
     """
-    compressor, positional = method_or_plan(method, plan, list(ctx.args), opt, seed)
+    compressor, positional = method_or_plan(method, plan, list(ctx.args), opt, seed, NAME)
     if positional:
         raise KvcError(f"unexpected argument(s): {' '.join(positional)}")
     settings = settings_from_options(contexts, windows, continuation, depths, trials, needles, retrieval,
