@@ -71,9 +71,14 @@ def channel_stats(X: Tensor) -> ChannelStats:
 def median(x: Tensor, keepdim: bool = False) -> Tensor:
     """Median over the last dim: the mean of the two middle values for an even count.
 
-    (torch.median returns the lower of the two.)
+    (torch.median returns the lower of the two.) Equal to torch.quantile(x, 0.5, dim=-1), NaN
+    included, at a fraction of its cost on small rows.
     """
-    return torch.quantile(x, 0.5, dim=-1, keepdim=keepdim)
+    s = x.sort(-1).values
+    n = x.shape[-1]
+    mid = s[..., (n - 1) // 2].lerp(s[..., n // 2], 0.5)  # quantile's own interpolation
+    mid = torch.where(s[..., -1].isnan(), s[..., -1], mid)  # sort puts NaN last
+    return mid.unsqueeze(-1) if keepdim else mid
 
 
 def outlier_mask(rms: Tensor, factor: float = 6.0, topk: int | None = None) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 from scipy import integrate, optimize
 from torch import Tensor
 
+from kvc.analysis.channels import median
 from kvc.errors import KvcError
 
 Loss = Literal["fro", "op", "nuc"]
@@ -471,7 +472,7 @@ def gd_sigma(singular_values: Tensor, n: int, d: int) -> Tensor:
     Gavish & Donoho 2014, sec. III-E; docs/methods.md#gavish-donoho.
     """
     beta = min(n, d) / max(n, d)
-    y_med = torch.quantile(singular_values.to(torch.float64), 0.5, dim=-1)
+    y_med = median(singular_values.to(torch.float64))
     return y_med / math.sqrt(max(n, d) * mp_median(beta))  # Gavish-Donoho 2014 sec. III-E
 
 
