@@ -340,3 +340,17 @@ def test_residual_diagnostics_match_the_formed_residual(n, d):
     spectrum = torch.cat([(s.singular_values[..., :r] - s.phi).square(), s.eigenvalues[..., r:]], -1)
     assert torch.allclose(rmt.spectrum_isotropy(spectrum, n, d).top_over_mean, rmt.isotropy(R).top_over_mean,
                           rtol=1e-9)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.9, 0.5, 0.25, 0.03125, 1e-3])
+def test_mp_median_matches_adaptive_quadrature(beta):
+    """The midpoint rule in theta against scipy's adaptive quadrature of the MP density and brentq."""
+    from scipy import integrate
+
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+
+    def density(x):  # Marchenko-Pastur 1967
+        return math.sqrt(max((hi - x) * (x - lo), 0.0)) / (2 * math.pi * beta * x)
+
+    want = optimize.brentq(lambda t: integrate.quad(density, lo, t, limit=200)[0] - 0.5, lo + 1e-12, hi, xtol=1e-13)
+    assert rmt.mp_median(beta) == pytest.approx(want, rel=1e-9)
