@@ -77,7 +77,13 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 print(f"{tokens} {name}: {rows[(tokens, name)][0]:.1f} s, {rows[(tokens, name)][1]:.0f} MB",
                       file=sys.stderr)
+                write(args, lengths, eval_lengths, loads, rows)  # after every step: a partial table survives
             (Path(tmp) / f"scale{tokens}.safetensors").unlink()
+
+
+def write(args: argparse.Namespace, lengths: list[int], eval_lengths: set[int], loads: list[float],
+          rows: dict[tuple[int, str], tuple[float, float]]) -> None:
+    """The doc table of the steps measured so far (rows by T, '-' where not measured)."""
     names = ["capture", "analyze", "compress", "eval"]
     lines = [
         "# Peak memory and time against the token count",
@@ -99,7 +105,7 @@ def main() -> None:
         "| T | " + " | ".join(names) + " |",
         "|---:|" + "---:|" * len(names),
     ]
-    for tokens in lengths:
+    for tokens in sorted(lengths):
         cells = [f"{rows[(tokens, n)][0]:.1f} s / {rows[(tokens, n)][1]:.0f} MB" if (tokens, n) in rows else "-"
                  for n in names]
         lines.append(f"| {tokens} | " + " | ".join(cells) + " |")
@@ -107,7 +113,7 @@ def main() -> None:
         peak = rows[(8192, "capture")][1]
         lines += ["", f"1 x 8192-token capture of all 30 layers: {peak:.0f} MB peak RSS, "
                   f"{'under' if peak < LIMIT_MB else 'OVER'} the {LIMIT_MB} MB limit of issue 14."]
-    first, last = lengths[0], lengths[-1]
+    first, last = min(lengths), max(lengths)
     growth = [f"{n} x{rows[(last, n)][1] / rows[(first, n)][1]:.2f}" for n in names
               if (first, n) in rows and (last, n) in rows]
     if growth:
@@ -116,7 +122,6 @@ def main() -> None:
     lines += ["", f"Reproduce: `python benchmarks/scaling.py --tokens {args.tokens} --eval-tokens {args.eval_tokens} "
               f"--runs {args.runs}`.", ""]
     args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
