@@ -341,3 +341,30 @@ def test_latent_after_rope_and_without_values(run, tmp_path):
     keys_only, _ = _report(run, tmp_path, capture, "--tensors", "k_pre,k")
     assert keys_only["summary"]["latent"] is None
     assert all("latent" not in row for row in keys_only["summary"]["per_layer"])
+
+
+def test_round6_is_the_string_round_trip():
+    """The vectorized rounding of the records equals float(f"{x:.6g}") (ties and wide exponents included)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=gen, dtype=torch.float64)
+    x = torch.cat([x * torch.exp(12 * torch.randn(x.shape, generator=gen, dtype=torch.float64)),
+                   torch.tensor([99999.95, 999999.5, 0.1234565, 123456.5, 9.999995, 999999.7, 0.99999951, 1e-30,
+                                 -1e30, 0.0, 1.0, float("nan"), float("inf")], dtype=torch.float64)])
+    x = torch.cat([x, x.float().double()])  # float32 values, as the statistics come out
+    got = analyze.round6(x).tolist()
+    want = [analyze._num(v) for v in x.tolist()]
+    assert [g if g == g else None for g in got] == want
+
+
+def test_spectral_stats_match_the_formed_lowrank_part():
+    """energy share and isotropy from the eigenpairs equal those of the formed low-rank part."""
+    from kvc.analysis import rmt
+
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(2, 3, 300, 64, generator=gen, dtype=torch.float64)
+    X[..., :3] += 4 * torch.randn(2, 3, 300, 1, generator=gen, dtype=torch.float64)  # a shared low-rank part
+    sp = analyze.spectral_stats(X, "eoptshrinkq", 4, torch.Generator().manual_seed(1))
+    lowrank = sp.shrink.lowrank()
+    assert (sp.shrink.rank >= 1).all()
+    assert torch.allclose(sp.energy, rmt.energy_share(X, lowrank), rtol=1e-10)
+    assert torch.allclose(sp.isotropy.top_over_mean, rmt.isotropy(X - lowrank).top_over_mean, rtol=1e-9)

@@ -119,3 +119,13 @@ def test_bands_are_runs_of_adjacent_flagged_channels():
     assert channel_runs((flags[0, 0] & ~bands[0, 0]).tolist()) == [[2, 2], [20, 22], [24, 24]]
     assert BAND_MIN == 4 and channel_runs(band_mask(flags, min_run=3)[0, 0].tolist()) == [[10, 13], [20, 22]]
     assert not band_mask(torch.ones(3, dtype=torch.bool)).any()  # fewer channels than a band
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 64, 65])
+def test_median_is_torch_quantile(n):
+    x = torch.randn(20, 3, n, generator=torch.Generator().manual_seed(n), dtype=F64)
+    x[0, 0, 0] = float("nan")  # NaN propagates, as in torch.quantile
+    for t in (x, x.float()):
+        want = torch.quantile(t, 0.5, dim=-1)
+        assert torch.equal(median(t).nan_to_num(7.0), want.nan_to_num(7.0))
+        assert median(t, keepdim=True).shape == (20, 3, 1)

@@ -314,3 +314,43 @@ def test_energy_share_of_exact_lowrank():
     assert torch.allclose(rmt.energy_share(X, X), torch.ones(2, dtype=F64))
     expected = S.square().sum((-2, -1)) / X.square().sum((-2, -1))
     assert torch.allclose(rmt.energy_share(X, S), expected)
+
+
+@pytest.mark.parametrize("n,d", [(600, 64), (40, 64)])
+def test_residual_diagnostics_match_the_formed_residual(n, d):
+    """The blocked X [C | C Q^T] products (one buffer, float32) and the closed-form residual spectrum
+    give what the n x d residual X - lowrank, formed and measured whole in float64, gives."""
+    gen = torch.Generator().manual_seed(16)
+    X, _ = spiked(3, n, d, [6.0, 4.0], gen)
+    X[..., 5] *= 8  # an outlier channel: the raw maxima differ from the rotated ones
+    s = rmt.eoptshrink(X)
+    R = X - s.lowrank()
+    assert torch.allclose(s.residual(X), R, atol=1e-10)
+    shell, deloc = rmt.residual_diagnostics(s, X, torch.Generator().manual_seed(3))
+    ref_shell, ref_deloc = rmt.thin_shell(R), rmt.delocalization(R, torch.Generator().manual_seed(3))
+    for got, ref in zip([*shell, *deloc[1:]], [*ref_shell, *ref_deloc[1:]]):
+        assert torch.allclose(got, ref, rtol=1e-10)
+    s32 = rmt.eoptshrink(X.float(), gram_dtype=torch.float32)  # the float32 path of kvc analyze
+    assert torch.equal(s32.rank, s.rank)
+    shell32, deloc32 = rmt.residual_diagnostics(s32, X.float(), torch.Generator().manual_seed(3))
+    for got, ref in zip([*shell32, *deloc32[1:]], [*ref_shell, *ref_deloc[1:]]):
+        assert torch.allclose(got, ref, rtol=1e-4)
+    # R^T R has the eigenvalues (y_i - phi_i)^2 on the shrunk components, lambda_i elsewhere
+    r = s.phi.shape[-1]
+    spectrum = torch.cat([(s.singular_values[..., :r] - s.phi).square(), s.eigenvalues[..., r:]], -1)
+    assert torch.allclose(rmt.spectrum_isotropy(spectrum, n, d).top_over_mean, rmt.isotropy(R).top_over_mean,
+                          rtol=1e-9)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.9, 0.5, 0.25, 0.03125, 1e-3])
+def test_mp_median_matches_adaptive_quadrature(beta):
+    """The midpoint rule in theta against scipy's adaptive quadrature of the MP density and brentq."""
+    from scipy import integrate
+
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+
+    def density(x):  # Marchenko-Pastur 1967
+        return math.sqrt(max((hi - x) * (x - lo), 0.0)) / (2 * math.pi * beta * x)
+
+    want = optimize.brentq(lambda t: integrate.quad(density, lo, t, limit=200)[0] - 0.5, lo + 1e-12, hi, xtol=1e-13)
+    assert rmt.mp_median(beta) == pytest.approx(want, rel=1e-9)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kvc.errors import KvcError
 
+ROW_BLOCK = 512  # rows per block in `channel_stats` (its buffer stays in cache)
 BAND_MIN = 4  # adjacent flagged channels that make a band rather than isolated outliers
 
 
@@ -37,23 +38,47 @@ class ChannelStats:
 
 
 def channel_stats(X: Tensor) -> ChannelStats:
-    """Statistics of each channel (column) of X [..., n, d] across its tokens (rows)."""
-    X = X.to(torch.float64)
-    rms = X.square().mean(-2).sqrt()
-    centered = X - X.mean(-2, keepdim=True)
-    var = centered.square().mean(-2)
-    kurtosis = centered.pow(4).mean(-2) / var.square()  # Pearson 1905 moment ratio beta_2
-    mag = X.abs()
-    cv = mag.std(-2, correction=0) / mag.mean(-2)  # coefficient of variation of |x| over tokens
-    return ChannelStats(rms, mag.amax(-2), rms / median(rms, keepdim=True), kurtosis, cv)
+    """Statistics of each channel (column) of X [..., n, d] across its tokens (rows).
+
+    Moments about the mean (no cancellation; sum x^2 = sum (x - m)^2 + n m^2), taken in X's dtype
+    (float32 or float64; torch sums float32 pairwise) over blocks of ``ROW_BLOCK`` rows through one
+    reused buffer, accumulated and returned in float64.
+    """
+    n = X.shape[-2]
+    f64 = torch.float64
+    mean = X.mean(-2, keepdim=True)
+    buf = X.new_empty(*X.shape[:-2], min(n, ROW_BLOCK), X.shape[-1])
+    sums = {key: torch.zeros(*X.shape[:-2], X.shape[-1], dtype=f64, device=X.device) for key in ("c2", "c4", "abs")}
+    blocks = [(X[..., i:i + ROW_BLOCK, :], buf[..., : min(ROW_BLOCK, n - i), :]) for i in range(0, n, ROW_BLOCK)]
+    for x, b in blocks:
+        torch.sub(x, mean, out=b)
+        sums["c2"] += b.square_().sum(-2)
+        sums["c4"] += b.square_().sum(-2)
+        sums["abs"] += torch.abs(x, out=b).sum(-2)
+    mean_abs = sums["abs"] / n
+    var_abs = torch.zeros_like(mean_abs)
+    for x, b in blocks:
+        var_abs += torch.abs(x, out=b).sub_(mean_abs.to(X.dtype)[..., None, :]).square_().sum(-2)
+    mean = mean.squeeze(-2).to(f64)
+    var = sums["c2"] / n
+    rms = (var + mean.square()).sqrt()
+    kurtosis = sums["c4"] / n / var.square()  # E (x - m)^4 / var^2, Pearson 1905 beta_2
+    cv = (var_abs / n).sqrt() / mean_abs  # coefficient of variation of |x| over tokens
+    max_abs = torch.maximum(X.amax(-2), X.amin(-2).neg_()).to(f64)
+    return ChannelStats(rms, max_abs, rms / median(rms, keepdim=True), kurtosis, cv)
 
 
 def median(x: Tensor, keepdim: bool = False) -> Tensor:
     """Median over the last dim: the mean of the two middle values for an even count.
 
-    (torch.median returns the lower of the two.)
+    (torch.median returns the lower of the two.) Equal to torch.quantile(x, 0.5, dim=-1), NaN
+    included, at a fraction of its cost on small rows.
     """
-    return torch.quantile(x, 0.5, dim=-1, keepdim=keepdim)
+    s = x.sort(-1).values
+    n = x.shape[-1]
+    mid = s[..., (n - 1) // 2].lerp(s[..., n // 2], 0.5)  # quantile's own interpolation
+    mid = torch.where(s[..., -1].isnan(), s[..., -1], mid)  # sort puts NaN last
+    return mid.unsqueeze(-1) if keepdim else mid
 
 
 def outlier_mask(rms: Tensor, factor: float = 6.0, topk: int | None = None) -> Tensor:

@@ -104,54 +104,70 @@ class Report:
 # ----------------------------------------------------------------------------- tensor numerics
 
 
-def split_tokens(x: Tensor, per_seq: bool, block: int | None) -> tuple[Tensor, list[tuple[int | None, int | None]]]:
-    """[..., S, H, T, D] -> ([..., G, H, n, D], (seq, block) label of each of the G groups).
+def split_tokens(tensors: Sequence[Tensor], per_seq: bool, block: int | None
+                 ) -> tuple[Tensor, list[tuple[int | None, int | None]]]:
+    """[S, H, T, D] tensors -> ([len(tensors), G, H, n, D], (seq, block) label of each of the G groups),
+    in one copy.
 
     Pooled: all sequences stacked (G = 1). Blocks: consecutive tokens of one sequence; the tail
     of T mod block tokens is left out (eOptShrinkQ keeps the incomplete block in FP16,
     docs/methods.md#eoptshrinkq-algorithm).
     """
-    *lead, S, H, T, D = x.shape
+    S, H, T, D = tensors[0].shape
+    first = tensors[0]
     if block:
         nb = T // block
         if nb == 0:
             raise KvcError(f"--block {block} is longer than the {T} tokens of each sequence")
-        groups = (x[..., : nb * block, :].reshape(*lead, S, H, nb, block, D).transpose(-4, -3)
-                  .reshape(*lead, S * nb, H, block, D))
-        return groups, [(s, b) for s in range(S) for b in range(nb)]
+        out = first.new_empty(len(tensors), S, nb, H, block, D)
+        for o, t in zip(out, tensors):
+            o.copy_(t[:, :, : nb * block].reshape(S, H, nb, block, D).transpose(1, 2))
+        return out.reshape(len(tensors), S * nb, H, block, D), [(s, b) for s in range(S) for b in range(nb)]
     if per_seq:
-        return x, [(s, None) for s in range(S)]
-    return x.transpose(-4, -3).reshape(*lead, 1, H, S * T, D), [(None, None)]
+        return torch.stack(list(tensors)), [(s, None) for s in range(S)]
+    out = first.new_empty(len(tensors), H, S, T, D)
+    for o, t in zip(out, tensors):
+        o.copy_(t.transpose(0, 1))
+    return out.reshape(len(tensors), 1, H, S * T, D), [(None, None)]
 
 
 def spectral_stats(X: Tensor, rule: rmt.RankRule, factor_bits: int, generator: torch.Generator) -> Spectral:
-    """Rank, shrinkage, energy share, bit saving and residual diagnostics of X [..., n, d] (float64)."""
+    """Rank, shrinkage, energy share, bit saving and residual diagnostics of X [..., n, d].
+
+    One Gram matrix per matrix, formed in X's dtype and decomposed in float64; everything else
+    follows from its eigenpairs (docs/methods.md#analyze-report): the energy share
+    sum(phi^2) / sum(lambda), the residual spectrum (y_i - phi_i)^2 for the isotropy, and the
+    residual itself (for the row statistics) in X's dtype from the p-side eigenvectors.
+    """
     n, d = X.shape[-2:]
-    shrink = rmt.eoptshrink(X, rule=rule, imputation=rule)
-    lowrank = shrink.lowrank()
-    residual = X - lowrank
-    energy = rmt.energy_share(X, lowrank)
+    shrink = rmt.eoptshrink(X, rule=rule, imputation=rule, gram_dtype=X.dtype)
+    lam, phi = shrink.eigenvalues, shrink.phi
+    r = phi.shape[-1]
+    shell, deloc = rmt.residual_diagnostics(shrink, X, generator)
+    # ||U diag(phi) V^T||_F^2 = sum phi^2 and ||X||_F^2 = sum lambda (docs/methods.md#energy-share)
+    energy = phi.square().sum(-1) / lam.sum(-1)
+    # R^T R = V diag(lambda) V^T with lambda_i -> (y_i - phi_i)^2 for the shrunk components
+    spectrum = torch.cat([(shrink.singular_values[..., :r] - phi).square(), lam[..., r:]], -1)
     return Spectral(
         shrink=shrink,
         sigma=rmt.gd_sigma(shrink.singular_values, n, d),
         energy=energy,
         saving=rmt.predicted_bit_saving(energy, shrink.rank, n, d, factor_bits),
-        shell=rmt.thin_shell(residual),
-        deloc=rmt.delocalization(residual, generator),
-        isotropy=rmt.isotropy(residual),
+        shell=shell,
+        deloc=deloc,
+        isotropy=rmt.spectrum_isotropy(spectrum, n, d),
     )
 
 
 def head_stats(X: Tensor, options: Options, generator: torch.Generator) -> HeadStats:
-    """All statistics of the matrices X [..., n, d], in one batched pass."""
-    X = X.to(torch.float64)
+    """All statistics of the matrices X [..., n, d] (float32 or float64), in one batched pass."""
     n, d = X.shape[-2:]
     chans = channel_stats(X)
     outliers = outlier_mask(chans.rms, options.outlier_factor, options.outlier_topk)
     bands = band_mask(outliers)
     reason = rmt.rank_rule_unfit(options.rank_rule, min(n, d))
     if reason:
-        return HeadStats(n, d, torch.linalg.svdvals(X), chans, outliers, bands, None, reason)
+        return HeadStats(n, d, torch.linalg.svdvals(X.to(torch.float64)), chans, outliers, bands, None, reason)
     spectral = spectral_stats(X, options.rank_rule, options.factor_bits, generator)
     return HeadStats(n, d, spectral.shrink.singular_values, chans, outliers, bands, spectral, None)
 
@@ -168,6 +184,50 @@ def _nums(xs: list[float]) -> list[float | None]:
     return [_num(x) for x in xs]
 
 
+_POW10 = torch.tensor([10.0**k for k in range(23)], dtype=torch.float64)  # exact doubles
+
+
+def round6(t: Tensor) -> Tensor:
+    """`_num` of every entry of t, vectorized: float64 rounded to 6 significant digits, equal to
+    ``float(f"{x:.6g}")``; NaN where x is not finite.
+
+    x = m 10^-k with the integer m in [1e5, 1e6) rounded half to even; m / 10^k (or m 10^-k)
+    is then the double nearest to the decimal, as the string round trip gives. Entries whose k
+    falls outside [-22, 22] (10^k not exact) or whose x 10^k lies within 1e-6 of a tie (where the
+    rounded product may round the other way than the exact value) go through `_num`.
+    """
+    x = t.detach().to("cpu", torch.float64)
+    finite = x.isfinite() & (x != 0)
+    a = torch.where(finite, x.abs(), torch.ones_like(x))
+    k = 5 - a.log10().floor().long()
+    for _ in range(2):  # log10 can be one off next to a power of ten
+        p = _POW10[k.abs().clamp(max=22)]
+        scaled = torch.where(k >= 0, a * p, a / p)
+        k = k + (scaled < 1e5).long() - (scaled >= 1e6).long()
+    p = _POW10[k.abs().clamp(max=22)]
+    scaled = torch.where(k >= 0, a * p, a / p)
+    m = scaled.round()
+    out = torch.where(k >= 0, m / p, m * p).copysign(x)
+    out = torch.where(x == 0, x, out)
+    out = torch.where(x.isfinite(), out, torch.nan)
+    wide = ((k.abs() > 22) | ((scaled - scaled.floor() - 0.5).abs() < 1e-6)) & finite
+    if wide.any():
+        out[wide] = torch.tensor([_num(v) for v in x[wide].tolist()], dtype=torch.float64)
+    return out
+
+
+def _number_columns(tensors: dict[str, Tensor], batch_ndim: int) -> dict[str, list]:
+    """`_rows` of each tensor [*batch, ...], all rounded by one `round6` call, NaN/Inf as None."""
+    flat = [torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1) for t in tensors.values()]
+    columns = {}
+    for (name, t), r in zip(tensors.items(), round6(torch.cat(flat)).split([f.numel() for f in flat])):
+        rows = _rows(r.reshape(torch.as_tensor(t).shape), batch_ndim)
+        for i in r.isnan().reshape(len(rows), -1).any(-1).nonzero().flatten().tolist():
+            rows[i] = [None if x != x else x for x in rows[i]] if isinstance(rows[i], list) else None
+        columns[name] = rows
+    return columns
+
+
 SPECTRAL_KEYS = ("rank", "bulk_edge", "sigma", "bbp_threshold", "mp_edge", "d_hat", "a1", "a2", "shrunk",
                  "energy_lowrank", "predicted_bit_saving", "thin_shell_cv", "thin_shell_ratio", "deloc_max",
                  "deloc_worst", "deloc_max_unrotated", "isotropy")
@@ -182,34 +242,31 @@ def _rows(t: Tensor, batch_ndim: int) -> list:
 def _spectral_columns(sp: Spectral, n: int, d: int, batch_ndim: int) -> dict[str, list]:
     """Rule-dependent record fields, one list entry per matrix (component lists cut to the rank)."""
     sh = sp.shrink
-    rows = partial(_rows, batch_ndim=batch_ndim)
-    mask = rows(sh.mask)
-
-    def comps(t: Tensor) -> list[list]:
-        return [[_num(x) for x, m in zip(xs, ms) if m] for xs, ms in zip(rows(t), mask)]
-
+    mask = _rows(sh.mask, batch_ndim)
     ref = sp.deloc.reference
     edge = sh.edge.clamp_min(0).sqrt()
     # white noise whose MP edge sigma (sqrt n + sqrt d) sits at the extrapolated edge has BBP threshold
     # sigma (n d)^{1/4}; the empirical D-transform at the edge itself is too unstable to use
     # (docs/methods.md#analyze-report)
     bbp = rmt.bbp_threshold(n, d, edge / rmt.mp_bulk_edge(n, d))
-    return {
-        "rank": rows(sh.rank),
-        "bulk_edge": _nums(rows(edge)),
-        "sigma": _nums(rows(sp.sigma)),
-        "bbp_threshold": _nums(rows(bbp)),
-        "mp_edge": _nums(rows(rmt.mp_bulk_edge(n, d) * sp.sigma)),
-        "d_hat": comps(sh.d_hat), "a1": comps(sh.a1), "a2": comps(sh.a2), "shrunk": comps(sh.phi),
-        "energy_lowrank": _nums(rows(sp.energy)),
-        "predicted_bit_saving": _nums(rows(sp.saving)),
-        "thin_shell_cv": _nums(rows(sp.shell.norm_cv)),
-        "thin_shell_ratio": _nums(rows(sp.shell.energy_ratio)),
-        "deloc_max": _nums(rows(sp.deloc.ratio_rotated * ref)),
-        "deloc_worst": _nums(rows(sp.deloc.worst_rotated * ref)),
-        "deloc_max_unrotated": _nums(rows(sp.deloc.ratio_raw * ref)),
-        "isotropy": _nums(rows(sp.isotropy.top_over_mean)),
-    }
+    columns = _number_columns({
+        "bulk_edge": edge,
+        "sigma": sp.sigma,
+        "bbp_threshold": bbp,
+        "mp_edge": rmt.mp_bulk_edge(n, d) * sp.sigma,
+        "d_hat": sh.d_hat, "a1": sh.a1, "a2": sh.a2, "shrunk": sh.phi,
+        "energy_lowrank": sp.energy,
+        "predicted_bit_saving": sp.saving,
+        "thin_shell_cv": sp.shell.norm_cv,
+        "thin_shell_ratio": sp.shell.energy_ratio,
+        "deloc_max": sp.deloc.ratio_rotated * ref,
+        "deloc_worst": sp.deloc.worst_rotated * ref,
+        "deloc_max_unrotated": sp.deloc.ratio_raw * ref,
+        "isotropy": sp.isotropy.top_over_mean,
+    }, batch_ndim)
+    for key in ("d_hat", "a1", "a2", "shrunk"):  # component lists cut to the rank
+        columns[key] = [[x for x, m in zip(xs, ms) if m] for xs, ms in zip(columns[key], mask)]
+    return {"rank": _rows(sh.rank, batch_ndim), **columns}
 
 
 def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list) -> list[dict]:
@@ -220,8 +277,9 @@ def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list)
     outliers = [[c for c, f in enumerate(flags) if f] for flags in rows(stats.outliers & ~stats.bands)]
     bands = [channel_runs(flags) for flags in rows(stats.bands)]
     ratio = rows(ch.rms_ratio)
-    sv, rms, max_abs, kurt, cv = (rows(t) for t in (stats.singular_values[..., :TOP_SINGULAR], ch.rms,
-                                                     ch.max_abs, ch.kurtosis, ch.magnitude_cv))
+    sv, rms, max_abs, kurt, cv = _number_columns({
+        "sv": stats.singular_values[..., :TOP_SINGULAR], "rms": ch.rms, "max_abs": ch.max_abs,
+        "kurtosis": ch.kurtosis, "cv": ch.magnitude_cv}, len(shape)).values()
     spectral = None if stats.spectral is None else _spectral_columns(stats.spectral, stats.n, stats.d, len(shape))
     starved = [False] * len(sv) if stats.spectral is None else rows(stats.spectral.shrink.starved)
     G, H = shape[1], shape[2]
@@ -233,13 +291,13 @@ def head_records(stats: HeadStats, layer: int, tensors: list[str], labels: list)
                "n": stats.n, "d": stats.d, "skipped": stats.skip_reason or (STARVED if starved[i] else None)}
         rec.update({key: spectral[key][i] if fit else None for key in SPECTRAL_KEYS})
         rec.update({
-            "singular_values": _nums(sv[i]),
+            "singular_values": sv[i],
             "outlier_channels": outliers[i],
             "outlier_rms_ratio": _nums([ratio[i][c] for c in outliers[i]]),
             "bands": bands[i],
             "max_rms_ratio": _num(max(ratio[i])),
-            "channel_rms": _nums(rms[i]), "channel_max_abs": _nums(max_abs[i]),
-            "channel_kurtosis": _nums(kurt[i]), "channel_cv": _nums(cv[i]),
+            "channel_rms": rms[i], "channel_max_abs": max_abs[i],
+            "channel_kurtosis": kurt[i], "channel_cv": cv[i],
         })
         records.append(rec)
     return records
@@ -341,7 +399,7 @@ def analyze_layer(layer_tensors: dict[str, Tensor], layer: int, options: Options
                   rotary_dims: int | None) -> tuple[list[dict], list[dict], Tensor]:
     """Records, RoPE records and singular values [len(tensors), G, H, p] of one layer's [S, H, T, D] tensors."""
     names = list(layer_tensors)
-    raw = torch.stack(list(layer_tensors.values())).to(device)  # [tensors, S, H, T, D], finite (CaptureFile)
+    raw = [t.to(device) for t in layer_tensors.values()]  # [S, H, T, D] each, finite (CaptureFile)
     X, labels = split_tokens(raw, options.per_seq, options.block)  # [tensors, G, H, n, d]
     generator = torch.Generator().manual_seed(layer)  # one Haar rotation per layer, reproducible
     stats = head_stats(X, options, generator)

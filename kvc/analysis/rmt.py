@@ -12,19 +12,20 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Iterator, Literal, NamedTuple, Sequence
 
 import torch
-from scipy import integrate, optimize
 from torch import Tensor
 
+from kvc.analysis.channels import median
 from kvc.errors import KvcError
 
 Loss = Literal["fro", "op", "nuc"]
 RankRule = Literal["eoptshrinkq", "matlab"]
 Imputation = Literal["eoptshrinkq", "matlab"]
 
+ROW_BLOCK = 256  # rows per block in `residual_diagnostics` (the buffer stays in cache)
 SMALL_LAPACK = 512  # matrices up to this size get one intra-op thread in batched CPU LAPACK calls
 EDGE_STEP = 2.0 ** (2.0 / 3.0) - 1.0  # lambda_j ~ edge - C j^{2/3}, docs/methods.md#eoptshrinkq-rank-rule
 MATLAB_EDGE_FACTOR = 1.1  # safety factor of optimal_shrinkage_color5.m (docs/methods.md#matlab-rank-rule)
@@ -56,15 +57,17 @@ def small_lapack(A: Tensor) -> Iterator[None]:
 class GramEig:
     """Thin SVD of X [..., n, d] from the eigendecomposition of its p x p Gram matrix.
 
-    eigenvalues: [..., p] descending, lambda_i = y_i^2.
-    left: [..., n, p] and right: [..., d, p] singular vectors in the original orientation, so
-    X = left @ diag(y) @ right^T. Vectors of (numerically) zero singular values are zero.
+    eigenvalues: [..., p] descending, lambda_i = y_i^2; vectors: [..., p, p] the matching
+    eigenvectors (the p-side singular vectors); matrix: X as the Gram was formed from it.
     transposed: True when n < d, i.e. the p-side is the token (left) side.
+    left [..., n, p] and right [..., d, p]: singular vectors in the original orientation, so
+    X = left @ diag(y) @ right^T, computed on first use (``sides`` computes only the top r).
+    Vectors of (numerically) zero singular values are zero.
     """
 
     eigenvalues: Tensor
-    left: Tensor
-    right: Tensor
+    vectors: Tensor
+    matrix: Tensor
     transposed: bool
 
     @property
@@ -74,7 +77,29 @@ class GramEig:
     @property
     def nonzero(self) -> Tensor:
         """[..., p]: singular values above the numerical tolerance (the others have zero vectors)."""
-        return _above_tolerance(self.singular_values, self.left.shape[-2], self.right.shape[-2])
+        n, d = self.matrix.shape[-2:]
+        return _above_tolerance(self.singular_values, n, d)
+
+    def sides(self, r: int | None = None) -> tuple[Tensor, Tensor]:
+        """(left [..., n, r], right [..., d, r]) of the top r singular values (all p when None)."""
+        evecs = self.vectors[..., :r]
+        y = self.singular_values[..., :r]
+        inv_y = torch.where(self.nonzero[..., :r], 1.0 / y.clamp_min(torch.finfo(y.dtype).tiny), torch.zeros_like(y))
+        A = self.matrix.to(evecs.dtype)
+        other = (A.mT if self.transposed else A) @ evecs * inv_y[..., None, :]  # u = X v / y
+        return (evecs, other) if self.transposed else (other, evecs)
+
+    @cached_property
+    def _both(self) -> tuple[Tensor, Tensor]:
+        return self.sides()
+
+    @property
+    def left(self) -> Tensor:
+        return self._both[0]
+
+    @property
+    def right(self) -> Tensor:
+        return self._both[1]
 
 
 def _above_tolerance(y: Tensor, n: int, d: int) -> Tensor:
@@ -87,22 +112,21 @@ def _check_matrix(X: Tensor) -> None:
         raise KvcError(f"expected a tensor [..., n, d], got shape {tuple(X.shape)}")
 
 
-def gram_eigh(X: Tensor, dtype: torch.dtype = torch.float64) -> GramEig:
-    """Batched thin SVD via torch.linalg.eigh of the p x p Gram (cheap for head_dim <= 256)."""
+def gram_eigh(X: Tensor, dtype: torch.dtype = torch.float64, gram_dtype: torch.dtype | None = None) -> GramEig:
+    """Batched thin SVD via torch.linalg.eigh of the p x p Gram (cheap for head_dim <= 256).
+
+    The Gram product is formed in ``gram_dtype`` (default ``dtype``) and decomposed in ``dtype``:
+    float32 data can form it in float32 (4x faster on CPU than float64; its eigenvalues then carry
+    a relative error of about 1e-7 lambda_1 / lambda_i, docs/methods.md#analyze-report).
+    """
     _check_matrix(X)
-    A = X.to(dtype)
+    A = X.to(gram_dtype or dtype)
     n, d = A.shape[-2:]
     transposed = n < d
-    gram = A @ A.mT if transposed else A.mT @ A
+    gram = (A @ A.mT if transposed else A.mT @ A).to(dtype)
     with small_lapack(gram):
         evals, evecs = torch.linalg.eigh(gram)
-    evals = evals.flip(-1).clamp_min(0.0)
-    evecs = evecs.flip(-1)
-    y = evals.sqrt()
-    inv_y = torch.where(_above_tolerance(y, n, d), 1.0 / y.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(y))
-    other = (A.mT if transposed else A) @ evecs * inv_y[..., None, :]  # u = X v / y
-    left, right = (evecs, other) if transposed else (other, evecs)
-    return GramEig(evals, left, right, transposed)
+    return GramEig(evals.flip(-1).clamp_min(0.0), evecs.flip(-1), A, transposed)
 
 
 # ----------------------------------------------------------------------------- rank rules
@@ -292,9 +316,10 @@ class Shrinkage:
     singular values); k: eigenvalues skipped by the rank rule; beta = p/N;
     eigenvalues [..., p]; mask [..., r_max]: component index < rank; usable [..., r_max]: mask and
     the D-transform guard passed; d_hat, a1 (p-side cos^2), a2 (N-side cos^2), phi (shrunk
-    singular values) [..., r_max], zero where not usable; left [..., n, r_max], right
-    [..., d, r_max]: singular vectors in the original orientation; starved [...]: the noise
-    imputation ran out of eigenvalues (too few left beyond the rank; estimates unreliable).
+    singular values) [..., r_max], zero where not usable; svd: the decomposition it came from;
+    left [..., n, r_max], right [..., d, r_max]: singular vectors in the original orientation
+    (computed on first use); starved [...]: the noise imputation ran out of eigenvalues (too few
+    left beyond the rank; estimates unreliable).
     """
 
     rank: Tensor
@@ -308,14 +333,28 @@ class Shrinkage:
     a1: Tensor
     a2: Tensor
     phi: Tensor
-    left: Tensor
-    right: Tensor
-    transposed: bool
+    svd: GramEig
     starved: Tensor
 
     @property
     def singular_values(self) -> Tensor:
         return self.eigenvalues.sqrt()
+
+    @property
+    def transposed(self) -> bool:
+        return self.svd.transposed
+
+    @cached_property
+    def _sides(self) -> tuple[Tensor, Tensor]:
+        return self.svd.sides(self.mask.shape[-1])
+
+    @property
+    def left(self) -> Tensor:
+        return self._sides[0]
+
+    @property
+    def right(self) -> Tensor:
+        return self._sides[1]
 
     @property
     def cos2_left(self) -> Tensor:
@@ -339,9 +378,25 @@ class Shrinkage:
         y = self.singular_values[..., : self.mask.shape[-1]]
         return self._compose(torch.where(self.mask, y, torch.zeros_like(y)))
 
-    def residual(self, X: Tensor) -> Tensor:
-        """X - lowrank in the compute dtype (docs/methods.md#residual-diagnostics)."""
-        return X.to(self.phi.dtype) - self.lowrank()
+    def residual(self, X: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """X - lowrank in ``dtype`` (default: the compute dtype; docs/methods.md#residual-diagnostics).
+
+        Through the p-side vectors E only: lowrank = X E diag(phi/y) E^T (n >= d) or
+        E diag(phi/y) E^T X (n < d), so no n x p singular vectors are formed.
+        """
+        P = self.complement(dtype)
+        X = X.to(P.dtype)
+        return P @ X if self.transposed else X @ P
+
+    def complement(self, dtype: torch.dtype | None = None) -> Tensor:
+        """I - E diag(phi/y) E^T [..., p, p] (E: the p-side vectors) in ``dtype``: the residual is
+        X times it (n >= d) or it times X (n < d)."""
+        r = self.mask.shape[-1]
+        y = self.singular_values[..., :r]
+        w = torch.where(y > 0, self.phi / y.clamp_min(torch.finfo(y.dtype).tiny), torch.zeros_like(y))
+        E = self.svd.vectors[..., :r]
+        eye = torch.eye(E.shape[-2], dtype=E.dtype, device=E.device)
+        return (eye - (E * w[..., None, :]) @ E.mT).to(dtype or self.phi.dtype)
 
 
 def eoptshrink(
@@ -350,12 +405,14 @@ def eoptshrink(
     loss: Loss = "fro",
     imputation: Imputation = "eoptshrinkq",
     dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | None = None,
 ) -> Shrinkage:
     """Rank selection + noise-spectrum imputation + optimal shrinkage of X [..., n, d].
 
     eOptShrink (Su & Wu 2025) with eOptShrinkQ's rank rule by default: docs/methods.md#random-matrix-theory.
+    ``dtype`` and ``gram_dtype``: as in `gram_eigh`.
     """
-    svd = gram_eigh(X, dtype)
+    svd = gram_eigh(X, dtype, gram_dtype)
     lam = svd.eigenvalues
     n, d = X.shape[-2:]
     beta = min(n, d) / max(n, d)
@@ -384,9 +441,7 @@ def eoptshrink(
         a1=a1,
         a2=a2,
         phi=phi,
-        left=svd.left[..., :r_max],
-        right=svd.right[..., :r_max],
-        transposed=svd.transposed,
+        svd=svd,
         starved=imputation_starved(sel.rank, lam.shape[-1], imputation),
     )
 
@@ -394,20 +449,33 @@ def eoptshrink(
 # ----------------------------------------------------------------------------- classical references
 
 
+MP_CELLS = 1 << 17  # quadrature cells of `mp_median` (relative error below 1e-9)
+
+
 @lru_cache(maxsize=64)
 def mp_median(beta: float) -> float:
-    """Median of the Marchenko-Pastur law (ratio beta, unit variance), numerically (Gavish-Donoho 2014)."""
+    """Median of the Marchenko-Pastur law (ratio beta, unit variance), numerically (Gavish-Donoho 2014).
+
+    With x = c + h cos(theta) (c, h: centre and half-width of the support [a, b]) the CDF is
+    int_theta^pi h^2 sin^2 / (2 pi beta x) dtheta', a smooth integrand (no square-root edges): a
+    midpoint rule on MP_CELLS cells, normalized by its own total, and linear interpolation in the
+    cell where it crosses 1/2.
+    """
     if not 0 < beta <= 1:
         raise KvcError(f"beta must lie in (0, 1], got {beta}")
     lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
-
-    def density(x: float) -> float:  # MP density sqrt((b-x)(x-a)) / (2 pi beta x), Marchenko-Pastur 1967
-        return math.sqrt(max((hi - x) * (x - lo), 0.0)) / (2 * math.pi * beta * x)
-
-    def cdf_minus_half(t: float) -> float:
-        return integrate.quad(density, lo, t, limit=200)[0] - 0.5
-
-    return optimize.brentq(cdf_minus_half, lo + 1e-12, hi, xtol=1e-12)
+    c, h = (lo + hi) / 2, (hi - lo) / 2
+    step = math.pi / MP_CELLS
+    theta = (torch.arange(MP_CELLS, dtype=torch.float64) + 0.5) * step
+    # MP density sqrt((b-x)(x-a)) / (2 pi beta x) dx, Marchenko-Pastur 1967, with x = c + h cos(theta)
+    mass = (h * theta.sin()) ** 2 / (2 * math.pi * beta * (c + h * theta.cos())) * step
+    from_a = mass.flip(0).cumsum(0)  # CDF at the low-x edge of each cell, cells from x = a up
+    half = 0.5 * float(from_a[-1])
+    j = int(torch.searchsorted(from_a, torch.tensor([half], dtype=torch.float64)))
+    below = float(from_a[j - 1]) if j else 0.0
+    cell = MP_CELLS - 1 - j  # theta cell [cell, cell + 1] * step, where the CDF reaches 1/2
+    theta_half = (cell + 1 - (half - below) / float(mass[cell])) * step
+    return c + h * math.cos(theta_half)
 
 
 def gd_sigma(singular_values: Tensor, n: int, d: int) -> Tensor:
@@ -416,7 +484,7 @@ def gd_sigma(singular_values: Tensor, n: int, d: int) -> Tensor:
     Gavish & Donoho 2014, sec. III-E; docs/methods.md#gavish-donoho.
     """
     beta = min(n, d) / max(n, d)
-    y_med = torch.quantile(singular_values.to(torch.float64), 0.5, dim=-1)
+    y_med = median(singular_values.to(torch.float64))
     return y_med / math.sqrt(max(n, d) * mp_median(beta))  # Gavish-Donoho 2014 sec. III-E
 
 
@@ -563,9 +631,20 @@ class ThinShell(NamedTuple):
 
 
 def thin_shell(R: Tensor) -> ThinShell:
-    """Thin-shell statistics of the rows of R [..., n, d] (docs/methods.md#residual-diagnostics)."""
-    sq = R.to(torch.float64).square().sum(-1)  # ||r_t||^2, [..., n]
-    norms = sq.sqrt()
+    """Thin-shell statistics of the rows of R [..., n, d] (docs/methods.md#residual-diagnostics).
+
+    Row norms in R's dtype, their statistics in float64.
+    """
+    return _thin_shell(_row_norms(R))
+
+
+def _row_norms(R: Tensor) -> Tensor:
+    """||r_t|| [..., n] in float64, computed in R's dtype."""
+    return torch.linalg.vector_norm(R, dim=-1).to(torch.float64)
+
+
+def _thin_shell(norms: Tensor) -> ThinShell:
+    sq = norms.square()
     # Var(||r||^2) / (E||r||^2)^2 -> 2 tr(A^2) / tr(A)^2 for r = A^{1/2} g
     return ThinShell(norms.std(-1) / norms.mean(-1), sq.var(-1) / sq.mean(-1) ** 2)
 
@@ -587,14 +666,52 @@ class Delocalization(NamedTuple):
 
 
 def delocalization(R: Tensor, generator: torch.Generator | None = None) -> Delocalization:
-    """Coordinate delocalization of the rows of R [..., n, d], raw and after a seeded Haar rotation."""
-    R = R.to(torch.float64)
+    """Coordinate delocalization of the rows of R [..., n, d], raw and after a seeded Haar rotation.
+
+    max_j |r_j| / ||r|| per row, the rotation and the maxima in R's dtype (the rotation as one
+    matrix product over all rows), the ratios in float64.
+    """
     d = R.shape[-1]
-    unit = R / R.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(R.dtype).tiny)
-    rotated = unit @ haar_rotation(d, generator).to(R.device).mT
+    Q = haar_rotation(d, generator).to(R.device, R.dtype)
+    return _delocalization(_row_norms(R), _max_abs(R), _max_abs((R.reshape(-1, d) @ Q.mT).reshape(R.shape)), d)
+
+
+def residual_diagnostics(shrink: Shrinkage, X: Tensor, generator: torch.Generator | None = None
+                         ) -> tuple[ThinShell, Delocalization]:
+    """`thin_shell` and `delocalization` of the residual X - lowrank, in X's dtype.
+
+    For n >= d, one product per block of ``ROW_BLOCK`` rows gives both the residual rows and
+    their rotation, X [C | C Q^T] with C = `Shrinkage.complement` and Q the seeded Haar rotation,
+    into one reused buffer: the n x d residual is never held whole (memory and cache traffic).
+    """
+    n, d = X.shape[-2:]
+    Q = haar_rotation(d, generator).to(X.device, X.dtype)
+    C = shrink.complement(X.dtype)
+    if shrink.transposed:
+        R = C @ X
+        rotated = R @ Q.mT
+        return _thin_shell(_row_norms(R)), _delocalization(_row_norms(R), _max_abs(R), _max_abs(rotated), d)
+    W = torch.cat([C, C @ Q.mT], -1)  # [..., d, 2d]
+    norms = X.new_empty(X.shape[:-1])
+    maxima = X.new_empty(*X.shape[:-1], 2)  # max |r_j|, max |(r Q^T)_j| per row
+    buf = X.new_empty(*X.shape[:-2], min(n, ROW_BLOCK), 2 * d)
+    for start in range(0, n, ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        x = X[..., rows, :]
+        both = torch.matmul(x, W, out=buf[..., : x.shape[-2], :])
+        torch.linalg.vector_norm(both[..., :d], dim=-1, out=norms[..., rows])
+        halves = both.unflatten(-1, (2, d))
+        torch.maximum(halves.amax(-1), halves.amin(-1).neg_(), out=maxima[..., rows, :])
+    norms = norms.to(torch.float64)
+    return _thin_shell(norms), _delocalization(norms, maxima[..., 0], maxima[..., 1], d)
+
+
+def _delocalization(norms: Tensor, raw_max: Tensor, rot_max: Tensor, d: int) -> Delocalization:
+    """From the row norms, raw and rotated row maxima [..., n]."""
+    norms = norms.clamp_min(torch.finfo(norms.dtype).tiny)
     reference = math.sqrt(2 * math.log(d) / d)  # ||Pi r||_inf <~ sqrt(2 ln d / d) ||r||
-    raw_max = unit.abs().amax(-1)
-    rot_max = rotated.abs().amax(-1)
+    raw_max = raw_max.to(torch.float64) / norms
+    rot_max = rot_max.to(torch.float64) / norms
     return Delocalization(
         reference,
         raw_max.mean(-1) / reference,
@@ -602,6 +719,11 @@ def delocalization(R: Tensor, generator: torch.Generator | None = None) -> Deloc
         rot_max.mean(-1) / reference,
         rot_max.amax(-1) / reference,
     )
+
+
+def _max_abs(x: Tensor) -> Tensor:
+    """max |x| over the last dim, without a temporary (10x faster than vector_norm(ord=inf) on CPU)."""
+    return torch.maximum(x.amax(-1), x.amin(-1).neg_())
 
 
 class Isotropy(NamedTuple):
@@ -620,6 +742,10 @@ def isotropy(R: Tensor) -> Isotropy:
     n, d = R.shape[-2:]
     gram = R.mT @ R if n >= d else R @ R.mT  # same nonzero spectrum, p x p
     with small_lapack(gram):
-        top = torch.linalg.eigvalsh(gram)[..., -1]
-    mean = R.square().sum((-2, -1)) / d  # trace / d
-    return Isotropy(top / mean, (1 + math.sqrt(d / n)) ** 2)  # MP edge of white rows over their mean
+        return spectrum_isotropy(torch.linalg.eigvalsh(gram), n, d)
+
+
+def spectrum_isotropy(eigenvalues: Tensor, n: int, d: int) -> Isotropy:
+    """`isotropy` from the nonzero eigenvalues [..., p] of R^T R (any order)."""
+    mean = eigenvalues.sum(-1) / d  # trace / d
+    return Isotropy(eigenvalues.amax(-1) / mean, (1 + math.sqrt(d / n)) ** 2)  # MP edge of white rows over their mean

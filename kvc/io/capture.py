@@ -18,7 +18,6 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from safetensors import safe_open
 
 from ..attention import AttentionSpec
 from ..errors import KvcError
@@ -252,7 +251,6 @@ class CaptureFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._header = read_header(self.path)
-        self._handle = None  # safetensors' reader, opened on the first tensor loaded (it imports torch)
         self.meta = CaptureMeta.from_strings(self._header.metadata, str(self.path))
         keys = set(self._header.tensors)
         self._keys = keys
@@ -362,16 +360,33 @@ class CaptureFile:
         return self._load(tensor_key(layer, name), dtype, device)
 
     def _load(self, key, dtype, device) -> torch.Tensor:
-        """A tensor as stored (then converted); floating-point data must be finite."""
+        """A tensor as stored (then converted); floating-point data must be finite.
+
+        Read with plain file reads at the validated header's offsets, not through a memory map: the
+        pages of the file read so far would count in the process's resident memory, which then
+        grew with the file instead of staying at one layer.
+        """
+        import torch
+
+        from .safetensors import SAFETENSORS_DTYPES
+
+        info = self._header.tensors[key]
+        stored = {name: dt for dt, name in SAFETENSORS_DTYPES.items()}.get(info.dtype)
+        if stored is None:
+            raise KvcError(f"{self.path}: tensor {key} has dtype {info.dtype}, which kvc does not read")
+        t = torch.empty(info.shape, dtype=stored)
         try:
-            if self._handle is None:
-                self._handle = safe_open(str(self.path), framework="pt")
-            t = self._handle.get_tensor(key)
-        except Exception as err:
-            raise KvcError(f"{self.path}: cannot read tensor {key} ({err})") from err
+            with open(self.path, "rb") as f:
+                f.seek(self._header.data_start + info.begin)
+                got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) if info.nbytes else 0
+        except OSError as err:
+            raise KvcError(f"{self.path}: cannot read tensor {key} ({err.strerror or err})") from err
+        if got != info.nbytes:
+            raise KvcError(f"{self.path}: cannot read tensor {key} (the file ends after {got} of its "
+                           f"{info.nbytes} bytes)")
         if dtype is not None:
             t = t.to(dtype)
-        if t.is_floating_point():
+        if t.is_floating_point() and not t.sum().isfinite():  # one pass when all is finite (overflow: checked)
             bad = ~t.isfinite()
             if bad.any():  # per head for [S, H, T, D] tensors
                 counts = bad.sum((0, 2, 3)).tolist() if t.dim() == 4 else [int(bad.sum())]
