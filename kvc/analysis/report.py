@@ -372,7 +372,8 @@ def latent_record(k: Tensor, v: Tensor, layer: int, keys: str) -> dict:
     docs/methods.md#latent-rank)."""
     S, H, T, D = k.shape
     joint = torch.cat([k, v], 1).permute(0, 2, 1, 3).reshape(S * T, 2 * H * D)  # token rows, [K heads | V heads]
-    ranks = rmt.energy_rank(torch.linalg.svdvals(joint.to(torch.float64)), LATENT_SHARES).tolist()
+    energies = torch.linalg.eigvalsh((joint.mT @ joint).to(torch.float64)).flip(-1).clamp_min(0)  # s_i^2
+    ranks = rmt.energy_rank(energies.sqrt(), LATENT_SHARES).tolist()
     return {"layer": layer, "keys": keys, "n": S * T, "width": 2 * H * D, "energy": list(LATENT_SHARES),
             "rank": ranks, "bytes_per_token": [FP16_BYTES * r for r in ranks],
             "bytes_per_token_full": FP16_BYTES * 2 * H * D}
