@@ -69,17 +69,16 @@ def minmax_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[Ten
     zero = fp16_floor(xg.amin(dim=-1))
     scale = fp16_ceil((xg.amax(dim=-1) - zero.to(xg.dtype)) / levels)
     s = scale.to(xg.dtype)[..., None]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    codes = torch.round((xg - zero.to(xg.dtype)[..., None]) / safe).clamp(0, levels)
-    codes = torch.where(s > 0, codes, torch.zeros_like(codes))
-    return codes.reshape(x.shape).to(torch.uint8), scale, zero
+    # s = 0 only when every entry equals z (max - z = 0): those give 0 / 1 = code 0
+    codes = (xg - zero.to(xg.dtype)[..., None]).div_(torch.where(s > 0, s, torch.ones_like(s)))
+    return codes.round_().clamp_(0, levels).reshape(x.shape).to(torch.uint8), scale, zero
 
 
 def minmax_dequantize(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """x_hat = code * s + z (KIVI new_pack.py), for codes [..., L] and per-group scale, zero [..., L/G]."""
     groups = scale.shape[-1]
-    c = codes.to(dtype).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
-    return (c * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).reshape(codes.shape)
+    c = codes.to(dtype, copy=True).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
+    return c.mul_(scale.to(dtype)[..., None]).add_(zero.to(dtype)[..., None]).reshape(codes.shape)
 
 
 def symmetric_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[Tensor, Tensor]:
@@ -95,14 +94,14 @@ def symmetric_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[
     scale = fp16_ceil(xg.abs().amax(dim=-1) / qmax)
     s = scale.to(xg.dtype)[..., None]
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    levels = torch.round(xg / safe).clamp(-qmax, qmax)
-    levels = torch.where(s > 0, levels, torch.zeros_like(levels))
-    return (levels + qmax).reshape(x.shape).to(torch.uint8), scale
+    # s = 0 only when the whole group is 0: 0 / 1 gives level 0
+    levels = (xg / safe).round_().clamp_(-qmax, qmax).add_(qmax)
+    return levels.reshape(x.shape).to(torch.uint8), scale
 
 
 def symmetric_dequantize(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """x_hat = (code - (2^(B-1) - 1)) * s for codes [..., L] and per-group scale [..., L/G]."""
     groups = scale.shape[-1]
     qmax = (1 << (bits - 1)) - 1
-    c = codes.to(dtype).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups) - qmax
-    return (c * scale.to(dtype)[..., None]).reshape(codes.shape)
+    c = codes.to(dtype, copy=True).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups).sub_(qmax)
+    return c.mul_(scale.to(dtype)[..., None]).reshape(codes.shape)

@@ -62,7 +62,7 @@ class IntQuant(TensorCompressor):
                       shape: tuple[int, ...]) -> Tensor:
         S, H, T, D = shape
         vshape = (S, H, D, T) if meta["axis"] == "channel" else (S, H, T, D)
-        codes = unpack_codes(arrays["codes"], meta["bits"], vshape)
+        codes = unpack_codes(arrays["codes"], meta["bits"], vshape, torch.uint8)
         if meta["symmetric"]:
             xv = symmetric_dequantize(codes, arrays["scale"], meta["bits"])
         else:

@@ -74,7 +74,7 @@ class KIVI(TensorCompressor):
         S, H, T, D = shape
         n = meta["tokens"]
         qshape = (S, H, D, n) if kind == "k" else (S, H, n, D)
-        codes = unpack_codes(arrays["codes"], meta["bits"], qshape)
+        codes = unpack_codes(arrays["codes"], meta["bits"], qshape, torch.uint8)
         xq = minmax_dequantize(codes, arrays["scale"], arrays["zero"])
         if kind == "k":
             xq = xq.transpose(-1, -2)
