@@ -4,10 +4,11 @@ Codes are flattened in C order and written as one little-endian bit stream (bit 
 stream bit i*b + j; stream bit k is bit k % 8 of byte k // 8), so ``n`` codes of ``b`` bits take
 exactly ``ceil(n*b/8)`` bytes: only the final byte can hold padding (zero bits).
 
-Implementation: codes are moved as uint8 lanes of int32 words (four codes per word, shifted by
-Python scalars, one vectorised pass per code position), then two words of 4b bits are joined into
-the 8b bits of eight codes, whose b low bytes are the output (little-endian byte order, as on
-every platform torch supports); no per-bit tensors.
+Implementation: codes are moved as uint8 lanes of wider integer words, shifted by Python scalars
+(one vectorised pass per code position; little-endian byte order, as on every platform torch
+supports); no per-bit tensors. For b in {1, 2, 4} the 8/b codes of one packed byte are the bytes of
+one word; otherwise four codes (an int32) become 4b bits and two of those the 8b bits of eight
+codes, whose b low bytes are the output.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def _check_bits(bits: int) -> None:
         raise KvcError(f"bit width must be an integer in 1..8, got {bits!r}")
 
 
+_LANES = {1: torch.int64, 2: torch.int32, 4: torch.int16}  # b dividing 8: a word of 8/b bytes per packed byte
+
+
 def _words(bits: int) -> torch.dtype:
     """Integer type holding the 8 * bits bits of eight codes."""
     return torch.int32 if bits <= 4 else torch.int64
@@ -47,8 +51,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = flat.to(torch.uint8, copy=bits == 8)  # 8 bits: the codes themselves, never a view of them
     if bits == 8:
         return flat
+    flat = torch.nn.functional.pad(flat, (0, (-n) % 8))
+    if 8 % bits == 0:  # 8/b codes, one per byte of a word, into its low byte (the rest is shifted out or cut)
+        lanes = flat.view(_LANES[bits])
+        acc = lanes.clone()
+        for j in range(1, 8 // bits):
+            acc |= lanes >> (j * (8 - bits))
+        return acc.to(torch.uint8)[: packed_nbytes(n, bits)]
     # four codes (one per byte of an int32) -> 4b bits: code j moves from bit 8j down to bit jb
-    quads = torch.nn.functional.pad(flat, (0, (-n) % 8)).view(torch.int32)
+    quads = flat.view(torch.int32)
     mask = (1 << bits) - 1
     acc = quads & mask
     for j in range(1, 4):
@@ -70,6 +81,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
                        f"{tuple(packed.shape)} {packed.dtype}")
     if bits == 8:
         return packed.to(dtype).reshape(tuple(shape))
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # each byte spread over the bytes of a word: code j back to bit 8j
+        lanes = packed.to(_LANES[bits])
+        acc = lanes.clone()
+        for j in range(1, 8 // bits):
+            acc |= lanes << (j * (8 - bits))
+        acc &= sum(mask << (8 * j) for j in range(8 // bits))
+        return acc.view(torch.uint8)[:n].to(dtype).reshape(tuple(shape))
     groups = math.ceil(n / 8)
     wide = _words(bits)
     buf = torch.zeros(groups, wide.itemsize, dtype=torch.uint8, device=packed.device)
@@ -77,7 +96,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
     words = buf.view(wide).reshape(-1)
     half = (1 << (4 * bits)) - 1
     quads = torch.stack((words & half, words >> (4 * bits)), dim=1).reshape(-1).to(torch.int32)
-    mask = (1 << bits) - 1
     out = quads & mask
     for j in range(1, 4):
         out |= (quads << (j * (8 - bits))) & (mask << (8 * j))
