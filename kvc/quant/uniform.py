@@ -29,14 +29,14 @@ def _check_bits(bits: int, low: int = 1) -> None:
 
 def fp16_floor(v: Tensor) -> Tensor:
     """The largest float16 <= v (float16); MethodFailure beyond the float16 range."""
-    if not bool(torch.isfinite(v).all()) or bool((v.abs() > FP16_MAX).any()):
+    if not bool((v.abs() <= FP16_MAX).all()):  # (NaN compares false)
         raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
     h = v.to(torch.float16)
-    # next float16 towards -inf by its bit pattern (sign-magnitude): +x -> bits - 1, -x -> bits + 1,
-    # +-0 -> -2^-24 (works on every device, unlike nextafter for half)
-    bits = h.view(torch.int16).to(torch.int32)
-    down = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, torch.full_like(bits, -32767)))
-    down = down.to(torch.int16).view(torch.float16)
+    # next float16 towards -inf by its bit pattern (sign-magnitude, read as int16): +x -> bits - 1,
+    # -x and -0 -> bits + 1 (-0 -> -2^-24); +0 is never above v (works on every device, unlike
+    # nextafter for half)
+    bits = h.view(torch.int16)
+    down = torch.where(bits > 0, bits - 1, bits + 1).view(torch.float16)
     return torch.where(h.to(v.dtype) > v, down, h)
 
 
