@@ -1,7 +1,7 @@
 """Encode+decode throughput of kvc's quantizers against the peer libraries users would otherwise pick.
 
 Usage: python benchmarks/compress_vs_peers.py [--capture FILE] [--layers 0,5,10,15,20,25]
-       [--threads 2] [--repeats 5]
+       [--threads 2] [--repeats 15]
 
 The peers are installed by this script into their own virtual environment (out/peers-venv,
 git-ignored), never as kvc dependencies: a venv whose ``.pth`` file reuses the running
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--capture", default="/work/data/demo.safetensors")
     parser.add_argument("--layers", default="0,5,10,15,20,25")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "compress_vs_peers.md"))
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
