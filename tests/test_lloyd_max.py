@@ -119,3 +119,17 @@ def test_nearest_codes_ties_go_low():
     cb = torch.tensor([-1.0, 0.0, 1.0])
     x = torch.tensor([-2.0, -0.5, -0.49, 0.5, 0.51, 5.0])
     assert nearest_codes(x, cb).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("size", [2, 8, 16, 17, 256])
+def test_nearest_codes_is_the_argmin_for_small_and_large_codebooks(size):
+    """Both paths (compare-count up to 16 centroids, bucketize above) give the nearest centroid,
+    ties (x on a midpoint) to the lower one, in the asked dtype."""
+    g = torch.Generator().manual_seed(size)
+    cb = torch.sort(torch.randn(size, generator=g, dtype=torch.float64)).values
+    x = torch.randn(2000, generator=g, dtype=torch.float64) * 2
+    want = torch.cat([(x[:, None] - cb).abs().argmin(dim=1), torch.arange(size - 1)])
+    x = torch.cat([x, (cb[:-1] + cb[1:]) / 2])  # on the midpoint between centroids i and i + 1: i
+    assert torch.equal(nearest_codes(x, cb), want)
+    got = nearest_codes(x.reshape(-1, 1, 1), cb, torch.uint8)
+    assert got.dtype == torch.uint8 and got.shape == (x.numel(), 1, 1) and torch.equal(got.reshape(-1).long(), want)

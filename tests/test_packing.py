@@ -77,3 +77,19 @@ def test_check_code_bits():
         check_code_bits("x", [codes], 100, 2)
     with pytest.raises(MethodFailure, match=r"^x: codes take 3\.0400 bits per entry, asked for 4$"):
         check_code_bits("x", [codes], 100, 4)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_bytes_are_contiguous_and_match_the_bit_stream(bits):
+    """The fast packer (uint8 lanes of int32 words) against the documented stream, bit by bit; the
+    buffer is contiguous (kernels read it by pointer) and unpacks to any asked dtype."""
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (2, 3, 37), generator=g)
+    packed = pack_codes(codes.to(torch.uint8), bits)
+    stream = [(int(c) >> j) & 1 for c in codes.reshape(-1) for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    want = [sum(stream[8 * k + i] << i for i in range(8)) for k in range(len(stream) // 8)]
+    assert packed.is_contiguous() and packed.tolist() == want
+    assert torch.equal(pack_codes(codes, bits), packed)
+    out = unpack_codes(packed, bits, codes.shape, torch.uint8)
+    assert out.dtype == torch.uint8 and torch.equal(out.long(), codes)

@@ -115,3 +115,19 @@ def test_fp8_round_trip(fmt, mant):
     assert bool((xh.abs().amax(dim=(-2, -1)) <= amax * (1 + 2 ** -(mant + 1))).all())
     with pytest.raises(KvcError, match=r"^unknown fp8 format 'e3m4'; valid: e4m3, e5m2$"):
         fp8_encode(x, "e3m4", (-1,))
+
+
+@pytest.mark.parametrize("group", [None, 4, 16])
+def test_minmax_along_the_second_to_last_axis_is_the_transposed_quantization(group):
+    """axis=-2 (KIVI keys, int per channel) = quantizing x^T along its last axis, bit for bit,
+    without the float transpose; dequantizing gives x_hat in x's layout."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, 8, generator=g) * torch.rand(8, generator=g) * 5
+    codes, scale, zero = minmax_quantize(x, 3, group, axis=-2)
+    want = minmax_quantize(x.transpose(-1, -2), 3, group)
+    assert codes.shape == (2, 3, 8, 16) and all(torch.equal(a, b) for a, b in zip((codes, scale, zero), want))
+    x_hat = minmax_dequantize(codes.contiguous(), scale, zero, axis=-2)
+    assert x_hat.shape == x.shape and x_hat.is_contiguous()
+    assert torch.equal(x_hat, minmax_dequantize(*want).transpose(-1, -2))
+    with pytest.raises(KvcError, match=r"^quantization axis must be -1 or -2, got 0$"):
+        minmax_quantize(x, 3, axis=0)

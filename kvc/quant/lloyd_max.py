@@ -203,7 +203,15 @@ def fit_codebook(samples: torch.Tensor, bits: int, weights: torch.Tensor | None 
     return torch.sort(c).values
 
 
-def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid of a sorted codebook for every entry of ``x`` (int64)."""
+def nearest_codes(x: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Index of the nearest centroid of a sorted codebook for every entry of ``x`` (int64, or
+    ``dtype`` when it holds every index)."""
     cb = codebook.to(device=x.device, dtype=x.dtype)
-    return torch.bucketize(x.contiguous(), (cb[:-1] + cb[1:]) / 2)
+    mids = (cb[:-1] + cb[1:]) / 2
+    if mids.numel() > 15:
+        return torch.bucketize(x.contiguous(), mids).to(dtype)
+    # = bucketize (the number of midpoints strictly below x), one vectorised compare per midpoint
+    codes = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for m in mids.unbind():
+        codes += x > m
+    return codes.to(dtype)

@@ -4,8 +4,11 @@ Codes are flattened in C order and written as one little-endian bit stream (bit 
 stream bit i*b + j; stream bit k is bit k % 8 of byte k // 8), so ``n`` codes of ``b`` bits take
 exactly ``ceil(n*b/8)`` bytes: only the final byte can hold padding (zero bits).
 
-Implementation: eight codes of b bits fill exactly b bytes, so codes are packed eight at a time
-into one int64 word (8*b <= 64 bits) whose b low bytes are the output; no per-bit tensors.
+Implementation: codes are moved as uint8 lanes of wider integer words, shifted by Python scalars
+(one vectorised pass per code position; little-endian byte order, as on every platform torch
+supports); no per-bit tensors. For b in {1, 2, 4} the 8/b codes of one packed byte are the bytes of
+one word; otherwise four codes (an int32) become 4b bits and two of those the 8b bits of eight
+codes, whose b low bytes are the output.
 """
 
 from __future__ import annotations
@@ -27,41 +30,76 @@ def _check_bits(bits: int) -> None:
         raise KvcError(f"bit width must be an integer in 1..8, got {bits!r}")
 
 
+_LANES = {1: torch.int64, 2: torch.int32, 4: torch.int16}  # b dividing 8: a word of 8/b bytes per packed byte
+
+
+def _words(bits: int) -> torch.dtype:
+    """Integer type holding the 8 * bits bits of eight codes."""
+    return torch.int32 if bits <= 4 else torch.int64
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` (any shape) into a 1-D uint8 tensor of ceil(n*bits/8) bytes."""
     _check_bits(bits)
     if codes.is_floating_point() or codes.is_complex():
         raise KvcError("pack_codes needs an integer tensor")
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
     n = flat.numel()
-    if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
-        raise KvcError(f"codes out of range for {bits}-bit packing")
-    if bits == 8:  # one code per byte (also keeps the int64 words below clear of the sign bit)
-        return flat.to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, (-n) % 8)).reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
-    words = (flat << shifts).sum(dim=1)  # disjoint bit fields: sum == bitwise or
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
-    out = ((words[:, None] >> byte_shifts) & 0xFF).reshape(-1)
-    return out[: packed_nbytes(n, bits)].to(torch.uint8)
+    if n and flat.dtype != torch.bool:  # (min and max apart: aminmax is slower on CPU)
+        if (flat.dtype != torch.uint8 and int(flat.min()) < 0) or int(flat.max()) >= 1 << bits:
+            raise KvcError(f"codes out of range for {bits}-bit packing")
+    flat = flat.to(torch.uint8, copy=bits == 8)  # 8 bits: the codes themselves, never a view of them
+    if bits == 8:
+        return flat
+    flat = torch.nn.functional.pad(flat, (0, (-n) % 8))
+    if 8 % bits == 0:  # 8/b codes, one per byte of a word, into its low byte (the rest is shifted out or cut)
+        lanes = flat.view(_LANES[bits])
+        acc = lanes.clone()
+        for j in range(1, 8 // bits):
+            acc |= lanes >> (j * (8 - bits))
+        return acc.to(torch.uint8)[: packed_nbytes(n, bits)]
+    # four codes (one per byte of an int32) -> 4b bits: code j moves from bit 8j down to bit jb
+    quads = flat.view(torch.int32)
+    mask = (1 << bits) - 1
+    acc = quads & mask
+    for j in range(1, 4):
+        acc |= (quads >> (j * (8 - bits))) & (mask << (j * bits))
+    # two such halves -> the 8b bits of eight codes, whose b low bytes are the stream
+    pairs = acc.view(-1, 2).to(_words(bits))
+    words = pairs[:, 0] | (pairs[:, 1] << (4 * bits))
+    out = words.view(torch.uint8).reshape(words.numel(), words.element_size())[:, :bits]
+    return out.reshape(-1)[: packed_nbytes(n, bits)].contiguous()  # (b = 1: [:, :1] reshapes to a strided view)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int64 codes of the given shape."""
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: codes of the given shape, int64 (index-ready) or ``dtype``."""
     _check_bits(bits)
     n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
         raise KvcError(f"packed buffer must be 1-D uint8 of {packed_nbytes(n, bits)} bytes, got "
                        f"{tuple(packed.shape)} {packed.dtype}")
     if bits == 8:
-        return packed.to(torch.int64).reshape(tuple(shape))
+        return packed.to(dtype).reshape(tuple(shape))
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # each byte spread over the bytes of a word: code j back to bit 8j
+        lanes = packed.to(_LANES[bits])
+        acc = lanes.clone()
+        for j in range(1, 8 // bits):
+            acc |= lanes << (j * (8 - bits))
+        acc &= sum(mask << (8 * j) for j in range(8 // bits))
+        return acc.view(torch.uint8)[:n].to(dtype).reshape(tuple(shape))
     groups = math.ceil(n / 8)
-    buf = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - packed.numel()))
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
-    words = (buf.reshape(groups, bits) << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
-    codes = ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
-    return codes[:n].reshape(tuple(shape))
+    wide = _words(bits)
+    buf = torch.zeros(groups, wide.itemsize, dtype=torch.uint8, device=packed.device)
+    buf[:, :bits] = torch.nn.functional.pad(packed, (0, groups * bits - packed.numel())).view(groups, bits)
+    words = buf.view(wide).reshape(-1)
+    half = (1 << (4 * bits)) - 1
+    quads = torch.stack((words & half, words >> (4 * bits)), dim=1).reshape(-1).to(torch.int32)
+    out = quads & mask
+    for j in range(1, 4):
+        out |= (quads << (j * (8 - bits))) & (mask << (8 * j))
+    return out.view(torch.uint8)[:n].to(dtype).reshape(tuple(shape))
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:

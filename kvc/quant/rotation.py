@@ -61,13 +61,16 @@ def fwht(x: Tensor) -> Tensor:
     p = shape[-1]
     if p & (p - 1):
         raise KvcError(f"fast Walsh-Hadamard transform needs a power-of-two length, got {p}")
-    h = 1
-    while h < p:
-        y = x.reshape(*shape[:-1], p // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return x.reshape(shape) / math.sqrt(p)
+    src = x.reshape(-1, p).contiguous()
+    work = [torch.empty((src.shape[0], p), dtype=x.dtype, device=x.device) for _ in range(2 if p > 2 else 1)]
+    h, stage = 1, 0
+    while h < p:  # each stage writes both halves of every butterfly into a work buffer (no stack copy)
+        dst = work[stage % len(work)]
+        y, o = src.view(-1, p // (2 * h), 2, h), dst.view(-1, p // (2 * h), 2, h)
+        torch.add(y[:, :, 0], y[:, :, 1], out=o[:, :, 0])
+        torch.sub(y[:, :, 0], y[:, :, 1], out=o[:, :, 1])
+        src, h, stage = dst, h * 2, stage + 1
+    return src.reshape(shape) / math.sqrt(p)
 
 
 def _power_of_two_part(d: int) -> int:

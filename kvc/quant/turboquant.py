@@ -41,7 +41,7 @@ from torch import Tensor
 
 from kvc.errors import KvcError
 
-from .fp16 import row_norms_fp16, work_dtype
+from .fp16 import norms_fp16, work_dtype
 from .lloyd_max import beta_codebook, nearest_codes
 from .qjl import qjl_decode, qjl_encode
 from .rotation import Rotation
@@ -64,13 +64,12 @@ def tq_mse_encode(x: Tensor, bits: int, rotation: Rotation, codebook: Tensor | N
         raise KvcError(f"codebook has {cb.numel()} entries, expected 2**{bits}")
     dt = work_dtype(x)
     xw = x.to(dt)
-    norms16 = row_norms_fp16(xw)
     norms = torch.linalg.vector_norm(xw, dim=-1, keepdim=True)
+    norms16 = norms_fp16(norms[..., 0])
     unit = xw / torch.where(norms > 0, norms, torch.ones_like(norms))
     # TurboQuant Alg. 1 line 5-6: y = Pi x, idx_j = argmin_k |y_j - c_k|
     y = rotation.to(x.device, dt).apply(unit)
-    codes = nearest_codes(y, cb.to(device=x.device, dtype=dt))
-    return codes.to(torch.uint8), norms16
+    return nearest_codes(y, cb.to(device=x.device, dtype=dt), torch.uint8), norms16
 
 
 def tq_mse_decode(codes: Tensor, norms: Tensor, rotation: Rotation, codebook: Tensor,

@@ -29,24 +29,34 @@ def _check_bits(bits: int, low: int = 1) -> None:
 
 def fp16_floor(v: Tensor) -> Tensor:
     """The largest float16 <= v (float16); MethodFailure beyond the float16 range."""
-    if not bool(torch.isfinite(v).all()) or bool((v.abs() > FP16_MAX).any()):
+    if not bool((v.abs() <= FP16_MAX).all()):  # (NaN compares false)
         raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
     h = v.to(torch.float16)
-    # next float16 towards -inf by its bit pattern (sign-magnitude): +x -> bits - 1, -x -> bits + 1,
-    # +-0 -> -2^-24 (works on every device, unlike nextafter for half)
-    bits = h.view(torch.int16).to(torch.int32)
-    down = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, torch.full_like(bits, -32767)))
-    down = down.to(torch.int16).view(torch.float16)
+    # next float16 towards -inf by its bit pattern (sign-magnitude, read as int16): +x -> bits - 1,
+    # -x and -0 -> bits + 1 (-0 -> -2^-24); +0 is never above v (works on every device, unlike
+    # nextafter for half)
+    bits = h.view(torch.int16)
+    down = torch.where(bits > 0, bits - 1, bits + 1).view(torch.float16)
     return torch.where(h.to(v.dtype) > v, down, h)
 
 
 def fp16_ceil(v: Tensor) -> Tensor:
     """The smallest float16 >= v (float16); MethodFailure beyond the float16 range."""
-    return -fp16_floor(-v)
+    if not bool((v.abs() <= FP16_MAX).all()):
+        raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
+    h = v.to(torch.float16)
+    # = -fp16_floor(-v): next float16 towards +inf, +x and +0 -> bits + 1, -x -> bits - 1; -0 is
+    # never below v
+    bits = h.view(torch.int16)
+    up = torch.where(bits >= 0, bits + 1, bits - 1).view(torch.float16)
+    return torch.where(h.to(v.dtype) < v, up, h)
 
 
-def _grouped(x: Tensor, group: int | None) -> tuple[Tensor, int]:
-    length = x.shape[-1]
+def _grouped(x: Tensor, group: int | None, axis: int = -1) -> tuple[Tensor, int]:
+    """x with ``axis`` (-1 or -2) split into (L / G groups, G); returns it and the group axis (-1 or -2)."""
+    if axis not in (-1, -2):
+        raise KvcError(f"quantization axis must be -1 or -2, got {axis!r}")
+    length = x.shape[axis]
     g = length if group is None else group
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise KvcError(f"group size must be a positive integer, got {group!r}")
@@ -54,32 +64,57 @@ def _grouped(x: Tensor, group: int | None) -> tuple[Tensor, int]:
         raise KvcError(f"group size {g} is larger than the quantized axis ({length})")
     if length % g:
         raise KvcError(f"group size {g} does not divide the quantized axis ({length})")
-    return x.reshape(*x.shape[:-1], length // g, g), g
+    if axis == -1:
+        return x.reshape(*x.shape[:-1], length // g, g), -1
+    return x.reshape(*x.shape[:-2], length // g, g, x.shape[-1]), -2
 
 
-def minmax_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _uint8(codes: Tensor) -> Tensor:
+    """Whole floats in 0..255 as uint8, through int16 (exact; float -> uint8 directly is ~4x slower on CPU)."""
+    return codes.to(torch.int16).to(torch.uint8)
+
+
+def minmax_quantize(x: Tensor, bits: int, group: int | None = None, axis: int = -1
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric B-bit quantization of x [..., L] in groups of ``group``.
 
     Returns (codes uint8 [..., L], scale float16 [..., L/G], zero float16 [..., L/G]).
+    ``axis=-2``: the groups run along the second-to-last axis of x [..., L, D] (e.g. the tokens of
+    K) and the result is exactly that of ``minmax_quantize(x.transpose(-1, -2), ...)`` (codes a
+    transposed view [..., D, L], scale and zero [..., D, L/G]), computed without transposing x.
     """
     _check_bits(bits)
-    xg, _ = _grouped(x.float() if x.dtype != torch.float64 else x, group)
+    xg, dim = _grouped(x.float() if x.dtype != torch.float64 else x, group, axis)
     levels = (1 << bits) - 1
     # KIVI quant/new_pack.py: z = min, s = (max - min)/(2^B - 1), code = clamp(round((x - z)/s), 0, 2^B - 1)
-    zero = fp16_floor(xg.amin(dim=-1))
-    scale = fp16_ceil((xg.amax(dim=-1) - zero.to(xg.dtype)) / levels)
-    s = scale.to(xg.dtype)[..., None]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    codes = torch.round((xg - zero.to(xg.dtype)[..., None]) / safe).clamp(0, levels)
-    codes = torch.where(s > 0, codes, torch.zeros_like(codes))
-    return codes.reshape(x.shape).to(torch.uint8), scale, zero
+    zero = fp16_floor(xg.amin(dim=dim))
+    scale = fp16_ceil((xg.amax(dim=dim) - zero.to(xg.dtype)) / levels)
+    s = scale.to(xg.dtype).unsqueeze(dim)
+    # s = 0 only when every entry equals z (max - z = 0): those give 0 / 1 = code 0
+    codes = (xg - zero.to(xg.dtype).unsqueeze(dim)).div_(torch.where(s > 0, s, torch.ones_like(s)))
+    codes = _uint8(codes.round_().clamp_(0, levels).reshape(x.shape))
+    if axis == -2:
+        return codes.transpose(-1, -2), scale.transpose(-1, -2).contiguous(), zero.transpose(-1, -2).contiguous()
+    return codes, scale, zero
 
 
-def minmax_dequantize(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """x_hat = code * s + z (KIVI new_pack.py), for codes [..., L] and per-group scale, zero [..., L/G]."""
-    groups = scale.shape[-1]
-    c = codes.to(dtype).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
-    return (c * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).reshape(codes.shape)
+def minmax_dequantize(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32,
+                      axis: int = -1) -> Tensor:
+    """x_hat = code * s + z (KIVI new_pack.py), for codes [..., L] and per-group scale, zero [..., L/G].
+
+    ``axis=-2``: the inverse of ``minmax_quantize(..., axis=-2)``: codes [..., D, L] and scale, zero
+    [..., D, L/G] as it returns them; x_hat [..., L, D] (contiguous, no float transpose).
+    """
+    if axis == -2:
+        codes, scale, zero = codes.transpose(-1, -2), scale.transpose(-1, -2), zero.transpose(-1, -2)
+    dim = axis if axis == -2 else -1
+    groups = scale.shape[dim]
+    c = codes.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    if axis == -2:
+        c = c.reshape(*codes.shape[:-2], groups, codes.shape[-2] // groups, codes.shape[-1])
+    else:
+        c = c.reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups)
+    return c.mul_(scale.to(dtype).unsqueeze(dim)).add_(zero.to(dtype).unsqueeze(dim)).reshape(codes.shape)
 
 
 def symmetric_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[Tensor, Tensor]:
@@ -95,14 +130,14 @@ def symmetric_quantize(x: Tensor, bits: int, group: int | None = None) -> tuple[
     scale = fp16_ceil(xg.abs().amax(dim=-1) / qmax)
     s = scale.to(xg.dtype)[..., None]
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    levels = torch.round(xg / safe).clamp(-qmax, qmax)
-    levels = torch.where(s > 0, levels, torch.zeros_like(levels))
-    return (levels + qmax).reshape(x.shape).to(torch.uint8), scale
+    # s = 0 only when the whole group is 0: 0 / 1 gives level 0
+    levels = (xg / safe).round_().clamp_(-qmax, qmax).add_(qmax)
+    return _uint8(levels.reshape(x.shape)), scale
 
 
 def symmetric_dequantize(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """x_hat = (code - (2^(B-1) - 1)) * s for codes [..., L] and per-group scale [..., L/G]."""
     groups = scale.shape[-1]
     qmax = (1 << (bits - 1)) - 1
-    c = codes.to(dtype).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups) - qmax
-    return (c * scale.to(dtype)[..., None]).reshape(codes.shape)
+    c = codes.to(dtype, copy=True).reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups).sub_(qmax)
+    return c.mul_(scale.to(dtype)[..., None]).reshape(codes.shape)

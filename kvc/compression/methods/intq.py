@@ -52,8 +52,8 @@ class IntQuant(TensorCompressor):
         if o.symmetric:
             codes, scale = symmetric_quantize(xv, bits)
             arrays = {"codes": pack_codes(codes, bits), "scale": scale}
-        else:
-            codes, scale, zero = minmax_quantize(xv, bits)
+        else:  # per channel: the groups run along the tokens (the stored layout is that of xv)
+            codes, scale, zero = minmax_quantize(x, bits, axis=-2 if o.axis == "channel" else -1)
             arrays = {"codes": pack_codes(codes, bits), "scale": scale, "zero": zero}
         check_code_bits(f"int{bits}", [arrays["codes"]], x.numel(), bits)
         return arrays, {"bits": bits, "axis": o.axis, "symmetric": bool(o.symmetric)}, None
@@ -62,9 +62,9 @@ class IntQuant(TensorCompressor):
                       shape: tuple[int, ...]) -> Tensor:
         S, H, T, D = shape
         vshape = (S, H, D, T) if meta["axis"] == "channel" else (S, H, T, D)
-        codes = unpack_codes(arrays["codes"], meta["bits"], vshape)
-        if meta["symmetric"]:
-            xv = symmetric_dequantize(codes, arrays["scale"], meta["bits"])
-        else:
-            xv = minmax_dequantize(codes, arrays["scale"], arrays["zero"])
+        codes = unpack_codes(arrays["codes"], meta["bits"], vshape, torch.uint8)
+        if not meta["symmetric"]:
+            return minmax_dequantize(codes, arrays["scale"], arrays["zero"],
+                                     axis=-2 if meta["axis"] == "channel" else -1)
+        xv = symmetric_dequantize(codes, arrays["scale"], meta["bits"])
         return xv.transpose(-1, -2) if meta["axis"] == "channel" else xv

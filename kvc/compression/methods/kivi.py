@@ -62,7 +62,7 @@ class KIVI(TensorCompressor):
         n = quantized_tokens(kind, T, G, R)
         xq = x[..., :n, :]
         # KIVI sec. 3.2/3.3: keys per channel (groups along tokens), values per token (groups along channels)
-        codes, scale, zero = minmax_quantize(xq.transpose(-1, -2) if kind == "k" else xq, B, G)
+        codes, scale, zero = minmax_quantize(xq, B, G, axis=-2 if kind == "k" else -1)
         arrays = {"codes": pack_codes(codes, B), "scale": scale, "zero": zero,
                   "window": x[..., n:, :].to(torch.float16)}
         check_code_bits(f"kivi {B}-bit", [arrays["codes"]], xq.numel(), B)
@@ -74,8 +74,10 @@ class KIVI(TensorCompressor):
         S, H, T, D = shape
         n = meta["tokens"]
         qshape = (S, H, D, n) if kind == "k" else (S, H, n, D)
-        codes = unpack_codes(arrays["codes"], meta["bits"], qshape)
-        xq = minmax_dequantize(codes, arrays["scale"], arrays["zero"])
-        if kind == "k":
-            xq = xq.transpose(-1, -2)
-        return torch.cat([xq, arrays["window"].float()], dim=-2)
+        codes = unpack_codes(arrays["codes"], meta["bits"], qshape, torch.uint8)
+        xq = minmax_dequantize(codes, arrays["scale"], arrays["zero"], axis=-2 if kind == "k" else -1)
+        if n == T:  # no fp16 window
+            return xq
+        out = torch.empty(S, H, T, D, device=xq.device)
+        out[..., :n, :], out[..., n:, :] = xq, arrays["window"]
+        return out
