@@ -1,6 +1,6 @@
 """``kvc analyze`` against a plain per-head NumPy loop over the same file, side by side in one run.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/analyze_vs_loop.py [--capture /work/out/demo.safetensors] [--runs 3]
+Usage: OMP_NUM_THREADS=1 python benchmarks/analyze_vs_loop.py [--capture out/default.safetensors] [--runs 3]
 The thread count is OMP_NUM_THREADS (required: NumPy's LAPACK reads it at import), given to torch
 too. One process; each round times, in turn, ``kvc.analyze`` of the capture (everything it computes:
 spectra, ranks, shrinkage, outlier channels per (layer, KV head, tensor)) and the loop: read each
@@ -59,7 +59,7 @@ def timed(fn) -> tuple[float, float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capture", type=Path, default=Path("/work/out/demo.safetensors"))
+    parser.add_argument("--capture", type=Path, default=Path("out/default.safetensors"))
     parser.add_argument("--layers", default="all")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "analyze_vs_loop.md")

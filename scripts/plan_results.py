@@ -1,6 +1,6 @@
 """Regenerate the results table of docs/plan.md: kvc plan against the best uniform single method.
 
-    python scripts/plan_results.py [--calibration /work/data/demo.safetensors]
+    python scripts/plan_results.py [--calibration out/default.safetensors]
         [--heldout out/plan-heldout.safetensors --heldout-text out/plan-heldout.txt]
 
 The calibration capture is the default capture (kvc capture: the first 4 x 512 tokens of the default
@@ -62,7 +62,7 @@ def heldout_text(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calibration", default="/work/data/demo.safetensors")
+    ap.add_argument("--calibration", default="out/default.safetensors")
     ap.add_argument("--heldout", default="out/plan-heldout.safetensors")
     ap.add_argument("--heldout-text", default="out/plan-heldout.txt")
     ap.add_argument("--query-stride", type=int, default=4)
@@ -72,6 +72,8 @@ def main() -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     heldout_text(Path(args.heldout_text))
+    if not Path(args.calibration).exists():
+        kvc.capture(out=args.calibration, device="cpu")
     if not Path(args.heldout).exists():
         kvc.capture(text=args.heldout_text, out=args.heldout, device="cpu")
     stride = args.query_stride
