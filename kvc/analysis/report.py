@@ -371,8 +371,10 @@ def latent_record(k: Tensor, v: Tensor, layer: int, keys: str) -> dict:
     against those of the full K and V (an MLA-style cache, DeepSeek-V2 sec. 2.1.2;
     docs/methods.md#latent-rank)."""
     S, H, T, D = k.shape
-    joint = torch.cat([k, v], 1).permute(0, 2, 1, 3).reshape(S * T, 2 * H * D)  # token rows, [K heads | V heads]
-    energies = torch.linalg.eigvalsh((joint.mT @ joint).to(torch.float64)).flip(-1).clamp_min(0)  # s_i^2
+    # token rows [K of every head | V of every head]
+    joint = torch.cat([k, v], 1).permute(0, 2, 1, 3).reshape(S * T, 2 * H * D).float()
+    # s_i^2 from the float32 Gram (eigenvalue error ~1e-8 of the total energy; shares are to 1e-2)
+    energies = torch.linalg.eigvalsh(joint.mT @ joint).to(torch.float64).flip(-1).clamp_min(0)
     ranks = rmt.energy_rank(energies.sqrt(), LATENT_SHARES).tolist()
     return {"layer": layer, "keys": keys, "n": S * T, "width": 2 * H * D, "energy": list(LATENT_SHARES),
             "rank": ranks, "bytes_per_token": [FP16_BYTES * r for r in ranks],
