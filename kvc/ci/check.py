@@ -21,11 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 import torch
 
 import kvc
@@ -97,14 +92,7 @@ class Policy:
 def load_policy(path: Path) -> Policy:
     """Read and validate a policy file; relative paths in it are relative to its folder."""
     where = f"policy {path}"
-    text = schema.read_text(path, where)
-    try:
-        data = tomllib.loads(text)
-    except RecursionError:
-        raise KvcError(f"{where}: nested deeper than {schema.MAX_DEPTH} levels") from None
-    except tomllib.TOMLDecodeError as err:
-        raise KvcError(f"{where}: not valid TOML ({err})") from None
-    return parse_policy(schema.check_depth(data, where), Path(path).parent)
+    return parse_policy(schema.load_toml(path, where), Path(path).parent)
 
 
 def parse_policy(data: dict, base: Path = Path(".")) -> Policy:

@@ -14,6 +14,11 @@ import os
 import reprlib
 from typing import Any, Callable
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from ..errors import KvcError
 
 MAX_DEPTH = 64  # nesting levels of any JSON or TOML value kvc reads (kvc writes at most 6)
@@ -86,6 +91,18 @@ def load_json(path: str | os.PathLike, where: str | None = None) -> Any:
     """A JSON file, bounded in size and nesting."""
     where = str(path) if where is None else where
     return loads(read_text(path, where), where)
+
+
+def load_toml(path: str | os.PathLike, where: str) -> dict:
+    """A TOML file, bounded in size and nesting."""
+    text = read_text(path, where)
+    try:
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise KvcError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except tomllib.TOMLDecodeError as err:
+        raise KvcError(f"{where}: not valid TOML ({err})") from None
+    return check_depth(data, where)
 
 
 # ----------------------------------------------------------------------------- typed values

@@ -13,11 +13,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
-
 from ..errors import KvcError
 from ..io import schema
 from ..io.atomic import write_text
@@ -138,14 +133,7 @@ def read_plan(path: str | os.PathLike) -> PlanSpec:
     """A validated plan file; every method and its options checked (methods are looked up lazily,
     so reading needs torch only for that check)."""
     where = f"plan {path}"
-    text = schema.read_text(path, where)
-    try:
-        data = tomllib.loads(text)
-    except RecursionError:
-        raise KvcError(f"{where}: nested deeper than {schema.MAX_DEPTH} levels") from None
-    except tomllib.TOMLDecodeError as err:
-        raise KvcError(f"{where}: not valid TOML ({err})") from None
-    return parse_plan(schema.check_depth(data, where), where)
+    return parse_plan(schema.load_toml(path, where), where)
 
 
 def parse_plan(data: dict, where: str) -> PlanSpec:
