@@ -23,7 +23,6 @@ step's result is cached in out/plan-results/ (delete it to start over).
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import re
 import sys
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import kvc  # noqa: E402
+from doc_sections import replace_section  # noqa: E402
 
 BUDGETS = (2.5, 3.0)
 SLACK = 0.1  # bits per entry: a uniform method "just above the budget" stores at most this much more
@@ -215,9 +215,7 @@ def write_doc(path: Path, rows: list[dict], plans: dict, args) -> None:
                   f"per entry, attn_out_rel {j['attn_out_rel']:.4f}) uses: {choices}."]
     lines += ["", "![bits per layer and head at 2.5 bits](plan/plan-2.5.png) "
               "![bits per layer and head at 3 bits](plan/plan-3.png)", "", END]
-    doc = path.read_text()
-    start, end = doc.index(BEGIN), doc.index(END) + len(END)
-    path.write_text(doc[:start] + "\n".join(lines) + doc[end:])
+    replace_section(path, BEGIN, END, "\n".join(lines))
 
 
 if __name__ == "__main__":

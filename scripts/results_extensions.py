@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import kvc  # noqa: E402
+from doc_sections import replace_section  # noqa: E402
 
 BEGIN = "<!-- scripts/results_extensions.py: extensions section -->"
 END = "<!-- end of scripts/results_extensions.py's extensions section -->"
@@ -153,14 +153,6 @@ def section(args, capture: Path) -> str:
         *decoding, END])
 
 
-def write(path: Path, text: str) -> None:
-    """Replace the marked section of docs/results.md, or append it."""
-    old = path.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    kvc.write_text(path, new.rstrip("\n") + "\n", force=True)
-
-
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capture", default="out/default.safetensors")
@@ -176,7 +168,7 @@ def run() -> int:
     capture = Path(args.capture)
     if not capture.exists():
         print(kvc.capture(out=capture, progress=progress), file=sys.stderr)
-    write(Path("docs") / "results.md", section(args, capture))
+    replace_section(Path("docs") / "results.md", BEGIN, END, section(args, capture))
     print("wrote the extensions section of docs/results.md")
     return 0
 

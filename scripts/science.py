@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import kvc  # noqa: E402
+from doc_sections import replace_section  # noqa: E402
 
 BITS = (1, 2, 3, 4)
 FIXED_RANKS = tuple(range(1, 9))
@@ -444,15 +444,6 @@ def results_section(verdict: list[str], default_kept: bool) -> str:
         "rd saves bits on both keys and values at every comparable bit width.", RESULTS_END])
 
 
-def write_results(section: str) -> None:
-    """Replace the marked rank section of docs/results.md, or append it."""
-    path = ROOT / "docs" / "results.md"
-    text = path.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(RESULTS_BEGIN) + ".*?" + re.escape(RESULTS_END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    kvc.write_text(path, text.rstrip("\n") + "\n", force=True)
-
-
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capture", default="out/default.safetensors")
@@ -511,7 +502,7 @@ def run() -> int:
                 "(blocks already coded well), which the arithmetic mean weights least.", ""]
     doc = header + model_lines + synth_lines + attention_lines + rank_lines + rd_lines + synth_rank_lines
     kvc.write_text(ROOT / "docs" / "science.md", "\n".join(doc).rstrip("\n") + "\n", force=True)
-    write_results(results_section(verdict, not rd_wins))
+    replace_section(ROOT / "docs" / "results.md", RESULTS_BEGIN, RESULTS_END, results_section(verdict, not rd_wins))
     print(f"wrote docs/science.md and the rank section of docs/results.md in {(time.time() - start) / 60:.1f} min")
     return 0
 
