@@ -999,7 +999,8 @@ def plan(capture: CaptureFile | PathLike, budget: float | None = None, *, memory
          methods: str | Sequence[str] = allocation.DEFAULT_METHODS,
          bits: Sequence[float] = allocation.DEFAULT_BITS, options: Mapping[str, Any] | None = None,
          layers: str | Sequence[int] = "all", device: str = "auto", dtype: str = "float32",
-         query_stride: int = 1, points: Plan | None = None, progress: Progress | None = None) -> Plan:
+         query_stride: int = 1, points: Plan | None = None, predict: bool = False,
+         progress: Progress | None = None) -> Plan:
     """A method and bit width per (layer, K or V, KV head) minimizing the predicted attention-output
     error within a budget (``kvc plan``, docs/plan.md, docs/methods.md#plan).
 
@@ -1020,6 +1021,11 @@ def plan(capture: CaptureFile | PathLike, budget: float | None = None, *, memory
         As for :func:`compress` (the plan covers ``layers``).
     points : Plan, optional
         A plan of the same capture whose measured points to reuse (no measurement).
+    predict : bool
+        Predict the errors of the candidates with a closed form (turboquant at whole bits,
+        eoptshrinkq, svdq) from one measured anchor per head instead of measuring them
+        (docs/methods.md#plan-predict); the plan is then measured and ``report["prediction"]``
+        holds the predicted against the measured totals.
     progress : callable, optional
         ``progress(done, total, what)`` over layers x candidates.
 
@@ -1054,6 +1060,11 @@ def plan(capture: CaptureFile | PathLike, budget: float | None = None, *, memory
         torch_device, torch_dtype = require_device(device), compute_dtype(dtype)
         allocation.check_budget(budget)  # before measuring
         tick = _Ticker(progress, len(selected) * len(cands), "measuring")
-        rd = allocation.measure(cap, cands, selected, torch_device, torch_dtype, query_stride, tick)
+        points_of = allocation.predict if predict else allocation.measure
+        rd = points_of(cap, cands, selected, torch_device, torch_dtype, query_stride, tick)
     spec = allocation.allocate(rd, float(budget), cap.meta, str(cap.path))
-    return Plan(allocation.report(spec, rd, skipped, str(cap.path)), spec, rd)
+    report = allocation.report(spec, rd, skipped, str(cap.path))
+    if rd.predicted:
+        report["prediction"] = {"predicted_candidates": rd.predicted, **allocation.prediction_error(
+            cap, spec, require_device(device), compute_dtype(dtype), query_stride)}
+    return Plan(report, spec, rd)

@@ -3,6 +3,7 @@ kvc compress and kvc eval."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 import kvc
 from kvc.planning import knapsack
@@ -261,3 +263,75 @@ def test_eval_plan_on_a_tiny_model(tmp_path, run):
     code, _, err = run("eval", "--plan", wrong, "--model", model, "--text", text, "--contexts", "32", "--windows", "1",
                        "--continuation", "8", "--no-retrieval", "--device", "cpu")
     assert code == 2 and "another model shape" in err, err
+
+
+# ----------------------------------------------------------------------------- --predict
+
+
+@pytest.fixture(scope="module")
+def predicted(planned):
+    capture, measured, _ = planned
+    return kvc.plan(capture, 2.75, device="cpu", predict=True, **CANDIDATES)
+
+
+def test_predicted_plan_is_within_budget_and_its_prediction_error_is_the_measured_one(planned, predicted, tmp_path):
+    capture, measured, _ = planned
+    report = predicted.to_json()["prediction"]
+    assert report["predicted_candidates"] == ["turboquant 3", "eoptshrinkq 2", "eoptshrinkq 3"]  # anchor turboquant 2
+    assert predicted.bits_per_entry <= 2.75
+    # independently: every candidate measured (kvc.plan without --predict), at the predicted plan's choices
+    labels = [c.label for c in measured.points.candidates]
+    index = {label: i for i, label in enumerate(labels)}
+    rd, layers = measured.points, measured.points.layers
+    truth = sum(float(rd.errors[index[h["label"]], layers.index(h["layer"]), "kv".index(h["tensor"]), h["head"]])
+                for h in predicted.heads)
+    assert report["measured_error"] == pytest.approx(truth, rel=1e-9)
+    assert report["predicted_error"] == pytest.approx(sum(h["error"] for h in predicted.heads), rel=1e-12)
+    assert report["error_rel"] == pytest.approx(report["predicted_error"] / truth - 1, rel=1e-9)
+    compressed = kvc.compress(capture, plan=predicted.save(tmp_path / "p.toml"), device="cpu")
+    assert report["measured_bits_per_entry"] == pytest.approx(compressed.bits_per_entry, rel=1e-12)
+    assert report["bits_rel"] == pytest.approx(predicted.bits_per_entry / compressed.bits_per_entry - 1, abs=1e-12)
+    errors = {(h["layer"], h["tensor"], h["head"]): h["error"] for h in predicted.heads}
+    pred = [errors[(L, t, h)] for L in layers for t in "kv" for h in range(SYNTH["num_kv_heads"])]
+    true = [float(rd.errors[index[next(x["label"] for x in predicted.heads if (x["layer"], x["tensor"], x["head"])
+                                       == (L, t, h))], layers.index(L), "kv".index(t), h])
+            for L in layers for t in "kv" for h in range(SYNTH["num_kv_heads"])]
+    assert report["spearman"] == pytest.approx(float(stats.spearmanr(pred, true).statistic), abs=1e-12)
+    # the anchor's errors are the measured ones; fp16 (no closed form) is measured
+    for label in ("turboquant 2", "fp16"):
+        assert torch.equal(predicted.points.errors[index[label]], rd.errors[index[label]])
+
+
+def test_predicted_mse_is_the_measured_one(planned):
+    """TurboQuant's D_b (docs/methods.md#error-decomposition: 0.1145 at d = 64, b = 2) and eoptshrinkq's
+    spectral prediction against the relative squared error of the coded tensor."""
+    from kvc.compression import engine
+    from kvc.compression.registry import build
+    from kvc.io.capture import CaptureFile
+    from kvc.planning.allocate import predicted_mse
+
+    capture, _, _ = planned
+    layer = engine.load_layer(CaptureFile(capture), 0)
+    gauss = torch.randn(layer.v.shape, generator=torch.Generator().manual_seed(0))
+    for name, opts, x, tol in (("turboquant", {"bits": 2}, gauss, 0.03), ("eoptshrinkq", {"bits": 2}, layer.v, 0.1)):
+        comp = build(name, **opts)
+        layer_x = dataclasses.replace(layer, v=x)
+        _, decoded, _ = engine.encode_decode(comp, layer_x)
+        measured = (decoded.v - x).double().square().sum((0, 2, 3)) / x.double().square().sum((0, 2, 3))
+        predicted = predicted_mse(comp, x)
+        if name == "turboquant":
+            assert predicted.tolist() == pytest.approx([0.1145] * SYNTH["num_kv_heads"], abs=5e-4)
+        assert predicted.tolist() == pytest.approx(measured.tolist(), rel=tol)
+    assert predicted_mse(build("turboquant", bits=2.5), gauss) is None  # the channel split: measured
+
+
+def test_plan_cli_predict_reports_the_prediction_error(planned, predicted, run, tmp_path):
+    capture, _, _ = planned
+    code, stdout, err = run("plan", capture, "--budget", "2.75", "--methods", CANDIDATES["methods"], "--bits", "2,3",
+                            "-o", tmp_path / "p.toml", "--device", "cpu", "--predict")
+    assert code == 0, err
+    p = predicted.to_json()["prediction"]
+    assert f"total error {p['predicted_error']:.4g} vs {p['measured_error']:.4g}" in stdout
+    code, _, err = run("plan", capture, "--budget", "3", "--methods", "kvquant,fp16", "--bits", "2", "-o",
+                       tmp_path / "x.toml", "--device", "cpu", "--predict")
+    assert code == 2 and "--predict needs a candidate" in err and err.count("\n") == 1, err

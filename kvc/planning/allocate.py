@@ -7,7 +7,8 @@ counts them. Its error is the relative squared attention-output error of the hea
 tensor compressed, e_K = ||o(K_hat, V) - o||^2 / ||o||^2 and e_V likewise (the squared
 ``attn_out_rel`` of docs/methods.md#metrics), pooled over the captured queries; the plan minimizes
 sum over (layer, head) of e_K + e_V, the first-order (independent errors) total of the model's
-squared attention-output errors, subject to the fully counted bits.
+squared attention-output errors, subject to the fully counted bits. :func:`predict` predicts the
+errors of the candidates with a closed form instead (docs/methods.md#plan-predict).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class RateDistortion:
     bits: torch.Tensor
     errors: torch.Tensor
     entries: int
+    predicted: list[str] = dataclasses.field(default_factory=list)  # labels whose errors are predicted
 
     def uniform(self) -> list[dict[str, float]]:
         """Per candidate applied everywhere: bits per entry and the predicted total error."""
@@ -129,21 +131,112 @@ def measure(capture: CaptureFile, cands: Sequence[Candidate], layers: Sequence[i
     errors = torch.zeros_like(bits)
     for i, L in enumerate(layers):
         layer = engine.load_layer(capture, L, device, dtype)
-        q, qp = layer.q[:, :, ::query_stride], layer.q_positions[::query_stride]
         for c, cand in enumerate(cands):
-            comp = PlanCompressor(uniform_plan(meta, [L], cand))
-            with torch.inference_mode():
-                _, decoded, head_bits = engine.encode_decode(comp, layer)
-                only_k = layer_metrics(layer.k, decoded.k, layer.v, layer.v, q, qp, None, layer.attention)
-                only_v = layer_metrics(layer.k, layer.k, layer.v, decoded.v, q, qp, None, layer.attention)
-            bits[c, i, 0], bits[c, i, 1] = head_bits["k"], head_bits["v"]
-            errors[c, i, 0] = only_k["kv"]["attn_out_rel"].cpu().square()
-            errors[c, i, 1] = only_v["kv"]["attn_out_rel"].cpu().square()
+            bits[c, i], errors[c, i] = measure_layer(PlanCompressor(uniform_plan(meta, [L], cand)), layer, query_stride)
             if progress:
                 progress()
-    errors = torch.nan_to_num(errors, nan=0.0)  # a head whose attention output is all zero
     return RateDistortion(list(cands), list(layers), bits, errors,
                           meta.num_seqs * meta.seq_len * meta.head_dim)
+
+
+def measure_layer(comp: PlanCompressor, layer, query_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored bits and relative squared attention-output errors [2, H] (K, V) of a plan on one layer,
+    each tensor compressed alone."""
+    q, qp = layer.q[:, :, ::query_stride], layer.q_positions[::query_stride]
+    with torch.inference_mode():
+        _, decoded, head_bits = engine.encode_decode(comp, layer)
+        only_k = layer_metrics(layer.k, decoded.k, layer.v, layer.v, q, qp, None, layer.attention)
+        only_v = layer_metrics(layer.k, layer.k, layer.v, decoded.v, q, qp, None, layer.attention)
+    bits = torch.stack([head_bits["k"].cpu(), head_bits["v"].cpu()]).double()
+    errors = torch.stack([only_k["kv"]["attn_out_rel"].cpu(), only_v["kv"]["attn_out_rel"].cpu()]).double().square()
+    return bits, torch.nan_to_num(errors, nan=0.0)  # nan: a head whose attention output is all zero
+
+
+def predicted_mse(comp: TensorCompressor, x: torch.Tensor) -> torch.Tensor | None:
+    """Predicted relative squared error per KV head [H] of ``comp`` on x [S, H, T, D], or None where
+    there is no closed form (docs/methods.md#plan-predict): TurboQuant-mse at whole bits D_b, eoptshrinkq
+    and svdq their spectral prediction (docs/methods.md#error-decomposition), the fp16 tail exact."""
+    from ..compression.lowrank import LowRankQuant
+    from ..quant.lloyd_max import distortion
+    from ..quant.turboquant import tq_codebook
+
+    S, H, T, D = x.shape
+    energy = x.double().square().sum((0, 2, 3))
+    o = comp.options
+    if comp.name == "turboquant" and o.variant == "mse" and float(o.bits).is_integer():
+        # TurboQuant Thm. 1 (arXiv:2504.19874): E||x - x_hat||^2 = D_b ||x||^2 per row
+        return torch.full((H,), distortion(tq_codebook(D, int(o.bits)), D), dtype=torch.float64)
+    if isinstance(comp, LowRankQuant):
+        nb = T // o.block
+        if nb == 0:
+            return None
+        blocks = x[..., : nb * o.block, :].reshape(S, H, nb, o.block, D).float()
+        return comp.predict(blocks).error.double().sum((0, 2)).cpu() / energy.cpu()
+    return None
+
+
+def predict(capture: CaptureFile, cands: Sequence[Candidate], layers: Sequence[int],
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, query_stride: int = 1,
+            progress: Callable[[], None] | None = None) -> RateDistortion:
+    """Points with predicted errors (docs/methods.md#plan-predict): bits counted from the encoding;
+    the error of a candidate with a closed-form relative squared error m_c (:func:`predicted_mse`)
+    is f m_c, f = e_anchor / m_anchor per (layer, tensor, head) from the anchor, the first such
+    candidate, measured (a turboquant one if any); the others are measured."""
+    meta = capture.meta
+    H = meta.num_kv_heads
+    bits = torch.zeros(len(cands), len(layers), 2, H, dtype=torch.float64)
+    errors = torch.zeros_like(bits)
+    predicted: set[str] = set()
+    for i, L in enumerate(layers):
+        layer = engine.load_layer(capture, L, device, dtype)
+        comps = [PlanCompressor(uniform_plan(meta, [L], cand)) for cand in cands]
+        with torch.inference_mode():
+            built = [build(c.method, **c.options) for c in cands]
+            mse = [[predicted_mse(b, t) for t in (b._keys_source(layer), layer.v)] for b in built]
+        able = [c for c, m in enumerate(mse) if m[0] is not None and m[1] is not None]
+        anchor = next((c for c in able if cands[c].method == "turboquant"), able[0] if able else None)
+        if anchor is None:
+            raise KvcError("--predict needs a candidate with a predicted error (turboquant at whole bits, "
+                           "eoptshrinkq or svdq) to calibrate on")
+        bits[anchor, i], errors[anchor, i] = measure_layer(comps[anchor], layer, query_stride)
+        factor = errors[anchor, i] / torch.stack(mse[anchor]).clamp_min(1e-30)
+        for c, comp in enumerate(comps):
+            if c != anchor and (mse[c][0] is None or mse[c][1] is None):
+                bits[c, i], errors[c, i] = measure_layer(comp, layer, query_stride)
+            elif c != anchor:
+                with torch.inference_mode():
+                    comp.validate(layer)
+                    head_bits = engine.head_bits(comp, comp.encode(layer), layer)
+                bits[c, i] = torch.stack([head_bits["k"].cpu(), head_bits["v"].cpu()]).double()
+                errors[c, i] = factor * torch.stack(mse[c])
+                predicted.add(cands[c].label)
+            if progress:
+                progress()
+    return RateDistortion(list(cands), list(layers), bits, errors, meta.num_seqs * meta.seq_len * meta.head_dim,
+                          [c.label for c in cands if c.label in predicted])
+
+
+def prediction_error(capture: CaptureFile, spec: PlanSpec, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32, query_stride: int = 1) -> dict[str, float]:
+    """The plan's predicted points against the measured ones (docs/methods.md#plan-predict): totals of
+    bits and error, their relative errors, and Spearman's rank correlation of the per-point errors."""
+    from scipy import stats
+
+    H = spec.num_kv_heads
+    predicted = torch.tensor([a.error for a in spec.heads], dtype=torch.float64).view(len(spec.layers), 2, H)
+    pred_bits = torch.tensor([a.bits_per_entry for a in spec.heads], dtype=torch.float64).view_as(predicted)
+    bits, errors = torch.zeros_like(predicted), torch.zeros_like(predicted)
+    entries = capture.meta.num_seqs * capture.meta.seq_len * capture.meta.head_dim
+    for i, L in enumerate(spec.layers):
+        layer = engine.load_layer(capture, L, device, dtype)
+        only = dataclasses.replace(spec, heads=[a for a in spec.heads if a.layer == L])
+        bits[i], errors[i] = measure_layer(PlanCompressor(only), layer, query_stride)
+    bits /= entries
+    return {"predicted_error": float(predicted.sum()), "measured_error": float(errors.sum()),
+            "error_rel": float(predicted.sum() / errors.sum() - 1),
+            "predicted_bits_per_entry": float(pred_bits.mean()), "measured_bits_per_entry": float(bits.mean()),
+            "bits_rel": float(pred_bits.mean() / bits.mean() - 1),
+            "spearman": float(stats.spearmanr(predicted.flatten().numpy(), errors.flatten().numpy()).statistic)}
 
 
 def check_budget(budget: float) -> None:

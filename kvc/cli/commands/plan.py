@@ -34,6 +34,7 @@ def command(
     bits: str = typer.Option("1,2,2.5,3,4", "--bits", help="Candidate --bits values (a width a method cannot take is skipped)."),
     opt: List[str] = typer.Option([], "--opt", help="[method.]key=value passed to the candidates that have the option."),
     out_path: Path = typer.Option(Path("plan.toml"), "--out", "-o", help="The plan file to write (TOML, docs/plan.md)."),
+    predict: bool = typer.Option(False, "--predict", help="Predict the errors of turboquant (whole bits), eoptshrinkq and svdq from the spectrum and one measured anchor per head instead of measuring them; then measure the plan and report the prediction error."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heatmap of bits per layer and head (PNG)."),
     json_path: JsonOut = None,
     layers: Layers = "all",
@@ -52,7 +53,8 @@ def command(
     with progress_task("plan") as progress:
         result = kvc.plan(capture, budget, memory=memory, model=model, context=context, batch=batch,
                           methods=methods, bits=bit_values, options=sweeps.parse_opts(opt), layers=layers,
-                          device=device, dtype=dtype, query_stride=query_stride, progress=progress)
+                          device=device, dtype=dtype, query_stride=query_stride, predict=predict,
+                          progress=progress)
     report = result.to_json()
     console = err if json_path == "-" else out
     console.print(layer_table(report))
@@ -88,6 +90,12 @@ def summary_lines(report: dict) -> list[str]:
         best = min(within, key=lambda u: u["error"])
         lines.append(f"best uniform candidate within the budget: {best['label']} at {best['bits_per_entry']:.4f} bits "
                      f"per entry, predicted attn_out_rel {fmt(best['attn_out_rel'])}")
+    p = report.get("prediction")
+    if p:
+        lines.append(f"predicted ({', '.join(p['predicted_candidates'])}) against measured on the plan: total error "
+                     f"{p['predicted_error']:.4g} vs {p['measured_error']:.4g} ({p['error_rel']:+.1%}), bits per entry "
+                     f"{p['predicted_bits_per_entry']:.4f} vs {p['measured_bits_per_entry']:.4f} "
+                     f"({p['bits_rel']:+.2%}), rank correlation of the per-head errors {p['spearman']:.3f}")
     for s in report["skipped"]:
         lines.append(f"skipped {s['method']} --bits {s['bits']:g}: {s['reason']}")
     return lines
