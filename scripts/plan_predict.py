@@ -1,7 +1,7 @@
 """Regenerate the --predict section of docs/plan.md: kvc plan with predicted points against kvc plan
 with every point measured, on the default capture.
 
-    python scripts/plan_predict.py [--capture /work/data/demo.safetensors] [--layers 0-29]
+    python scripts/plan_predict.py [--capture out/default.safetensors] [--layers all]
 
 For each budget (2.5 and 3 bits per entry): the plan from measured points, the plan from predicted
 points (``predict=True``), the predicted plan's prediction error (its predicted totals against the
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import kvc  # noqa: E402
+from doc_sections import replace_section  # noqa: E402
 
 BUDGETS = (2.5, 3.0)
 BEGIN, END = "<!-- plan_predict:begin -->", "<!-- plan_predict:end -->"
@@ -28,11 +29,13 @@ BEGIN, END = "<!-- plan_predict:begin -->", "<!-- plan_predict:end -->"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capture", default="/work/data/demo.safetensors")
+    parser.add_argument("--capture", default="out/default.safetensors")
     parser.add_argument("--layers", default="all")
     parser.add_argument("--query-stride", type=int, default=4)
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "plan.md")
     args = parser.parse_args()
+    if not Path(args.capture).exists():
+        kvc.capture(out=args.capture, device="cpu")
     how = dict(layers=args.layers, query_stride=args.query_stride, device="cpu")
     rows, seconds = [], {}
     for predict in (False, True):
@@ -55,9 +58,7 @@ def main() -> None:
     lines += ["", f"Predicted: {names}; the rest measured. Wall time, one run each: measured points "
               f"{seconds[False]:.0f} s, predicted points and the plan's measurement {seconds[True]:.0f} s "
               f"({seconds[True] / seconds[False]:.2f}x).", "", END]
-    doc = args.doc.read_text()
-    start, end = doc.index(BEGIN), doc.index(END) + len(END)
-    args.doc.write_text(doc[:start] + "\n".join(lines) + doc[end:])
+    replace_section(args.doc, BEGIN, END, "\n".join(lines))
 
 
 if __name__ == "__main__":
