@@ -93,3 +93,24 @@ def test_packed_bytes_are_contiguous_and_match_the_bit_stream(bits):
     assert torch.equal(pack_codes(codes, bits), packed)
     out = unpack_codes(packed, bits, codes.shape, torch.uint8)
     assert out.dtype == torch.uint8 and torch.equal(out.long(), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("length", [16, 24, 13])
+def test_transposed_codes_pack_as_their_copy(bits, length):
+    """Codes given as the transpose of contiguous [..., L, D] rows (per-channel quantizers) pack to
+    the bytes of their contiguous copy, checked against the documented bit stream; unpacking with
+    ``transposed=True`` gives the same values (as a transposed view where the fast path applies)."""
+    g = torch.Generator().manual_seed(bits * 7 + length)
+    rows = torch.randint(0, 1 << bits, (2, 3, length, 5), generator=g, dtype=torch.uint8)
+    codes = rows.transpose(-1, -2)  # [2, 3, 5, L], not contiguous
+    packed = pack_codes(codes, bits)
+    stream = [(int(c) >> j) & 1 for c in codes.reshape(-1) for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    want = [sum(stream[8 * k + i] << i for i in range(8)) for k in range(len(stream) // 8)]
+    assert packed.is_contiguous() and packed.tolist() == want
+    out = unpack_codes(packed, bits, codes.shape, torch.uint8, transposed=True)
+    assert out.shape == codes.shape and torch.equal(out, codes)
+    if 8 % bits == 0 and bits < 8 and length % (8 // bits) == 0:
+        assert out.transpose(-1, -2).is_contiguous()
+    assert torch.equal(unpack_codes(packed, bits, codes.shape, transposed=True), codes.long())

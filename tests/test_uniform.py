@@ -9,7 +9,7 @@ import torch
 
 from kvc.errors import KvcError, MethodFailure
 from kvc.quant.fp8 import fp8_decode, fp8_encode
-from kvc.quant.uniform import (fp16_ceil, fp16_floor, minmax_dequantize, minmax_quantize,
+from kvc.quant.uniform import (_round_uint8, fp16_ceil, fp16_floor, minmax_dequantize, minmax_quantize,
                                symmetric_dequantize, symmetric_quantize)
 
 
@@ -102,6 +102,23 @@ def test_fp16_directed_rounding():
     assert torch.equal(fp16_floor(exact).float(), exact) and torch.equal(fp16_ceil(exact).float(), exact)
 
 
+def test_fp16_directed_rounding_on_every_float16_against_numpy():
+    """Every finite float16, its float32 neighbours, zeros of both signs and tiny values against
+    numpy's float16 nextafter (an independent implementation), bit for bit (signed zeros included)."""
+    import numpy as np
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    every = every[torch.isfinite(every)].float()
+    v = torch.cat([every, every.nextafter(torch.tensor(np.inf)), every.nextafter(torch.tensor(-np.inf)),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30])]).clamp(-65504, 65504)
+    a, h = v.numpy(), v.numpy().astype(np.float16)
+    with np.errstate(over="ignore"):  # (the unused neighbours of +-65504)
+        want_lo = np.where(h.astype(np.float32) > a, np.nextafter(h, np.float16(-np.inf)), h)
+        want_hi = np.where(h.astype(np.float32) < a, np.nextafter(h, np.float16(np.inf)), h)
+    assert np.array_equal(fp16_floor(v).view(torch.int16).numpy(), want_lo.view(np.int16))
+    assert np.array_equal(fp16_ceil(v).view(torch.int16).numpy(), want_hi.view(np.int16))
+
+
 @pytest.mark.parametrize("fmt,mant", [("e4m3", 3), ("e5m2", 2)])
 def test_fp8_round_trip(fmt, mant):
     x = _x(2, 3, 20, 16, seed=1) * torch.tensor([1.0, 100.0, 0.01])[None, :, None, None]
@@ -131,3 +148,14 @@ def test_minmax_along_the_second_to_last_axis_is_the_transposed_quantization(gro
     assert torch.equal(x_hat, minmax_dequantize(*want).transpose(-1, -2))
     with pytest.raises(KvcError, match=r"^quantization axis must be -1 or -2, got 0$"):
         minmax_quantize(x, 3, axis=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_uint8_is_torch_round_half_to_even(dtype):
+    """The add-2^m rounding to uint8 against torch.round on ties, near-ties and the ends of 0..255."""
+    ties = torch.arange(0, 255, dtype=dtype) + 0.5
+    q = torch.cat([torch.tensor([0.0, 255.0, 254.5, 0.49999997, 1e-30], dtype=dtype), ties,
+                   ties.nextafter(torch.zeros_like(ties)), torch.rand(1000, dtype=dtype) * 255])
+    want = torch.round(q).to(torch.int16).to(torch.uint8)
+    assert want[:3].tolist() == [0, 255, 254] and want[5:8].tolist() == [0, 2, 2]
+    assert torch.equal(_round_uint8(q.clone()), want)

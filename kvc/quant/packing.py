@@ -43,12 +43,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if codes.is_floating_point() or codes.is_complex():
         raise KvcError("pack_codes needs an integer tensor")
-    flat = codes.reshape(-1)
-    n = flat.numel()
-    if n and flat.dtype != torch.bool:  # (min and max apart: aminmax is slower on CPU)
-        if (flat.dtype != torch.uint8 and int(flat.min()) < 0) or int(flat.max()) >= 1 << bits:
+    n = codes.numel()
+    if n and codes.dtype != torch.bool:  # (min and max apart: aminmax is slower on CPU)
+        if (codes.dtype != torch.uint8 and int(codes.min()) < 0) or int(codes.max()) >= 1 << bits:
             raise KvcError(f"codes out of range for {bits}-bit packing")
-    flat = flat.to(torch.uint8, copy=bits == 8)  # 8 bits: the codes themselves, never a view of them
+    if (8 % bits == 0 and bits < 8 and codes.dim() >= 2 and not codes.is_contiguous()
+            and codes.transpose(-1, -2).is_contiguous() and codes.shape[-1] % (8 // bits) == 0):
+        return _pack_transposed(codes.transpose(-1, -2), bits)
+    flat = codes.reshape(-1).to(torch.uint8, copy=bits == 8)  # 8 bits: the codes themselves, never a view of them
     if bits == 8:
         return flat
     flat = torch.nn.functional.pad(flat, (0, (-n) % 8))
@@ -71,14 +73,45 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(-1)[: packed_nbytes(n, bits)].contiguous()  # (b = 1: [:, :1] reshapes to a strided view)
 
 
+def _pack_transposed(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_codes of rows.transpose(-1, -2) for contiguous rows [..., L, D] (L a multiple of 8/b, b | 8).
+
+    The 8/b codes of one byte are 8/b consecutive rows: they are OR-ed row-wise (contiguous D-wide
+    passes) and only the 8/b times smaller bytes are transposed, never the codes."""
+    per = 8 // bits
+    r = rows.to(torch.uint8).reshape(*rows.shape[:-2], rows.shape[-2] // per, per, rows.shape[-1])
+    acc = r[..., 0, :].clone()
+    for j in range(1, per):
+        acc |= r[..., j, :] << (j * bits)
+    return acc.transpose(-1, -2).reshape(-1)
+
+
+def _unpack_transposed(packed: torch.Tensor, bits: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`_pack_transposed`: codes [..., D, L] as the transposed view of contiguous [..., L, D]."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    *lead, d, length = shape
+    b = packed.view(*lead, d, length // per).transpose(-1, -2).contiguous()
+    out = torch.empty(*lead, length // per, per, d, dtype=torch.uint8, device=packed.device)
+    out[..., 0, :] = b & mask
+    for j in range(1, per):
+        torch.bitwise_and(b >> (j * bits), mask, out=out[..., j, :])
+    return out.reshape(*lead, length, d).to(dtype).transpose(-1, -2)
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size,
-                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: codes of the given shape, int64 (index-ready) or ``dtype``."""
+                 dtype: torch.dtype = torch.int64, transposed: bool = False) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: codes of the given shape, int64 (index-ready) or ``dtype``.
+
+    ``transposed=True``: the same values, laid out where possible as the transposed view of a
+    contiguous [..., L, D] tensor (for codes [..., D, L] of per-channel quantizers; cheaper to
+    dequantize into [..., L, D])."""
     _check_bits(bits)
     n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
         raise KvcError(f"packed buffer must be 1-D uint8 of {packed_nbytes(n, bits)} bytes, got "
                        f"{tuple(packed.shape)} {packed.dtype}")
+    if transposed and 8 % bits == 0 and bits < 8 and len(shape) >= 2 and shape[-1] % (8 // bits) == 0:
+        return _unpack_transposed(packed, bits, tuple(shape), dtype)
     if bits == 8:
         return packed.to(dtype).reshape(tuple(shape))
     mask = (1 << bits) - 1

@@ -27,29 +27,31 @@ def _check_bits(bits: int, low: int = 1) -> None:
         raise KvcError(f"bit width must be an integer in {low}..8, got {bits!r}")
 
 
-def fp16_floor(v: Tensor) -> Tensor:
-    """The largest float16 <= v (float16); MethodFailure beyond the float16 range."""
-    if not bool((v.abs() <= FP16_MAX).all()):  # (NaN compares false)
+def _fp16_step(v: Tensor, down: bool) -> Tensor:
+    """The float16 nearest v, moved one unit in the last place towards -inf (``down``) or +inf
+    where it lies on the wrong side of v; MethodFailure beyond the float16 range."""
+    if v.numel() and not float(v.abs().max()) <= FP16_MAX:  # (a NaN maximum compares false)
         raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
     h = v.to(torch.float16)
-    # next float16 towards -inf by its bit pattern (sign-magnitude, read as int16): +x -> bits - 1,
-    # -x and -0 -> bits + 1 (-0 -> -2^-24); +0 is never above v (works on every device, unlike
-    # nextafter for half)
+    hv = h.to(v.dtype)
+    wrong = hv > v if down else hv < v
+    # the neighbour by its bit pattern (sign-magnitude, read as int16; works on every device,
+    # unlike nextafter for half): the magnitude grows by one unit for a step away from zero, so
+    # bits + sgn steps up and bits - sgn down, with sgn = +1 for a clear sign bit and -1 for a set
+    # one; a wrong-side h is never +0 (floor) nor -0 (ceil), and -0 - (-1) is -2^-24
     bits = h.view(torch.int16)
-    down = torch.where(bits > 0, bits - 1, bits + 1).view(torch.float16)
-    return torch.where(h.to(v.dtype) > v, down, h)
+    sgn = (bits >> 15) | 1
+    return torch.where(wrong, bits - sgn if down else bits + sgn, bits).view(torch.float16)
+
+
+def fp16_floor(v: Tensor) -> Tensor:
+    """The largest float16 <= v (float16); MethodFailure beyond the float16 range."""
+    return _fp16_step(v, down=True)
 
 
 def fp16_ceil(v: Tensor) -> Tensor:
     """The smallest float16 >= v (float16); MethodFailure beyond the float16 range."""
-    if not bool((v.abs() <= FP16_MAX).all()):
-        raise MethodFailure("value is NaN/Inf or outside the float16 range (65504)")
-    h = v.to(torch.float16)
-    # = -fp16_floor(-v): next float16 towards +inf, +x and +0 -> bits + 1, -x -> bits - 1; -0 is
-    # never below v
-    bits = h.view(torch.int16)
-    up = torch.where(bits >= 0, bits + 1, bits - 1).view(torch.float16)
-    return torch.where(h.to(v.dtype) < v, up, h)
+    return _fp16_step(v, down=False)
 
 
 def _grouped(x: Tensor, group: int | None, axis: int = -1) -> tuple[Tensor, int]:
@@ -74,6 +76,16 @@ def _uint8(codes: Tensor) -> Tensor:
     return codes.to(torch.int16).to(torch.uint8)
 
 
+def _round_uint8(q: Tensor) -> Tensor:
+    """round(q) (half to even, as torch.round) as uint8 for float32/float64 q in [0, 255], in place on q.
+
+    Adding 2^m (m = mantissa bits) rounds q to an integer in the float's own round-to-nearest-even
+    (the spacing in [2^m, 2^(m+1)) is 1), and that integer is the low byte of the sum's bit pattern:
+    one float pass and one narrowing instead of round + two conversions."""
+    wide = torch.int32 if q.dtype == torch.float32 else torch.int64
+    return q.add_(1 / torch.finfo(q.dtype).eps).view(wide).to(torch.uint8)
+
+
 def minmax_quantize(x: Tensor, bits: int, group: int | None = None, axis: int = -1
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric B-bit quantization of x [..., L] in groups of ``group``.
@@ -88,11 +100,14 @@ def minmax_quantize(x: Tensor, bits: int, group: int | None = None, axis: int = 
     levels = (1 << bits) - 1
     # KIVI quant/new_pack.py: z = min, s = (max - min)/(2^B - 1), code = clamp(round((x - z)/s), 0, 2^B - 1)
     zero = fp16_floor(xg.amin(dim=dim))
-    scale = fp16_ceil((xg.amax(dim=dim) - zero.to(xg.dtype)) / levels)
-    s = scale.to(xg.dtype).unsqueeze(dim)
-    # s = 0 only when every entry equals z (max - z = 0): those give 0 / 1 = code 0
-    codes = (xg - zero.to(xg.dtype).unsqueeze(dim)).div_(torch.where(s > 0, s, torch.ones_like(s)))
-    codes = _uint8(codes.round_().clamp_(0, levels).reshape(x.shape))
+    z = zero.to(xg.dtype)
+    scale = fp16_ceil(xg.amax(dim=dim).sub_(z).div_(levels))
+    # s = 0 only when every entry equals z (x - z = 0): any positive divisor gives code 0
+    s = scale.to(xg.dtype).clamp_min_(torch.finfo(xg.dtype).tiny).unsqueeze(dim)
+    codes = (xg - z.unsqueeze(dim)).div_(s)
+    # no clamp: z <= x <= max and s >= (max - z)/(2^B - 1) (z rounded down, s up) give
+    # 0 <= (x - z)/s <= 2^B - 1 up to a few float roundings, which rounding maps into 0..2^B - 1
+    codes = _round_uint8(codes).reshape(x.shape)
     if axis == -2:
         return codes.transpose(-1, -2), scale.transpose(-1, -2).contiguous(), zero.transpose(-1, -2).contiguous()
     return codes, scale, zero

@@ -62,7 +62,8 @@ class IntQuant(TensorCompressor):
                       shape: tuple[int, ...]) -> Tensor:
         S, H, T, D = shape
         vshape = (S, H, D, T) if meta["axis"] == "channel" else (S, H, T, D)
-        codes = unpack_codes(arrays["codes"], meta["bits"], vshape, torch.uint8)
+        codes = unpack_codes(arrays["codes"], meta["bits"], vshape, torch.uint8,
+                             transposed=meta["axis"] == "channel" and not meta["symmetric"])
         if not meta["symmetric"]:
             return minmax_dequantize(codes, arrays["scale"], arrays["zero"],
                                      axis=-2 if meta["axis"] == "channel" else -1)

@@ -74,7 +74,7 @@ class KIVI(TensorCompressor):
         S, H, T, D = shape
         n = meta["tokens"]
         qshape = (S, H, D, n) if kind == "k" else (S, H, n, D)
-        codes = unpack_codes(arrays["codes"], meta["bits"], qshape, torch.uint8)
+        codes = unpack_codes(arrays["codes"], meta["bits"], qshape, torch.uint8, transposed=kind == "k")
         xq = minmax_dequantize(codes, arrays["scale"], arrays["zero"], axis=-2 if kind == "k" else -1)
         if n == T:  # no fp16 window
             return xq
