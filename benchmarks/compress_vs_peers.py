@@ -227,7 +227,7 @@ def write(args, results: list[dict], load: tuple[float, float], seconds: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capture", default="/work/data/demo.safetensors")
+    parser.add_argument("--capture", default="out/default.safetensors")
     parser.add_argument("--layers", default="0,5,10,15,20,25")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
