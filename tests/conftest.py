@@ -20,6 +20,27 @@ def run(capsys):
     return _run
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(directory of a tiny random Llama with its tokenizer, a text file)."""
+    import string
+
+    import transformers
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, attn_implementation="sdpa")
+    ).save_pretrained(path)
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *string.printable[:95], "▁"])}
+    transformers.LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True).save_pretrained(path)
+    text = path.parent / "text.txt"
+    text.write_text(("The keys and values of every earlier token stay in the cache. " * 60).strip())
+    return path, text
+
+
 @pytest.fixture
 def synth_capture(tmp_path):
     """make(**spec) -> path of a synthetic capture written with kvc.model.synth."""

@@ -8,7 +8,6 @@ import gc
 import inspect
 import json
 import re
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,6 @@ from kvc.metrics.pareto import pareto_front
 from kvc.model.load import ModelSource, model_revision
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("The keys and values of every earlier token stay in the cache. " * 60).strip()
 SEQ_LEN, NUM_SEQS = 24, 2
 
 
@@ -209,23 +207,6 @@ def test_model_revision_of_a_gguf_file_is_its_content_hash(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Python = CLI
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(directory of a tiny random Llama with its tokenizer, a text file)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.utils.logging.disable_progress_bar()
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, attn_implementation="sdpa")
-    ).save_pretrained(path)
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *string.printable[:95], "▁"])}
-    transformers.LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True).save_pretrained(path)
-    text = path.parent / "text.txt"
-    text.write_text(TEXT)
-    return path, text
 
 
 def _drop(data, keys=("seconds", "created")):

@@ -8,11 +8,9 @@ import itertools
 import json
 import math
 import random
-import string
 
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
@@ -225,18 +223,8 @@ def test_plan_and_method_together_exit_2(planned, run):
 # ----------------------------------------------------------------------------- eval on a tiny model
 
 
-def test_eval_plan_on_a_tiny_model(tmp_path, run):
-    torch.manual_seed(0)
-    model = tmp_path / "tiny"
-    transformers.utils.logging.disable_progress_bar()
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, attn_implementation="sdpa")
-    ).save_pretrained(model)
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *string.printable[:95], "▁"])}
-    transformers.LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True).save_pretrained(model)
-    text = tmp_path / "text.txt"
-    text.write_text(("The keys and values of every earlier token stay in the cache. " * 60).strip())
+def test_eval_plan_on_a_tiny_model(tmp_path, tiny, run):
+    model, text = tiny
     rows = []
     for layer, tensor, head in itertools.product(range(2), "kv", range(2)):
         method = "fp16" if head == 0 else "turboquant"
