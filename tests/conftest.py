@@ -73,3 +73,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def default_capture(tmp_path_factory):
+    """(path, stdout) of one ``kvc capture`` of the real default model, shared by the tests that read a
+    capture of it: layers 0, 1 and 29, 2 sequences of 128 tokens, the last 16 queries."""
+    import contextlib
+    import io
+
+    path = tmp_path_factory.mktemp("default-capture") / "real.safetensors"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["capture", "--layers", "0,1,29", "--seq-len", "128", "--num-seqs", "2",
+                     "--query-positions", "last:16", "-o", str(path)])
+    assert code == 0, err.getvalue()
+    return path, out.getvalue()

@@ -207,11 +207,8 @@ def test_bad_options(run, tmp_path, synth):
 
 
 @pytest.mark.model
-def test_real_default_model_end_to_end(run, tmp_path):
-    capture = tmp_path / "real.safetensors"
-    code, _, err = run("capture", "-o", capture, "--layers", "0,1", "--seq-len", 128, "--num-seqs", 2)
-    assert code == 0, err
-    report, stdout = _report(run, tmp_path, capture, "--plots", tmp_path / "plots")
+def test_real_default_model_end_to_end(run, tmp_path, default_capture):
+    report, stdout = _report(run, tmp_path, default_capture[0], "--layers", "0,1", "--plots", tmp_path / "plots")
     heads = report["heads"]
     assert {(r["layer"], r["tensor"]) for r in heads} == {(layer, t) for layer in (0, 1) for t in ("k_pre", "k", "v")}
     assert all(r["skipped"] is None and r["rank"] >= 0 and (r["n"], r["d"]) == (256, 64) for r in heads)
@@ -255,8 +252,8 @@ def test_noise_only_layer_has_rank_zero(run, tmp_path, synth_capture):
     noise, _ = _read(synth_capture(name="noise.safetensors", strengths=[], seed=3))
     mixed = tmp_path / "mixed.safetensors"
     save_safetensors(mixed, {**spiked, **{k: v for k, v in noise.items() if k.startswith("layers.1.")}}, meta)
-    for args in ((), ("--per-seq",), ("--block", 128)):
-        report, stdout = _report(run, tmp_path, mixed, "--plots", tmp_path / "plots", *args)
+    for args in ((), ("--per-seq", "--plots", tmp_path / "seq"), ("--block", 128, "--plots", tmp_path / "block")):
+        report, stdout = _report(run, tmp_path, mixed, *args)  # pooled plots: noise_only below
         by_layer = {layer: [r for r in report["heads"] if r["layer"] == layer] for layer in (0, 1)}
         assert all(r["rank"] == 0 and r["d_hat"] == [] and r["shrunk"] == [] and r["energy_lowrank"] == 0
                    and r["skipped"] is None for r in by_layer[1]), args

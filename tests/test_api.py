@@ -336,16 +336,13 @@ def test_compressing_takes_options_as_kvc_method_does(tiny):
 
 
 @pytest.mark.model
-def test_check_and_capture_record_the_same_model_revision(run, tmp_path):
+def test_check_and_capture_record_the_same_model_revision(default_capture, tmp_path):
     """The default model is a GGUF file: both record its content hash as model_revision."""
     spec = RunSpec(method="turboquant", params=kvc.method("turboquant", bits=4).params(), seq_len=16, num_seqs=1,
                    layers="0", device="cpu")
     run_policy(spec, tmp_path)
-    code, _, err = run("capture", "--seq-len", 16, "--num-seqs", 1, "--layers", 0, "--device", "cpu",
-                       "-o", tmp_path / "cli.safetensors")
-    assert code == 0, err
     via_check = CaptureFile(tmp_path / "capture.safetensors").meta
-    via_capture = CaptureFile(tmp_path / "cli.safetensors").meta
+    via_capture = CaptureFile(default_capture[0]).meta  # tests/conftest.py: made by kvc capture
     assert via_check.model_revision == via_capture.model_revision
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", via_check.model_revision)
 
@@ -392,14 +389,14 @@ def test_max_memory_as_accelerate_takes_it():
 
 
 @pytest.mark.model
-def test_default_model_offloaded_to_disk_captures_the_same(tmp_path):
+def test_default_model_offloaded_to_disk_captures_the_same(default_capture, tmp_path):
     """The default model with a tiny --max-memory: most layers on disk, the capture bit for bit the same."""
     lm, _ = kvc.load_model(device_map="auto", max_memory="cpu=20MB")
     assert "disk" in set(lm.hf_device_map.values())
     del lm
-    kwargs = dict(seq_len=24, num_seqs=1, layers="0,15,29")
-    normal = kvc.capture(out=tmp_path / "normal.safetensors", **kwargs)
-    offloaded = kvc.capture(out=tmp_path / "offloaded.safetensors", device_map="auto", max_memory="cpu=20MB", **kwargs)
+    normal = CaptureFile(default_capture[0])  # tests/conftest.py: the same options, the model held in memory
+    offloaded = kvc.capture(out=tmp_path / "offloaded.safetensors", device_map="auto", max_memory="cpu=20MB",
+                            seq_len=128, num_seqs=2, layers="0,1,29", query_positions="last:16")
     _same_capture(normal, offloaded)
 
 

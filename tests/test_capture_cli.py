@@ -45,14 +45,11 @@ def test_rope_pairing_on_default_model(default_model, tmp_path):
 
 
 @pytest.mark.model
-def test_capture_cli_on_default_model(run, tmp_path):
-    path = tmp_path / "c.safetensors"
-    code, out, err = run("capture", "--layers", "0,29", "--seq-len", "64", "--num-seqs", "2",
-                         "--query-positions", "last:16", "-o", path)
-    assert code == 0, err
-    assert "SmolLM2" in out and "2 x 64" in out
+def test_capture_cli_on_default_model(run, default_capture, tmp_path):
+    path, out = default_capture  # tests/conftest.py: kvc capture --layers 0,1,29 ... --query-positions last:16
+    assert "SmolLM2" in out and "2 x 128" in out
     cap = CaptureFile(path)
-    assert cap.layers == [0, 29]
+    assert cap.layers == [0, 1, 29]
     assert cap.tensor(29, "q").shape == (2, 9, 16, 64)
     assert cap.meta.text_source == "python:pydoc_data.topics"
     assert cap.meta.model_revision.startswith("sha256:")

@@ -131,12 +131,11 @@ def test_random_keys_collapse_retrieval(default_model):
 
 
 @pytest.mark.model
-def test_cli_bits_agree_with_compress(run, tmp_path, default_model):
-    """kvc eval and kvc compress count the same bits for the same method, options and tokens."""
-    capture = tmp_path / "cap.safetensors"
-    assert run("capture", "--seq-len", 128, "--num-seqs", 1, "--out", capture, "--device", "cpu")[0] == 0
+def test_cli_bits_agree_with_compress(run, tmp_path, default_capture):
+    """kvc eval and kvc compress count the same bits for the same method, options and tokens (the
+    shared capture: sequences of 128 tokens, as eval's context here)."""
     args = ("--method", "kivi", "--bits", 2, "--group-size", 32, "--residual", 32)
-    code, _, err = run("compress", capture, *args, "--json", tmp_path / "c.json", "--device", "cpu")
+    code, _, err = run("compress", default_capture[0], *args, "--json", tmp_path / "c.json", "--device", "cpu")
     assert code == 0, err
     code, out, err = run("eval", *args, "--contexts", 128, "--windows", 1, "--continuation", 8,
                          "--depths", "0.5", "--needles", 2, "--json", tmp_path / "e.json",

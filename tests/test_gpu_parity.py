@@ -268,19 +268,14 @@ def test_minmax_bad_input_fails_like_the_reference(backend):
 
 
 @pytest.mark.model
-def test_real_capture(backend, seed, run, tmp_path):
-    """TurboQuant (fused and Haar) and KIVI on K and V of the real default model (or $KVC_GPU_TEST_CAPTURE)."""
+def test_real_capture(backend, seed, request):
+    """TurboQuant (fused and Haar) and KIVI on K and V of the first and last captured layers of the real
+    default model (or $KVC_GPU_TEST_CAPTURE)."""
     from kvc.io.capture import CaptureFile
 
     be, device = backend
-    path = os.environ.get("KVC_GPU_TEST_CAPTURE")
-    if path is None:
-        path = tmp_path / "real.safetensors"
-        code, _, err = run("capture", "--layers", "0,29", "--seq-len", "96", "--num-seqs", "1",
-                           "--device", "cpu", "-o", path)
-        assert code == 0, err
-    cap = CaptureFile(path)
-    for layer in cap.layers[:2]:
+    cap = CaptureFile(os.environ.get("KVC_GPU_TEST_CAPTURE") or request.getfixturevalue("default_capture")[0])
+    for layer in (cap.layers[0], cap.layers[-1]):
         for name in ("k", "v"):
             x = cap.tensor(layer, name, torch.float32, device)
             d = x.shape[-1]
