@@ -310,6 +310,20 @@ def test_energy_rank_closed_form():
     assert analyze.rmt.energy_rank(s.expand(3, 5), (0.8,)).tolist() == [[2]] * 3
 
 
+@pytest.mark.parametrize("block", [16, 48, 100])
+def test_lower_gram_is_the_lower_block_triangle(block):
+    """Blocks that divide the width and ones that do not: each column block holds Z^T Z's entries
+    from its own diagonal block down, and zeros above; eigvalsh(UPLO="L") of it gives the full
+    Gram's eigenvalues."""
+    Z = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    gram, full = analyze.lower_gram(Z, block), Z.mT @ Z
+    index = torch.arange(96) // block
+    kept = index[:, None] >= index[None, :]  # row block >= column block
+    torch.testing.assert_close(gram[kept], full[kept], rtol=1e-5, atol=1e-4)
+    assert not gram[~kept].any()
+    torch.testing.assert_close(torch.linalg.eigvalsh(gram, UPLO="L"), torch.linalg.eigvalsh(full), rtol=1e-5, atol=1e-3)
+
+
 def test_latent_finds_planted_joint_rank(run, tmp_path):
     """The joint rank planted across heads before RoPE is found at each energy share, and the
     predicted cache is 2 bytes (fp16) per latent dimension against 2 * 2*H*D for the full K/V."""

@@ -374,11 +374,21 @@ def latent_record(k: Tensor, v: Tensor, layer: int, keys: str) -> dict:
     # token rows [K of every head | V of every head]
     joint = torch.cat([k, v], 1).permute(0, 2, 1, 3).reshape(S * T, 2 * H * D).float()
     # s_i^2 from the float32 Gram (eigenvalue error ~1e-8 of the total energy; shares are to 1e-2)
-    energies = torch.linalg.eigvalsh(joint.mT @ joint).to(torch.float64).flip(-1).clamp_min(0)
+    energies = torch.linalg.eigvalsh(lower_gram(joint, D), UPLO="L").to(torch.float64).flip(-1).clamp_min(0)
     ranks = rmt.energy_rank(energies.sqrt(), LATENT_SHARES).tolist()
     return {"layer": layer, "keys": keys, "n": S * T, "width": 2 * H * D, "energy": list(LATENT_SHARES),
             "rank": ranks, "bytes_per_token": [FP16_BYTES * r for r in ranks],
             "bytes_per_token_full": FP16_BYTES * 2 * H * D}
+
+
+def lower_gram(Z: Tensor, block: int) -> Tensor:
+    """Z^T Z (Z [n, w]) from each column block of ``block`` down, zeros above: the lower block
+    triangle, all that eigvalsh(UPLO="L") reads, at (m + 1) / 2m of the full product's work (m blocks)."""
+    w = Z.shape[-1]
+    gram = Z.new_zeros(w, w)
+    for start in range(0, w, block):
+        gram[start:, start:start + block] = Z[:, start:].mT @ Z[:, start:start + block]
+    return gram
 
 
 def latent_summary(records: list[dict]) -> dict | None:
