@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# One intra-op thread for the whole suite, child processes included, unless the caller chose: the
+# tests' tensors are small, and on 2 shared cores two threads ran the suite twice as slowly (the
+# barrier of every parallel region waits for a core); set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from kvc.cli import main
 
@@ -63,16 +70,6 @@ def default_model():
 
     torch.manual_seed(0)
     return load_model(resolve_model(None), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Batched LAPACK calls on 2 shared cores are fastest and steadiest on one thread (use it with
-    ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

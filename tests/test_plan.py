@@ -19,8 +19,6 @@ import kvc
 from kvc.planning import knapsack
 from kvc.planning.planfile import read_plan
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 SYNTH = dict(num_layers=2, num_kv_heads=2, num_heads=4, head_dim=64, seq_len=256, num_seqs=1, strengths=[6.0, 4.0, 3.0])
 CANDIDATES = dict(methods="turboquant,eoptshrinkq,fp16", bits=[2, 3])
 

@@ -22,8 +22,6 @@ from kvc.quant.lloyd_max import beta_codebook, distortion, nearest_codes
 F64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
-
 
 def spiked(heads: int, n: int, d: int, strengths, seed: int = 0, noise: str = "white") -> torch.Tensor:
     """[1, heads, n, d] float64 from the spiked model (strengths in units of the BBP threshold's scale)."""

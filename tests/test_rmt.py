@@ -13,8 +13,6 @@ from kvc.analysis import rmt
 F64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
-
 
 def _orthonormal(batch: int, m: int, r: int, gen: torch.Generator) -> torch.Tensor:
     q, rr = torch.linalg.qr(torch.randn(batch, m, r, generator=gen, dtype=F64))
