@@ -19,6 +19,7 @@ from ..compression.fields import flag
 from ..compression.protocol import Compressor, declares_nominal_bits
 from ..errors import KvcError
 from ..io import schema
+from ..io.gguf import read_gguf_metadata
 from ..model.load import _first_line, resolve_model, text_config
 
 SCHEMA = "kvc-budget/1"
@@ -122,18 +123,12 @@ def geometry_from_config(config, name: str) -> Geometry:
 
 def geometry_from_gguf(path: Path) -> Geometry:
     """Geometry from a GGUF header (``{arch}.block_count``, ``{arch}.attention.*``); no weights read."""
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(path).fields
-    except Exception as err:  # gguf raises plain ValueErrors on foreign files
-        raise KvcError(f"{path}: not a readable GGUF file ({_first_line(err)})") from err
+    fields = read_gguf_metadata(path)
 
     def get(key: str, default=None):
-        field = fields.get(key.format(arch=arch))
-        return default if field is None else field.contents()
+        return fields.get(key.format(arch=arch), default)
 
-    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    arch = fields.get("general.architecture")
     layers = get("{arch}.block_count")
     heads = get("{arch}.attention.head_count")
     if arch is None or layers is None or heads is None:

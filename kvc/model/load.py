@@ -310,17 +310,15 @@ def weights_description(source: ModelSource, model) -> str:
 
 
 def _gguf_file_type(gguf: Path) -> str:
-    """The GGUF file type (Q4_1, Q8_0, F16, ...), cached beside the converted model."""
-    marker = _converted_gguf(gguf) / "kvc-gguf-file-type.txt"
-    if marker.is_file():
-        return marker.read_text().strip()
-    from gguf import GGUFReader, LlamaFileType
+    """The GGUF file type (Q4_1, Q8_0, F16, ...) from its metadata."""
+    from gguf import LlamaFileType
 
-    field = GGUFReader(gguf).fields.get("general.file_type")
-    name = ("unknown type" if field is None
-            else LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_"))
-    marker.write_text(name)
-    return name
+    from ..io.gguf import read_gguf_metadata
+
+    try:
+        return LlamaFileType(read_gguf_metadata(gguf).get("general.file_type")).name.removeprefix("MOSTLY_")
+    except ValueError:  # absent, or a type this gguf version does not name
+        return "unknown type"
 
 
 def _location(source: ModelSource, revision, trust_remote_code) -> tuple[str, dict]:
