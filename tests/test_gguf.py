@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvc.errors import KvcError
 from kvc.io.gguf import read_gguf_metadata
@@ -79,3 +81,18 @@ def test_budget_of_a_broken_gguf_is_one_line(run, tmp_path):
     path.write_bytes(b"GGUF" + struct.pack("<I", 3))
     code, _, err = run("budget", "--model", path, "--context", 1024)
     assert code == 2 and err.strip().count("\n") == 0 and "not a readable GGUF file" in err
+
+
+@settings(max_examples=60, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), min_size=1, max_size=8))
+def test_mutated_metadata_reads_or_is_refused(tmp_path_factory, edits):
+    """Bytes of the metadata overwritten at random: a dict or a KvcError, never another exception."""
+    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    data = bytearray(_write(path).read_bytes())
+    for position, value in edits:
+        data[position % len(data)] = value
+    path.write_bytes(bytes(data))
+    try:
+        assert isinstance(read_gguf_metadata(path), dict)
+    except KvcError as err:
+        assert "\n" not in str(err)
