@@ -80,7 +80,7 @@ def render(report: dict) -> str:
         "# Do the tensor proxies predict the end-to-end perplexity delta?",
         "",
         f"Made by `python scripts/eval_correlation.py` ({report['date']}, {report['seconds'] / 60:.0f} min on CPU). "
-        f"Default model, contexts {settings['contexts']} tokens x {settings['windows']} windows of the CPython docs, "
+        f"Default model, contexts of {', '.join(map(str, settings['contexts']))} tokens x {settings['windows']} windows of the CPython docs, "
         f"{settings['continuation']} continuation tokens scored per window with the method's compressed cache "
         "(`kvc.evaluate`). The proxies are `kvc compress`'s metrics (compress engine), measured on the very "
         "prefills whose cache is compressed, averaged over layers and heads.",
