@@ -89,8 +89,10 @@ def main() -> None:
     lines += [
         "",
         "The batched LAPACK calls on these small matrices already run on one thread (`kvc.analysis.rmt.small_lapack`); "
-        "the remaining gap between default threads and `OMP_NUM_THREADS=1` is OpenMP barrier cost in the "
-        "element-wise ops while other processes share the cores. On a shared machine, set `OMP_NUM_THREADS=1`.",
+        "the other operations use torch's threads. With the cores to itself, analyze gains a little from them; "
+        "when other processes share the cores, every parallel region waits for a core and the default threads "
+        "can be several times slower than one (`OMP_NUM_THREADS=1` is then the faster setting; compare the rows "
+        "with the load average above).",
         "",
         f"Reproduce: `python benchmarks/analyze_speed.py --runs {args.runs}`.",
         "",
