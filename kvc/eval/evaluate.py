@@ -523,7 +523,10 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
             c = compress(compressor, layers, dtype, measure=measured, query_stride=query_stride)
             res.count(task, c)
             res.proxies += c.proxies
-            outs.append(score(c.cache(), compressor, res))
+            cache = c.cache()
+            del c  # the decoded prefix is then the cache's alone: each layer's append frees it, no second copy
+            outs.append(score(cache, compressor, res))
+            del cache
             res.seconds += time.perf_counter() - start
             tick(f"{task}: {compressor.name}")
         return outs
