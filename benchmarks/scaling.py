@@ -1,15 +1,17 @@
 """Peak memory and time of capture, analyze, compress and eval against the token count (issue 14).
 
-Usage: python benchmarks/scaling.py [--tokens 1024,2048,4096,8192] [--eval-tokens 1024,2048] [--runs 1]
+Usage: python benchmarks/scaling.py [--tokens 1024,2048,4096,8192] [--eval-tokens 1024,2048,4096,8192] [--runs 1]
 For each length T: one sequence of T tokens, all 30 layers of the default model, on the CPU. Each
 step runs as a fresh ``kvc`` process; its peak RSS is the child's own ``ru_maxrss`` (``os.wait4``)
 and its wall time includes start-up and imports. Steps: ``kvc capture --seq-len T --num-seqs 1``
 (queries at every position), ``kvc analyze`` of that capture, ``kvc compress -m turboquant --bits 3
 --query-stride T/1024`` of it (the method sees every token; the fidelity metrics, attention chunked
 over queries, use 1024 of the queries, so their work stays linear in T), and ``kvc eval -m
-turboquant --bits 3 --contexts T`` (one perplexity window, the needle at depth 0.5) for the
-lengths in --eval-tokens only: each eval runs several T-token forward passes. OMP_NUM_THREADS
-defaults to 1 (a shared machine). Writes docs/benchmarks/scaling.md with the load average.
+turboquant --bits 3 --contexts T-65 --query-stride T/1024`` (one perplexity window, the needle at
+depth 0.5, the proxies from 1024 queries like compress's; its longest sequence, the context and 65
+tokens, is then T tokens, within the default model's 8192 positions) for the lengths in --eval-tokens
+only. OMP_NUM_THREADS defaults to 1 (a shared machine). Writes
+docs/benchmarks/scaling.md with the load average.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_MB = 1536  # issue 14: the 1 x 8192 capture stays under 1.5 GB peak RSS
 METHOD = ["-m", "turboquant", "--bits", "3"]
-MEASURED_QUERIES = 1024  # compress measures with every (T / 1024)-th query: its metric work stays linear in T
+EVAL_TAIL = 65  # tokens kvc eval adds to a context: 64 continuation + 1 scored (evaluate.longest_sequence)
+MEASURED_QUERIES = 1024  # compress and eval measure with every (T / 1024)-th query: metric work linear in T
 
 
 def run(args: list[str]) -> tuple[float, float]:
@@ -46,22 +49,24 @@ def run(args: list[str]) -> tuple[float, float]:
 
 def steps(tokens: int, work: Path, with_eval: bool) -> dict[str, list[str]]:
     capture = str(work / f"scale{tokens}.safetensors")
+    stride = str(max(1, tokens // MEASURED_QUERIES))
     out = {
         "capture": ["capture", "-o", capture, "--seq-len", str(tokens), "--num-seqs", "1", "--device", "cpu"],
         "analyze": ["analyze", capture, "--json", str(work / "analyze.json"), "--force", "--device", "cpu"],
         "compress": ["compress", capture, *METHOD, "--json", str(work / "compress.json"), "--force", "--device", "cpu",
-                     "--query-stride", str(max(1, tokens // MEASURED_QUERIES))],
+                     "--query-stride", stride],
     }
     if with_eval:
-        out["eval"] = ["eval", "--method", *METHOD[1:], "--contexts", str(tokens), "--windows", "1", "--depths", "0.5",
-                       "--needles", "0", "--device", "cpu", "--json", str(work / "eval.json"), "--force"]
+        out["eval"] = ["eval", "--method", *METHOD[1:], "--contexts", str(tokens - EVAL_TAIL), "--windows", "1",
+                       "--depths", "0.5", "--needles", "0", "--query-stride", stride, "--device", "cpu", "--json", str(work / "eval.json"),
+                       "--force"]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1024,2048,4096,8192")
-    parser.add_argument("--eval-tokens", default="1024,2048")
+    parser.add_argument("--eval-tokens", default="1024,2048,4096,8192")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "scaling.md")
     args = parser.parse_args()
@@ -97,10 +102,12 @@ def write(args: argparse.Namespace, lengths: list[int], eval_lengths: set[int], 
         "Steps: `kvc capture --seq-len T --num-seqs 1` (keys, values and queries at every position); "
         "`kvc analyze`; `kvc compress -m turboquant --bits 3 --query-stride T/1024` (the method compresses every "
         "token; the fidelity metrics attend from 1024 of the captured queries to all T keys); "
-        "`kvc eval -m turboquant --bits 3 --contexts T --windows 1 --depths 0.5 --needles 0`"
-        + (f" (only at T = {', '.join(map(str, sorted(eval_lengths)))}: each eval runs several T-token forward "
-           "passes on the CPU, too slow on this shared machine for the longer contexts)" if set(lengths) - eval_lengths
-           else "") + ".",
+        f"`kvc eval -m turboquant --bits 3 --contexts T-{EVAL_TAIL} --windows 1 --depths 0.5 --needles 0 "
+        "--query-stride T/1024` (two prefills of the context, perplexity and needle, each holding every layer's K, V, "
+        f"K before RoPE and queries; with the {EVAL_TAIL} tokens scored after it the longest sequence is T tokens, "
+        "within the model's 8192 positions; the proxies attend from 1024 of the queries)"
+        + (f" (only at T = {', '.join(map(str, sorted(eval_lengths)))}: too slow on this shared machine for the "
+           "other lengths)" if set(lengths) - eval_lengths else "") + ".",
         "",
         "| T | " + " | ".join(names) + " |",
         "|---:|" + "---:|" * len(names),
@@ -118,7 +125,15 @@ def write(args: argparse.Namespace, lengths: list[int], eval_lengths: set[int], 
               if (first, n) in rows and (last, n) in rows]
     if growth:
         lines += ["", f"Peak RSS growth from T = {first} to T = {last} (x{last / first:g} tokens): "
-                  + ", ".join(growth) + " (the imports, and for capture the model's ~540 MB of weights, are a constant part)."]
+                  + ", ".join(growth) + " (the imports, and for capture and eval the model's ~540 MB of weights, are a "
+                  "constant part)."]
+    steps_mb = [f"{n} " + " / ".join(f"{1024 * (rows[(b, n)][1] - rows[(a, n)][1]) / (b - a):.0f}"
+                                     for a, b in zip(sorted(lengths), sorted(lengths)[1:]))
+                for n in names if all((t, n) in rows for t in lengths)]
+    if len(lengths) > 2 and steps_mb:
+        pairs = ", ".join(f"{a}-{b}" for a, b in zip(sorted(lengths), sorted(lengths)[1:]))
+        lines += ["", f"Peak RSS added per 1024 tokens between successive T ({pairs}), MB: " + "; ".join(steps_mb)
+                  + " (linear growth keeps these about constant; T x T attention would double them at each step)."]
     lines += ["", f"Reproduce: `python benchmarks/scaling.py --tokens {args.tokens} --eval-tokens {args.eval_tokens} "
               f"--runs {args.runs}`.", ""]
     args.out.write_text("\n".join(lines))

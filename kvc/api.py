@@ -745,7 +745,7 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
              contexts: str | Sequence[int] = (256, 512, 1024), windows: int = 2, continuation: int = 64,
              depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, needles: int = 4,
              retrieval: bool = True, special_tokens: bool = True, decode_every: int | None = None,
-             proxies: bool = True, tokenizer: Any = None,
+             proxies: bool = True, query_stride: int = 1, tokenizer: Any = None,
              revision: str | None = None, dtype: str = "auto", device: str = "auto",
              trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None,
              progress: Progress | None = None, **options: Any) -> Evaluation:
@@ -779,6 +779,8 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
         the whole cache with the method after each block (docs/eval.md); None: the prefill only.
     proxies : bool
         Also measure :func:`compress`'s tensor metrics on the perplexity contexts.
+    query_stride : int
+        The proxies use every N-th query of each context (as for :func:`compress`; the method sees all).
     revision, dtype, device, trust_remote_code, device_map, max_memory
         As for :func:`capture`.
     progress : callable, optional
@@ -792,6 +794,8 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
     from .eval import evaluate as ev  # transformers only when asked for
 
     compressor = _method_or_plan(method, plan, options)
+    if query_stride < 1:
+        raise KvcError("--query-stride must be >= 1")
     if isinstance(contexts, str):
         contexts = budgets.parse_contexts(contexts, "--contexts")
     settings = ev.Settings(contexts=tuple(int(c) for c in contexts), windows=windows, continuation=continuation,
@@ -814,9 +818,10 @@ def evaluate(method: str | Compressor | None = None, model: Any = None, text: Pa
     if isinstance(compressor, planning.PlanCompressor):
         shape = budgets.geometry_from_config(lm.config, source.name)
         compressor.plan.check_geometry(max(shape.kv_heads), shape.key_dim, f"model {source.name}", shape.num_layers)
-    result = ev.evaluate(lm, tok, corpus, [compressor], settings, measure=proxies, progress=step)[0]
+    result = ev.evaluate(lm, tok, corpus, [compressor], settings, measure=proxies, progress=step,
+                         query_stride=query_stride)[0]
     result["model"] = source.name
-    result["run"] = {"device": str(input_device(lm)),
+    result["run"] = {"device": str(input_device(lm)), "query_stride": query_stride,
                      "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "text_source": corpus.source,
                      "seconds": round(time.perf_counter() - start, 3)}
     return Evaluation(result)

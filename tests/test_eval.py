@@ -102,6 +102,23 @@ def test_eval_compresses_through_the_audited_engine_path():
         ev.compress(TensorMeta(), [layer], torch.float32)
 
 
+def test_proxies_use_every_query_stride_th_query():
+    """The proxies with a query stride are the fidelity metrics of exactly those queries."""
+    from kvc.metrics.fidelity import layer_metrics
+
+    g = torch.Generator().manual_seed(1)
+    layer = LayerKV(layer=0, k=torch.randn(1, 2, 12, 16, generator=g), v=torch.randn(1, 2, 12, 16, generator=g),
+                    q=torch.randn(1, 4, 12, 16, generator=g), q_positions=torch.arange(12))
+    proxies = {s: ev.compress(build("turboquant", bits=2), [layer], torch.float32, measure=True,
+                              query_stride=s).proxies[0].metrics for s in (1, 3)}
+    decoded = ev.compress(build("turboquant", bits=2), [layer], torch.float32).layers[0]
+    want = layer_metrics(layer.k, decoded.keys, layer.v, decoded.values, layer.q[:, :, ::3], torch.arange(0, 12, 3))
+    for tensor, metrics in want.items():
+        for name, value in metrics.items():
+            torch.testing.assert_close(proxies[3][tensor][name], value, rtol=1e-12, atol=0)
+    assert not torch.equal(proxies[1]["kv"]["attn_kl"], proxies[3]["kv"]["attn_kl"])
+
+
 @pytest.mark.model
 def test_identity_gives_exactly_the_uncompressed_perplexity(default_model):
     model, tokenizer = default_model
@@ -167,6 +184,7 @@ def test_command_defaults_are_the_library_defaults():
     (("--method", "kivi", "--contexts", "8"), "at least 16"),
     (("--method", "kivi", "--depths", "0.5,2"), "fractions in [0, 1]"),
     (("--method", "kivi", "--needles", "9"), "--needles"),
+    (("--method", "kivi", "--query-stride", "0"), "--query-stride must be >= 1"),
 ])
 def test_bad_input(run, args, message):
     code, _, err = run("eval", *args)

@@ -103,3 +103,35 @@ def test_a_model_is_hooked_once():
                 pass
         assert model.config._attn_implementation == "kvc_sdpa"
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_recorder_keeps_only_the_named_tensors_and_they_are_the_full_recorders():
+    """``names`` (eval's prefill: q and k_pre; K and V come from the model's cache) drops the other
+    tensors and changes none it keeps; queries at ``q_positions`` as before."""
+    model, ids, positions = _mistral("sdpa"), _ids(), torch.tensor([0, 5, CONTEXT + FED - 1])
+    full, named = Recorder({0, 1}, positions), Recorder({0, 1}, positions, names=ev.PREFILL_TENSORS)
+    for recorder in (full, named):
+        with hooked(model, recorder):
+            _logits(model, ids)
+    for L in (0, 1):
+        assert set(full.records[L]) == {"k", "v", "q", "k_pre", "q_pre"}
+        assert set(named.records[L]) == {"q", "k_pre"}
+        for name, tensor in named.records[L].items():
+            torch.testing.assert_close(tensor, full.records[L][name], rtol=0, atol=0)
+        assert named.records[L]["q"].shape == (2, 4, 3, 32)
+    assert named.cos_sin.keys() == full.cos_sin.keys() and named.specs == full.specs
+
+
+def test_prefill_takes_k_and_v_from_the_models_own_cache():
+    """Eval's prefill (recording q and k_pre only) holds the cache the model itself builds."""
+    from transformers.cache_utils import DynamicCache
+
+    model, ids = _mistral("sdpa"), _ids()[:, :CONTEXT]
+    layers = ev.prefill(model, ids)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **{ev.cache_argument(model): cache})
+    for layer, own in zip(layers, cache.layers):
+        torch.testing.assert_close(layer.k, own.keys, rtol=0, atol=0)
+        torch.testing.assert_close(layer.v, own.values, rtol=0, atol=0)
+        assert layer.q.shape[2] == layer.k_pre.shape[2] == layer.k.shape[2]  # the sliding layer's tail

@@ -48,6 +48,7 @@ SUBJECTS = ("pass code of the {} door", "serial number of the {} bicycle", "room
             "zip code of the {} house", "locker number of the {} gym", "flight number of the {} plane")
 PROMPT_SEED = 0  # needles, codes and haystacks are the same for every method and --seed
 ANSWER_TOKENS = 64  # bound on a needle question plus its answer, in tokens
+PREFILL_TENSORS = ("q", "k_pre")  # what a prefill's Recorder keeps; K and V come from the model's cache
 
 
 @dataclass
@@ -190,7 +191,7 @@ def prefill(model, input_ids: Tensor) -> list[LayerKV]:
     """Every layer's cached K, V (after and before RoPE) and its queries of ``input_ids`` [B, T]
     (``prefill_layers``)."""
     device = input_device(model)
-    recorder = Recorder(set(range(text_config(model.config).num_hidden_layers)))
+    recorder = Recorder(set(range(text_config(model.config).num_hidden_layers)), names=PREFILL_TENSORS)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), hooked(model, recorder):
         _forward(model, input_ids.to(device), cache, logits_to_keep=1)
@@ -238,9 +239,9 @@ class Compressed:
 
 
 def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dtype,
-             measure: bool = False) -> Compressed:
+             measure: bool = False, query_stride: int = 1) -> Compressed:
     """Every layer through the method (``engine.encode_decode``); ``measure``: with the compress
-    engine's metrics too."""
+    engine's metrics too (from every ``query_stride``-th query, ``engine.measure``)."""
     out, bits, entries, paper, proxies = [], 0, 0, [], []
     by_index = {layer.layer: layer for layer in layers}
     for group in engine.groups(compressor, list(by_index), layers[0].num_layers):
@@ -250,7 +251,7 @@ def compress(compressor: Compressor, layers: Sequence[LayerKV], dtype: torch.dty
         for layer, (encoded, decoded, head_bits) in zip(members, results):
             if measure:
                 with torch.inference_mode():
-                    proxies.append(engine.measure(layer, encoded, decoded, head_bits))
+                    proxies.append(engine.measure(layer, encoded, decoded, head_bits, query_stride))
             out.append(decoded_layer(decoded, layer, dtype))
             bits += encoded.nbits()
             entries += 2 * layer.entries
@@ -337,7 +338,7 @@ def decoding_logprobs(model, compressor: Compressor, cache: CompressedCache, ids
     (``recompress``; its bits counted under the task "decoding")."""
     logps = []
     for start in range(0, ids.shape[1], every):
-        recorder = Recorder(set(range(len(cache.layers))))
+        recorder = Recorder(set(range(len(cache.layers))), names=("q",))
         with torch.inference_mode(), hooked(model, RecordingMasks(cache, recorder)):
             logps.append(_forward(model, ids[:, start:start + every].to(cache.layers[0].keys.device),
                                   cache).float().log_softmax(-1))
@@ -495,11 +496,12 @@ def _grid(cells: dict, lengths, depths) -> list[list[float]]:
 
 def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor],
              settings: Settings = Settings(), measure: bool = False,
-             progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+             progress: Callable[[str], None] | None = None, query_stride: int = 1) -> list[dict[str, Any]]:
     """Perplexity and retrieval of each compressor against the uncompressed cache; one dict each.
 
     The prefills and the baseline are shared by all compressors. ``measure``: also the compress
-    engine's tensor metrics on the perplexity prefills (the proxies of ``kvc compress``).
+    engine's tensor metrics on the perplexity prefills (the proxies of ``kvc compress``), from every
+    ``query_stride``-th query.
     """
     check(settings)
     check_model(model.config, settings)
@@ -518,10 +520,13 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
         outs = []
         for compressor, res in zip(compressors, results):
             start = time.perf_counter()
-            c = compress(compressor, layers, dtype, measure=measured)
+            c = compress(compressor, layers, dtype, measure=measured, query_stride=query_stride)
             res.count(task, c)
             res.proxies += c.proxies
-            outs.append(score(c.cache(), compressor, res))
+            cache = c.cache()
+            del c  # the decoded prefix is then the cache's alone: each layer's append frees it, no second copy
+            outs.append(score(cache, compressor, res))
+            del cache
             res.seconds += time.perf_counter() - start
             tick(f"{task}: {compressor.name}")
         return outs

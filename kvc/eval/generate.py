@@ -22,7 +22,7 @@ from ..compression.protocol import Compressor
 from ..errors import KvcError
 from ..model.hooks import AttentionCall, Hooks, Recorder, hooked
 from ..model.load import is_causal_lm, text_config
-from .evaluate import CacheMasks, CompressedLayer, cache_argument, compress, prefill_layers
+from .evaluate import PREFILL_TENSORS, CacheMasks, CompressedLayer, cache_argument, compress, prefill_layers
 
 
 class Compressing(Hooks):
@@ -65,7 +65,7 @@ class Compressing(Hooks):
         if mask is not None and not bool(mask.bool().all()):
             raise KvcError("kvc.compressing: padded batches are not supported (the attention mask "
                            "hides tokens); generate prompts of one length, or one at a time")
-        self.recorder = Recorder(set(range(self.num_layers)))
+        self.recorder = Recorder(set(range(self.num_layers)), names=PREFILL_TENSORS)
 
     def after(self, model, args: tuple, kwargs: dict[str, Any], output) -> None:
         """Forward hook of the model: after a prefill, its cache replaced by the compressed one."""

@@ -65,12 +65,14 @@ class Recorder(Hooks):
     flight, plus k and q before RoPE and the cos/sin used, copied to the CPU; every layer's spec.
 
     With a ``sink``, each layer's tensors go to ``sink(layer, tensors)`` as soon as the layer has run
-    (the model's own tensors, not copied) and are not kept: one layer is held at a time."""
+    (the model's own tensors, not copied) and are not kept: one layer is held at a time. ``names``:
+    the tensors recorded (eval takes k and v from the model's own cache and needs no q_pre)."""
 
     layers: set[int]
     q_positions: Tensor | None = None
     stop_after_last: bool = False  # end the forward pass once the last wanted layer is recorded
     sink: Callable[[int, dict[str, Tensor]], None] | None = None
+    names: tuple[str, ...] = ("k", "v", "q", "k_pre", "q_pre")
     records: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     specs: dict[int, AttentionSpec] = field(default_factory=dict)
     cos_sin: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -79,11 +81,12 @@ class Recorder(Hooks):
         self.specs[call.layer] = call.spec
         if call.layer not in self.layers:
             return None
-        rec = {"k": call.key, "v": call.value, "q": self._queries(call.query)}
+        rec = {"k": call.key, "v": call.value, "q": call.query}
         if call.rope is not None:
             q_pre, k_pre, cos, sin = call.rope
-            rec.update(k_pre=k_pre, q_pre=self._queries(q_pre))
+            rec.update(k_pre=k_pre, q_pre=q_pre)
             self.cos_sin[call.layer] = (cos[0].float().cpu(), sin[0].float().cpu())
+        rec = {name: self._queries(t) if name.startswith("q") else t for name, t in rec.items() if name in self.names}
         if self.sink is not None:
             self.sink(call.layer, {name: t.detach() for name, t in rec.items()})
         else:

@@ -12,8 +12,8 @@ from rich.table import Table
 import kvc
 
 from ..console import err, out, progress_task
-from ..options import (Device, Force, JsonOut, MethodOptions, MethodSeed, ModelDtype, PlanFile, Revision, Text,
-                       TrustRemoteCode, DeviceMap, MaxMemory)
+from ..options import (Device, Force, JsonOut, MethodOptions, MethodSeed, ModelDtype, PlanFile, QueryStride, Revision,
+                       Text, TrustRemoteCode, DeviceMap, MaxMemory)
 from ...errors import KvcError
 from ...io.atomic import check_outputs, emit_json
 from ..lazy import LazyModule
@@ -43,6 +43,7 @@ def command(
     retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="Run the needle tests."),
     decode_every: Optional[int] = typer.Option(None, "--decode-every", help="Recompress (re-evict) the whole cache every N continuation tokens, as a deployed system does (default: only the prefill)."),
     proxies: bool = typer.Option(True, "--proxies/--no-proxies", help="Also measure kvc compress's tensor metrics on the perplexity contexts."),
+    query_stride: QueryStride = 1,
     json_path: JsonOut = None,
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for the depth x length retrieval heatmap (PNG)."),
     revision: Revision = None,
@@ -68,7 +69,8 @@ def command(
     heatmap = None if plots is None or not retrieval else plots / f"retrieval_{_slug(compressor.name)}.png"
     check_outputs([json_path, heatmap], force, inputs=[text, model, plan])
     with progress_task("eval") as progress:
-        evaluation = kvc.evaluate(compressor, model, text, **vars(settings), proxies=proxies, revision=revision,
+        evaluation = kvc.evaluate(compressor, model, text, **vars(settings), proxies=proxies,
+                                  query_stride=query_stride, revision=revision,
                                   dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                   device_map=device_map, max_memory=max_memory,
                                   progress=progress)
