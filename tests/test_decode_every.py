@@ -64,7 +64,6 @@ def test_streamingllm_recompression_is_streamingllm_on_every_token_seen(model, i
     method = build("streamingllm", budget=0.5, sinks=2)
     layers = ev.prefill(model, ids[:, :PROMPT])
     cache = ev.compress(method, layers, torch.float32).cache()
-    res = ev.MethodResult()
     seen = PROMPT
     for start in range(0, 8, EVERY):
         recorder = ev.Recorder(set(range(4)))

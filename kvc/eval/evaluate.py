@@ -541,10 +541,12 @@ def evaluate(model, tokenizer, corpus: Corpus, compressors: Sequence[Compressor]
         fed, targets = windows[:, C:-1], windows[:, C + 1:]
         base = continuation_logprobs(model, uncompressed_cache(layers, dtype), fed)
         tick(f"perplexity {C}: prefill")
+        rope = layers[0].rope
+
         def score(cache: CompressedCache, compressor: Compressor, res: MethodResult) -> Tensor:
             if settings.decode_every is None:
                 return continuation_logprobs(model, cache, fed)
-            return decoding_logprobs(model, compressor, cache, fed, settings.decode_every, layers[0].rope, dtype, res)
+            return decoding_logprobs(model, compressor, cache, fed, settings.decode_every, rope, dtype, res)
 
         for res, logp in zip(results, run_all(layers, "perplexity", score, measure)):
             res.ppl.setdefault(C, TokenStats()).add(base, logp, targets)
