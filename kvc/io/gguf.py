@@ -59,9 +59,9 @@ class _Cursor:
             return STRINGS_SKIPPED
         if item not in SCALARS:
             raise ValueError(f"unknown or nested array item type {item}")
-        fmt = f"{self.order}{count}{SCALARS[item]}" if count <= len(self.buffer) else None
-        if fmt is None:
+        if count > len(self.buffer):
             raise ValueError(f"an array of {count} items is longer than the file")
+        fmt = f"{self.order}{count}{SCALARS[item]}"
         return list(struct.unpack_from(fmt, self.buffer, self.take(struct.calcsize(fmt))))
 
 
