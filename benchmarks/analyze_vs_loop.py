@@ -153,7 +153,7 @@ def main() -> None:
         "the shrinkage, residual diagnostics, channel statistics or records.",
         f"Reading (CPU medians): 3x the loop means analyze within {med_cpu['loop'] / GOAL:.2f} s; the "
         f"floor's kernels alone take {med_cpu['floor']:.2f} s ({med_cpu['heads']:.2f} s of them without "
-        f"the latent), so {'the goal is within reach of the floor' if med_cpu['floor'] <= med_cpu['loop'] / GOAL else 'no implementation that computes what analyze reports meets the goal on this machine with these threads'}; "
+        f"the latent), so {'the goal is within reach of the floor' if med_cpu['floor'] <= med_cpu['loop'] / GOAL else 'no Gram-based analysis at these precisions that computes what analyze reports meets the goal on this machine with these threads'}; "
         f"analyze spends {med_cpu['analyze'] - med_cpu['floor']:.2f} s beyond the floor.",
         "",
         "CPU: the process's CPU seconds (`time.process_time`) over the same calls, medians; on cores other jobs "
