@@ -133,7 +133,9 @@ def write(args: argparse.Namespace, lengths: list[int], eval_lengths: set[int], 
     if len(lengths) > 2 and steps_mb:
         pairs = ", ".join(f"{a}-{b}" for a, b in zip(sorted(lengths), sorted(lengths)[1:]))
         lines += ["", f"Peak RSS added per 1024 tokens between successive T ({pairs}), MB: " + "; ".join(steps_mb)
-                  + " (linear growth keeps these about constant; T x T attention would double them at each step)."]
+                  + " (linear growth keeps these about constant; T x T attention would double them at each step). "
+                  "Peak RSS also counts memory that glibc's allocator keeps after the metrics' chunked temporaries "
+                  "are freed, so single runs of compress and eval can differ by a few hundred MB."]
     lines += ["", f"Reproduce: `python benchmarks/scaling.py --tokens {args.tokens} --eval-tokens {args.eval_tokens} "
               f"--runs {args.runs}`.", ""]
     args.out.write_text("\n".join(lines))
